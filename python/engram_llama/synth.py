@@ -1,0 +1,181 @@
+"""Tiny random-weight GGUF models, made by the patched llama.cpp itself.
+
+The hook has to be proven on the real graphs (the qwen35 hybrid, Gemma 3's sliding/global mix,
+a Llama-style dense model) without downloading them: llama.cpp can build any architecture from
+GGUF metadata plus a callback that fills the tensors (llama_model_init_from_user, the path its
+tests/test-llama-archs.cpp uses) and save the result. Sizes are parameters, so the same code makes
+the few-MB test models and a Qwen3.5-2B-shaped one for benchmarks.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Shape:
+    arch: str
+    n_layer: int
+    n_embd: int = 64
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 128
+    n_vocab: int = 256
+    n_ctx: int = 4096
+    # qwen35: every full_attention_interval-th layer is softmax attention, the rest Gated DeltaNet
+    full_attention_interval: int = 4
+    ssm_inner: int = 64
+    ssm_state: int = 16
+    ssm_groups: int = 2
+    ssm_dt_rank: int = 4
+    # gemma3: n_swa-token sliding window, every swa_pattern-th layer global
+    n_swa: int = 16
+    swa_pattern: int = 3
+    extra: dict = field(default_factory=dict)
+
+
+# the shapes the tests use; "qwen35-2b" is the target model's shape for GPU benchmarks
+SHAPES = {
+    "qwen35": Shape("qwen35", n_layer=8),
+    "gemma3": Shape("gemma3", n_layer=6),
+    "llama": Shape("llama", n_layer=4),
+    "qwen35-2b": Shape("qwen35", n_layer=24, n_embd=2048, n_head=8, n_head_kv=2, n_ff=6144,
+                       n_vocab=248320, n_ctx=32768, ssm_inner=2048, ssm_state=128, ssm_groups=16,
+                       ssm_dt_rank=16),
+}
+
+
+def _metadata(shape: Shape, path: Path) -> None:
+    import gguf
+
+    a = shape.arch
+    w = gguf.GGUFWriter(str(path), a)
+    u32 = w.add_uint32
+    u32(f"{a}.context_length", shape.n_ctx)
+    u32(f"{a}.embedding_length", shape.n_embd)
+    u32(f"{a}.block_count", shape.n_layer)
+    u32(f"{a}.feed_forward_length", shape.n_ff)
+    u32(f"{a}.attention.head_count", shape.n_head)
+    u32(f"{a}.attention.head_count_kv", shape.n_head_kv)
+    u32(f"{a}.vocab_size", shape.n_vocab)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32(f"{a}.rope.freq_base", 10000.0)
+    head = shape.n_embd // shape.n_head
+    if a == "qwen35":
+        # interleaved M-RoPE sections as llama.cpp's own test fixture sets them
+        w.add_array(f"{a}.rope.dimension_sections", [head // 4] * 4)
+        u32(f"{a}.ssm.conv_kernel", 4)
+        u32(f"{a}.ssm.inner_size", shape.ssm_inner)
+        u32(f"{a}.ssm.state_size", shape.ssm_state)
+        u32(f"{a}.ssm.time_step_rank", shape.ssm_dt_rank)
+        u32(f"{a}.ssm.group_count", shape.ssm_groups)
+        u32(f"{a}.full_attention_interval", shape.full_attention_interval)
+    elif a == "gemma3":
+        u32(f"{a}.attention.key_length", head)
+        u32(f"{a}.attention.value_length", head)
+        u32(f"{a}.attention.sliding_window", shape.n_swa)
+        u32(f"{a}.attention.sliding_window_pattern", shape.swa_pattern)
+        w.add_float32(f"{a}.rope.freq_base_swa", 10000.0)
+    for k, v in shape.extra.items():
+        if isinstance(v, float):
+            w.add_float32(f"{a}.{k}", v)
+        else:
+            u32(f"{a}.{k}", int(v))
+    w.add_string("tokenizer.ggml.model", "test")
+    w.add_array("tokenizer.ggml.tokens", [f"tok_{i}" for i in range(shape.n_vocab)])
+    w.add_array("tokenizer.ggml.scores", [0.0] * shape.n_vocab)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+class _GGUFInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+def make_model(shape: Shape | str, path: str | os.PathLike, seed: int = 42, stdev: float = 0.1) -> Path:
+    """Write a random-weight GGUF of the given shape (F32 weights) to path."""
+    import llama_cpp  # bound to the patched libllama by engram_llama's import
+
+    from ._lib import lib_dir
+
+    if isinstance(shape, str):
+        shape = SHAPES[shape]
+    path = Path(path)
+    ggml = ctypes.CDLL(str(lib_dir() / ("libggml-base.dylib" if os.uname().sysname == "Darwin" else "libggml-base.so")))
+    ggml.gguf_init_from_file.restype = ctypes.c_void_p
+    ggml.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GGUFInitParams]
+    ggml.gguf_free.argtypes = [ctypes.c_void_p]
+    ggml.ggml_get_name.restype = ctypes.c_char_p
+    ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+    ggml.ggml_nelements.restype = ctypes.c_int64
+    ggml.ggml_nelements.argtypes = [ctypes.c_void_p]
+    ggml.ggml_nbytes.restype = ctypes.c_size_t
+    ggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+
+    errors: list[BaseException] = []
+
+    def fill(tensor, _ud):
+        try:
+            name = ggml.ggml_get_name(tensor).decode()
+            n = ggml.ggml_nelements(tensor)
+            nbytes = ggml.ggml_nbytes(tensor)
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            vals = rng.normal(0.0, stdev, n).astype(np.float32)
+            if "ssm_a" in name:
+                vals = -np.abs(vals)  # state decay must be negative
+            if nbytes == 2 * n:
+                data = vals.astype(np.float16)
+            elif nbytes == 4 * n:
+                data = vals
+            else:
+                raise ValueError(f"tensor {name}: unexpected type ({nbytes} bytes for {n} elements)")
+            ggml.ggml_backend_tensor_set(tensor, data.ctypes.data, 0, nbytes)
+        except BaseException as e:  # never let an exception cross into C
+            errors.append(e)
+
+    cb = llama_cpp.llama_model_set_tensor_data_t(fill)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        meta_path = Path(tmp) / "meta.gguf"
+        _metadata(shape, meta_path)
+        meta = ggml.gguf_init_from_file(str(meta_path).encode(), _GGUFInitParams(True, None))
+        if not meta:
+            raise RuntimeError(f"could not read the generated metadata {meta_path}")
+        try:
+            mparams = llama_cpp.llama_model_default_params()
+            mparams.n_gpu_layers = 0
+            model = llama_cpp.llama_model_init_from_user(ctypes.c_void_p(meta), cb, None, mparams)
+            if not model:
+                raise RuntimeError(f"llama.cpp could not build a {shape.arch} model from {shape}")
+            try:
+                if errors:
+                    raise errors[0]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp_out = path.with_name(path.name + ".tmp")
+                llama_cpp.llama_model_save_to_file(model, str(tmp_out).encode())
+                os.replace(tmp_out, path)
+            finally:
+                llama_cpp.llama_model_free(model)
+        finally:
+            ggml.gguf_free(meta)
+    return path
+
+
+def cached_model(name: str, cache: str | os.PathLike | None = None, seed: int = 42) -> Path:
+    """A test model by SHAPES name, generated once into the cache directory."""
+    root = Path(cache or os.environ.get("ENGRAM_LLAMA_CACHE") or Path.home() / ".cache" / "engram-llama") / "models"
+    shape = SHAPES[name]
+    tag = zlib.crc32(repr((shape, seed)).encode())
+    path = root / f"synth-{name}-{tag:08x}.gguf"
+    if not path.exists():
+        make_model(shape, path, seed=seed)
+    return path

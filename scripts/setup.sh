@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up engram-llama in ./.venv: fetch and verify the pinned llama.cpp source (cached in
+# ~/.cache/engram-llama), install llama-cpp-python's Python layer without its own llama.cpp build,
+# and build the one patched libllama into the engram_llama package. Idempotent: a second run
+# reuses the sdist cache, the patched tree and the CMake build directory.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+pip_q() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
+
+# build tools and runtime deps (scikit-build-core builds both packages without isolation)
+pip_q "scikit-build-core>=0.10" "cffi>=1.16" "numpy>=1.24" "gguf>=0.10" pytest ninja cmake \
+      "typing-extensions>=4.5.0" "diskcache>=5.6.1" "jinja2>=2.11.3"
+
+SDIST="$("$VPY" scripts/llama_source.py --sdist)"
+
+# llama-cpp-python's Python layer only: LLAMA_BUILD=OFF skips its llama.cpp build, so
+# llama.cpp is compiled once, below, with the patch
+if ! "$VPY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '0.3.36')" 2>/dev/null; then
+    echo "setup: installing llama-cpp-python 0.3.36 (Python layer, no llama.cpp build)"
+    CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip_q --no-build-isolation --no-deps "$SDIST"
+fi
+
+# the patched libllama + engram_llama; skipped when nothing it is built from changed
+stamp_src() { cat CMakeLists.txt pyproject.toml patches/*.patch csrc/*.h csrc/*.cpp; find python -name '*.py' -o -name '*.json' -o -name '*.txt' | sort | xargs cat; echo "${CMAKE_ARGS:-}"; }
+STAMP="$(stamp_src | sha256sum | cut -c1-16)"
+if [ "$(cat .venv/.engram-stamp 2>/dev/null)" != "$STAMP" ]; then
+    echo "setup: building the patched libllama and engram_llama (first build takes a few minutes)"
+    "$VPY" -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps . \
+        ${ENGRAM_VERBOSE:+-v}
+    echo "$STAMP" > .venv/.engram-stamp
+fi
+"$VPY" -c "import engram_llama; print('setup: engram_llama', engram_llama.__version__, 'with', engram_llama.lib_path())"
