@@ -175,6 +175,10 @@ ggml_tensor * llama_engram_build_mask(const llm_graph_context & gctx, ggml_tenso
         }
     }
 
+    // keep the model's own mask in the graph even when every layer that reads it is biased: its
+    // input class fills it unconditionally (the hybrid memory ones do not check for a buffer)
+    ggml_build_forward_expand(gctx.gf, kq_mask);
+
     ggml_tensor * out = ggml_new_tensor(gctx.ctx0, kq_mask->type, GGML_MAX_DIMS, kq_mask->ne);
     ggml_set_input(out);
     ggml_format_name(out, "engram_kq_mask-%d", il);

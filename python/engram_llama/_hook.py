@@ -16,7 +16,10 @@ import numpy as np
 
 from ._lib import lib_path
 
-_HEADER = Path(__file__).resolve().parent / "include" / "engram_bias.h"
+_HERE = Path(__file__).resolve().parent
+# installed next to the package; in a source checkout (PYTHONPATH=python) read csrc/ directly
+_HEADER = next(p for p in (_HERE / "include" / "engram_bias.h", _HERE.parent.parent / "csrc" / "engram_bias.h")
+               if p.exists())
 
 
 def _cdef_source(header: str) -> str:

@@ -1,0 +1,173 @@
+"""A small driver over llama.cpp's C API for exact experiments: token batches with explicit
+positions and sequences, logits of every token, and capture of named graph tensors through the
+eval callback. The tests and benchmarks use it where llama_cpp.Llama hides those knobs.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from . import llama_cpp
+from ._hook import Hook
+from ._lib import lib_dir
+
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+
+
+class _TensorHead(ctypes.Structure):
+    # the leading fields of struct ggml_tensor (ggml.h of the pinned llama.cpp)
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
+
+
+_ggml = None
+
+
+def _ggml_base():
+    global _ggml
+    if _ggml is None:
+        name = "libggml-base.dylib" if os.uname().sysname == "Darwin" else "libggml-base.so"
+        _ggml = ctypes.CDLL(str(lib_dir() / name))
+        _ggml.ggml_get_name.restype = ctypes.c_char_p
+        _ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+        _ggml.ggml_nbytes.restype = ctypes.c_size_t
+        _ggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
+        _ggml.ggml_is_contiguous.restype = ctypes.c_bool
+        _ggml.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
+        _ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    return _ggml
+
+
+_quiet_cb = None
+
+
+def quiet_logs() -> None:
+    """Silence llama.cpp's logging (it is chatty at INFO)."""
+    global _quiet_cb
+    if _quiet_cb is None:
+        _quiet_cb = llama_cpp.llama_log_callback(lambda level, text, ud: None)
+        llama_cpp.llama_log_set(_quiet_cb, ctypes.c_void_p(0))
+
+
+@dataclass
+class Token:
+    id: int
+    pos: int
+    seq: int = 0
+    logits: bool = True
+
+
+class Model:
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0):
+        quiet_logs()
+        self.path = Path(path)
+        p = llama_cpp.llama_model_default_params()
+        p.n_gpu_layers = n_gpu_layers
+        self.ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), p)
+        if not self.ptr:
+            raise RuntimeError(f"could not load {self.path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_layer = llama_cpp.llama_model_n_layer(self.ptr)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        self.close()
+
+
+class Context:
+    """One llama_context with an optional capture of graph tensors by name.
+
+    capture: a predicate on tensor names ("kq_soft_max-3"); captured tensors of the last decode are
+    in .captured[name] as numpy arrays with numpy axis order (ne reversed), one entry per ubatch
+    appended to a list.
+    """
+
+    def __init__(self, model: Model, n_ctx: int = 512, n_batch: int = 512, n_ubatch: int = 512,
+                 n_seq_max: int = 1, flash_attn: bool = False, n_threads: int = 2,
+                 kv_unified: bool = False, capture: Callable[[str], bool] | None = None):
+        self.model = model
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_batch, n_ubatch, n_seq_max
+        p.n_threads = p.n_threads_batch = n_threads
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        p.kv_unified = kv_unified
+        self.captured: dict[str, list[np.ndarray]] = {}
+        self._capture = capture
+        if capture is not None:
+            self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
+            p.cb_eval = self._cb
+        self.ptr = llama_cpp.llama_init_from_model(model.ptr, p)
+        if not self.ptr:
+            raise RuntimeError("could not create the llama context")
+        self.n_ctx = n_ctx
+        self.n_seq_max = n_seq_max
+        self.hook = Hook(self.ptr)
+
+    def _on_eval(self, t, ask, _ud):
+        ggml = _ggml_base()
+        name = ggml.ggml_get_name(t).decode()
+        if ask:
+            return bool(self._capture(name))
+        head = _TensorHead.from_address(t)
+        if head.type not in (GGML_TYPE_F32, GGML_TYPE_F16) or not ggml.ggml_is_contiguous(t):
+            return True
+        dtype = np.float32 if head.type == GGML_TYPE_F32 else np.float16
+        shape = tuple(reversed([head.ne[i] for i in range(4)]))
+        buf = np.empty(shape, dtype=dtype)
+        ggml.ggml_backend_tensor_get(t, buf.ctypes.data, 0, ggml.ggml_nbytes(t))
+        self.captured.setdefault(name, []).append(buf.astype(np.float32))
+        return True
+
+    def clear_kv(self) -> None:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ptr), True)
+
+    def decode(self, tokens: Sequence[Token]) -> np.ndarray:
+        """Decode the tokens in one llama_batch; returns the logits of the tokens that asked for them."""
+        self.captured = {}
+        n = len(tokens)
+        batch = llama_cpp.llama_batch_init(n, 0, self.n_seq_max)
+        try:
+            for i, t in enumerate(tokens):
+                batch.token[i] = t.id
+                batch.pos[i] = t.pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = t.seq
+                batch.logits[i] = t.logits
+            batch.n_tokens = n
+            rc = llama_cpp.llama_decode(self.ptr, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed ({rc})")
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        out = []
+        for i, t in enumerate(tokens):
+            if t.logits:
+                ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+                out.append(np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy())
+        return np.array(out)
+
+    def decode_seq(self, ids: Iterable[int], start: int = 0, seq: int = 0, all_logits: bool = True) -> np.ndarray:
+        ids = list(ids)
+        toks = [Token(int(t), start + i, seq, all_logits or i == len(ids) - 1) for i, t in enumerate(ids)]
+        return self.decode(toks)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
