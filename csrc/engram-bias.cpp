@@ -198,8 +198,9 @@ int32_t llama_engram_set_seq(llama_context * ctx, llama_seq_id seq_id, const flo
     if (n_bias > 0 && bias == nullptr) {
         return engram_fail(LLAMA_ENGRAM_ERR_NULL, "bias is NULL but its length is %d", n_bias);
     }
-    if ((uint32_t) n_bias > llama_n_ctx(ctx)) {
-        return engram_fail(LLAMA_ENGRAM_ERR_LENGTH, "bias of %d positions is longer than the context (%u)", n_bias, llama_n_ctx(ctx));
+    if ((uint32_t) n_bias > llama_n_ctx_seq(ctx)) {
+        return engram_fail(LLAMA_ENGRAM_ERR_LENGTH, "bias of %d positions is longer than a sequence's context (%u)",
+                n_bias, llama_n_ctx_seq(ctx));
     }
     if (gate_pos < 0) {
         return engram_fail(LLAMA_ENGRAM_ERR_VALUE, "gate position %d is negative", gate_pos);

@@ -35,7 +35,7 @@ enum llama_engram_status {
     LLAMA_ENGRAM_ERR_LAYER       = -2, // layer index out of range
     LLAMA_ENGRAM_ERR_NO_SOFTMAX  = -3, // the layer has no softmax attention of its own (recurrent, shared KV)
     LLAMA_ENGRAM_ERR_VALUE       = -4, // a value is NaN or infinite, or a length/position is negative
-    LLAMA_ENGRAM_ERR_LENGTH      = -5, // bias longer than the context (n_ctx)
+    LLAMA_ENGRAM_ERR_LENGTH      = -5, // bias longer than a sequence's context (llama_n_ctx_seq)
     LLAMA_ENGRAM_ERR_SEQ         = -6, // sequence id outside [0, n_seq_max)
     LLAMA_ENGRAM_ERR_UNSUPPORTED = -7, // the context's memory type cannot take a bias
     LLAMA_ENGRAM_ERR_ALLOC       = -8, // out of memory
@@ -70,7 +70,7 @@ LLAMA_API int32_t llama_engram_clear_layers(struct llama_context * ctx);
 // set the bias of a sequence: bias[p] is added at key position p (positions >= n_bias get 0);
 // it applies to the queries at positions >= gate_pos (LLAMA_ENGRAM_GATE_ALL: every query).
 // The values are copied. n_bias may be 0 (no bias). Refused: NULL bias with n_bias > 0,
-// non-finite values, n_bias > n_ctx, seq_id outside [0, n_seq_max), gate_pos < 0.
+// non-finite values, n_bias > llama_n_ctx_seq(), seq_id outside [0, n_seq_max), gate_pos < 0.
 LLAMA_API int32_t llama_engram_set_seq(
         struct llama_context * ctx,
                 llama_seq_id   seq_id,

