@@ -3,6 +3,7 @@
 #include "engram_bias.h"
 #include "engram-graph.h"
 #include "engram-state.h"
+#include "engram-access.h"
 
 #include "llama-context.h"
 #include "llama-model.h"
@@ -38,7 +39,8 @@ static int32_t engram_fail(int32_t code, const char * fmt, ...) {
     return code;
 }
 
-llama_engram::llama_engram(const llama_model & model) : model(model), layer_scale(model.hparams.n_layer(), 0.0f) {}
+llama_engram::llama_engram(llama_context * ctx)
+    : ctx(ctx), model(*llama_get_model(ctx)), layer_scale(model.hparams.n_layer(), 0.0f) {}
 
 void llama_engram::update_key() {
     bool any_layer = false;
@@ -59,6 +61,10 @@ void llama_engram::update_key() {
         }
     }
     key = (any_layer && !seqs.empty()) ? (h | 1) : 0;
+
+    if (key != 0 && key_built != 0 && key != key_built) {
+        llama_engram_access::request_reserve(ctx);
+    }
 }
 
 uint64_t llama_engram_graph_key(const llama_engram * eg) {
@@ -91,7 +97,7 @@ static bool engram_memory_supported(const llama_memory_i * mem) {
 
 static llama_engram * engram_get(llama_context * ctx) {
     if (!ctx->engram) {
-        ctx->engram = std::make_shared<llama_engram>(*llama_get_model(ctx));
+        ctx->engram = std::make_shared<llama_engram>(ctx);
     }
     return ctx->engram.get();
 }

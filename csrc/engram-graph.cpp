@@ -5,6 +5,7 @@
 
 #include "engram-graph.h"
 #include "engram-state.h"
+#include "engram-access.h"
 
 #include "llama-graph.h"
 #include "llama-kv-cache.h"
@@ -14,15 +15,6 @@
 
 #include <cstring>
 #include <vector>
-
-// friend of llama_kv_cache and llama_kv_cache_context (see patches/)
-struct llama_engram_kv {
-    static const llama_kv_cache * cache(const llama_kv_cache_context * c) { return c->kv; }
-
-    static const llama_kv_cells & cells(const llama_kv_cache * kv, llama_seq_id seq_id) {
-        return kv->v_cells.at(kv->seq_to_stream[seq_id]);
-    }
-};
 
 namespace {
 
@@ -83,7 +75,7 @@ public:
 private:
     template <typename T>
     void add_bias(const engram_mask_entry & e, const llama_kv_cache_context * kvc, const llama_ubatch * ubatch) {
-        const llama_kv_cache * kv = llama_engram_kv::cache(kvc);
+        const llama_kv_cache * kv = llama_engram_access::cache(kvc);
 
         const int64_t n_kv     = e.out->ne[0];
         const uint32_t n_tokens = ubatch->n_tokens;
@@ -106,7 +98,7 @@ private:
                 row_any = false;
                 row.assign(n_kv, 0.0f);
 
-                const llama_kv_cells & cells = llama_engram_kv::cells(kv, seq_id);
+                const llama_kv_cells & cells = llama_engram_access::cells(kv, seq_id);
                 const llama_pos n_bias = (llama_pos) sb->bias.size();
                 for (int64_t j = 0; j < n_kv; ++j) {
                     if (cells.is_empty(j) || !cells.seq_has(j, seq_id)) {
@@ -145,6 +137,9 @@ private:
 
 ggml_tensor * llama_engram_build_mask(const llm_graph_context & gctx, ggml_tensor * kq_mask, int il) {
     const llama_engram * eg = gctx.engram;
+    if (eg != nullptr) {
+        eg->key_built = eg->key;
+    }
     if (eg == nullptr || eg->key == 0 || kq_mask == nullptr || il < 0 || (size_t) il >= eg->layer_scale.size()) {
         return kq_mask;
     }

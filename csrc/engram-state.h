@@ -8,6 +8,7 @@
 #include <vector>
 
 struct llama_model;
+struct llama_context;
 struct llama_memory_context_i;
 struct llama_hparams;
 class  llama_kv_cache_context;
@@ -18,8 +19,9 @@ struct llama_engram_seq {
 };
 
 struct llama_engram {
-    explicit llama_engram(const llama_model & model);
+    explicit llama_engram(llama_context * ctx);
 
+    llama_context     * ctx;
     const llama_model & model;
 
     std::vector<float> layer_scale; // per layer, 0 = off
@@ -28,6 +30,11 @@ struct llama_engram {
 
     // cached llama_engram_graph_key(); recomputed on every change
     uint64_t key = 0;
+
+    // key of the last graph built (set while building). Two graphs with different biased layers
+    // can have the same node and leaf counts, which is all ggml-alloc checks before reusing its
+    // allocation plan; so a change between two active topologies asks the context to re-plan.
+    mutable uint64_t key_built = 0;
 
     void update_key();
 
