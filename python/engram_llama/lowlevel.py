@@ -176,3 +176,13 @@ class Context:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def token_piece(vocab, token: int, special: bool = True) -> bytes:
+    """The exact bytes of a token (llama-cpp-python's wrapper returns its zero-padded buffer)."""
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:n]

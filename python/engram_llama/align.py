@@ -1,0 +1,108 @@
+"""The final prompt and the exact token positions of every chunk in it.
+
+The prompt is rendered with the model's chat template (chunks labelled, question last); its
+tokens' byte spans come from concatenating their pieces, which must reproduce the prompt's bytes
+exactly, so a character span maps to the tokens whose bytes overlap it (a token that straddles a
+chunk boundary belongs to both).
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from .chunks import Chunk
+
+INSTRUCTION = ("Answer the question using only the documents below. "
+               "Reply with a short answer.")
+
+
+class AlignmentError(Exception):
+    pass
+
+
+@dataclass
+class Prompt:
+    text: str
+    tokens: list[int]
+    chunk_order: list[int]                      # chunk ids in prompt order
+    chunk_chars: dict[int, tuple[int, int]]     # chunk id -> char span of its text in the prompt
+    chunk_tokens: dict[int, tuple[int, int]]    # chunk id -> token span [a, b)
+    question_token: int                         # first token of the question (the gate)
+    offsets: list[int]                          # byte offset of each token's start (+ total at end)
+    n_prefix: int                               # tokens added before the text (BOS)
+
+
+def render(chunks: list[Chunk], order: list[int], question: str, template: str | None,
+           bos: str = "", eos: str = "") -> tuple[str, dict[int, tuple[int, int]], int]:
+    """Prompt text, char span of each chunk's text, char offset of the question."""
+    by_id = {c.id: c for c in chunks}
+    parts, spans, pos = [], {}, 0
+    head = INSTRUCTION + "\n\n"
+    parts.append(head)
+    pos += len(head)
+    for k, cid in enumerate(order, 1):
+        c = by_id[cid]
+        label = f"Document [{k}] ({c.source}):\n"
+        parts.append(label)
+        pos += len(label)
+        spans[cid] = (pos, pos + len(c.text))
+        parts.append(c.text + "\n\n")
+        pos += len(c.text) + 2
+    q_off = pos
+    parts.append(f"Question: {question}")
+    content = "".join(parts)
+    if template:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        text = fmt(messages=[{"role": "user", "content": content}]).prompt
+        at = text.find(content)
+        if at < 0:
+            raise AlignmentError("the chat template changed the message text; cannot locate the chunks")
+    else:
+        text = content + "\nAnswer:"
+        at = 0
+    return text, {cid: (a + at, b + at) for cid, (a, b) in spans.items()}, q_off + at
+
+
+def byte_offsets(text: str, pieces: list[bytes], n_prefix: int) -> list[int]:
+    """Start byte of every token within text's UTF-8 (prefix tokens at 0), plus the total length."""
+    data = text.encode("utf-8")
+    joined = b"".join(pieces[n_prefix:])
+    if joined != data:
+        # locate the first divergence for the message
+        i = next((k for k in range(min(len(joined), len(data))) if joined[k] != data[k]), min(len(joined), len(data)))
+        raise AlignmentError(f"the tokenizer's pieces do not reproduce the prompt (byte {i} of {len(data)})")
+    offs = [0] * n_prefix
+    pos = 0
+    for p in pieces[n_prefix:]:
+        offs.append(pos)
+        pos += len(p)
+    offs.append(pos)
+    return offs
+
+
+def char_to_byte(text: str) -> list[int]:
+    """Byte offset of every character boundary (len(text) + 1 entries)."""
+    out = [0]
+    for ch in text:
+        out.append(out[-1] + len(ch.encode("utf-8")))
+    return out
+
+
+def token_span(offsets: list[int], n_prefix: int, b0: int, b1: int) -> tuple[int, int]:
+    """Tokens [a, b) whose bytes overlap [b0, b1)."""
+    starts = offsets[:-1]
+    # last token starting at or before b0, first token starting at or after b1
+    a = max(n_prefix, bisect.bisect_right(starts, b0, lo=n_prefix) - 1)
+    b = bisect.bisect_left(starts, b1, lo=n_prefix)
+    return a, b
+
+
+def align(text: str, tokens: list[int], pieces: list[bytes], n_prefix: int,
+          spans: dict[int, tuple[int, int]], q_char: int, order: list[int]) -> Prompt:
+    offs = byte_offsets(text, pieces, n_prefix)
+    c2b = char_to_byte(text)
+    chunk_tokens = {cid: token_span(offs, n_prefix, c2b[a], c2b[b]) for cid, (a, b) in spans.items()}
+    qa, _ = token_span(offs, n_prefix, c2b[q_char], c2b[q_char] + 1)
+    return Prompt(text, tokens, order, spans, chunk_tokens, qa, offs, n_prefix)

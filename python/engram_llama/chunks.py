@@ -1,0 +1,83 @@
+"""Documents in, chunks out: the unit that relevance scores and the bias covers."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DOC_SUFFIXES = (".txt", ".md")
+
+
+class DocsError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Chunk:
+    id: int
+    source: str
+    text: str
+
+
+def read_docs(folder: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """(name, text) of the .txt/.md files of folder, and notes on files skipped."""
+    root = Path(folder)
+    if not root.exists():
+        raise DocsError(f"docs folder not found: {root}")
+    if not root.is_dir():
+        raise DocsError(f"not a folder: {root}")
+    try:
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+    except OSError as e:
+        raise DocsError(f"cannot read docs folder {root}: {e.strerror}") from None
+    docs, notes = [], []
+    for p in files:
+        rel = str(p.relative_to(root))
+        if p.suffix.lower() not in DOC_SUFFIXES:
+            notes.append(f"skipped {rel}: not .txt or .md")
+            continue
+        try:
+            raw = p.read_bytes()
+        except OSError as e:
+            notes.append(f"skipped {rel}: {e.strerror}")
+            continue
+        if b"\x00" in raw:
+            notes.append(f"skipped {rel}: binary content")
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            notes.append(f"skipped {rel}: not UTF-8 text")
+            continue
+        if text.strip():
+            docs.append((rel, text))
+        else:
+            notes.append(f"skipped {rel}: empty")
+    if not docs:
+        raise DocsError(f"no readable .txt or .md documents in {root}" + (f" ({'; '.join(notes[:3])})" if notes else ""))
+    return docs, notes
+
+
+def split(docs: list[tuple[str, str]], max_chars: int = 800) -> list[Chunk]:
+    """Paragraph chunks, merged up to max_chars, long paragraphs cut at sentence ends."""
+    chunks: list[Chunk] = []
+    for name, text in docs:
+        paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+        pieces: list[str] = []
+        for p in paras:
+            while len(p) > max_chars:
+                cut = max((m.end() for m in re.finditer(r"[.!?।]\s", p[:max_chars])), default=max_chars)
+                pieces.append(p[:cut].strip())
+                p = p[cut:].strip()
+            if p:
+                pieces.append(p)
+        buf = ""
+        for piece in pieces:
+            if buf and len(buf) + 2 + len(piece) > max_chars:
+                chunks.append(Chunk(len(chunks), name, buf))
+                buf = piece
+            else:
+                buf = f"{buf}\n\n{piece}" if buf else piece
+        if buf:
+            chunks.append(Chunk(len(chunks), name, buf))
+    return chunks

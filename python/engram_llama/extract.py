@@ -1,0 +1,67 @@
+"""Entities of the question and of the chunks: spaCy's small English NER, with a regex fallback.
+
+Only the components NER needs are run (tok2vec + ner), over all chunks with nlp.pipe. Without the
+spaCy model the extractor falls back to capitalised phrases and numbers, with one warning line.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+
+# kinds of entity worth pointing attention at; dates/cardinals included because answers often are
+NER_LABELS = {"PERSON", "ORG", "GPE", "LOC", "NORP", "FAC", "EVENT", "PRODUCT", "LAW", "WORK_OF_ART",
+              "DATE", "MONEY", "CARDINAL", "PERCENT", "QUANTITY", "LANGUAGE"}
+
+
+@dataclass(frozen=True)
+class Entity:
+    text: str
+    label: str
+    start: int  # character span in its text
+    end: int
+
+    @property
+    def key(self) -> str:
+        return normalize(self.text)
+
+
+def normalize(s: str) -> str:
+    s = s.lower()
+    s = re.sub(r"^(the|a|an)\s+", "", s)
+    return re.sub(r"\s+", " ", s).strip(" .,;:!?\"'()[]")
+
+
+_FALLBACK = re.compile(
+    r"(?:[A-Z][\w\-]*(?:\s+(?:of|the|and|for|de|la)?\s*[A-Z][\w\-]*)*)"  # capitalised phrases
+    r"|(?:₹|Rs\.?\s?)?\d[\d,\.]*(?:\s?(?:lakh|crore|million|billion|%))?"  # numbers, rupee amounts
+    r"|[\u0900-\u097F]+(?:\s+[\u0900-\u097F]+)*"  # Devanagari runs
+)
+
+
+class Extractor:
+    def __init__(self, model: str = "en_core_web_sm", quiet: bool = False):
+        self.nlp = None
+        self.backend = "regex"
+        try:
+            import spacy
+
+            self.nlp = spacy.load(model, exclude=["parser", "tagger", "lemmatizer", "attribute_ruler", "senter"])
+            self.backend = f"spacy:{model}"
+        except Exception as e:  # missing model or spaCy: table/regex matching still works
+            if not quiet:
+                print(f"engram-llama: warning: spaCy model {model} unavailable ({type(e).__name__}); "
+                      "using the regex entity fallback", file=sys.stderr)
+
+    def __call__(self, texts: list[str]) -> list[list[Entity]]:
+        if self.nlp is not None:
+            out = []
+            for doc in self.nlp.pipe(texts, batch_size=32):
+                out.append([Entity(e.text, e.label_, e.start_char, e.end_char)
+                            for e in doc.ents if e.label_ in NER_LABELS and normalize(e.text)])
+            return out
+        return [[Entity(m.group(0), "X", m.start(), m.end()) for m in _FALLBACK.finditer(t)
+                 if len(normalize(m.group(0))) > 1 and normalize(m.group(0)) not in _STOP] for t in texts]
+
+
+_STOP = {"what", "which", "who", "when", "where", "how", "why", "question", "answer", "document", "the", "in", "is"}

@@ -1,0 +1,163 @@
+"""EngramLlama: a question over chunks in, a grounded answer out, attention steered to the
+chunks that hold it. Data flows one way: text -> entities -> pointer map -> relevance -> bias ->
+decode.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import align, bias as bias_mod, pointer_map, relevance
+from ._hook import Hook, LayerKind
+from .chunks import Chunk
+from .extract import Extractor
+from .lowlevel import quiet_logs, token_piece
+
+
+@dataclass
+class Settings:
+    layers: list[int] | None = None   # None: the default of the model's family (default_layers)
+    strength: float = 2.0
+    top_k: int = 3
+    granularity: str = "chunk"        # "chunk" or "entity"
+    gate: bool = True                 # bias only the question's and the answer's queries
+    order: str = "keep"               # "keep" the given order or put the best chunks at the "edges"
+    engram: bool = True               # False: vanilla, the same prompt without bias
+
+
+@dataclass
+class Citation:
+    chunk: Chunk
+    score: float
+    position: int  # 1-based place in the prompt
+
+
+@dataclass
+class Answer:
+    text: str
+    citations: list[Citation]
+    spans: list[bias_mod.BiasSpan]
+    layers: list[int]
+    strength: float
+    gate: int | None
+    n_prompt_tokens: int
+    dropped: list[Chunk] = field(default_factory=list)
+    scored: list[relevance.Scored] = field(default_factory=list)
+
+
+class ContextTooSmall(Exception):
+    pass
+
+
+def default_layers(kinds: list[LayerKind]) -> list[int]:
+    """Layers biased by default, by model family.
+
+    Hybrids (Qwen3.5: softmax every 4th layer) get every softmax layer; sliding-window models
+    (Gemma 3) their global layers, the only ones that reach far; dense models the second half of
+    their layers (prototype on SmolLM2: 15-29 of 30; all layers hurt the last slot).
+    """
+    soft = [il for il, k in enumerate(kinds) if k in (LayerKind.FULL, LayerKind.SWA)]
+    if any(k == LayerKind.NONE for k in kinds):
+        return soft
+    if any(k == LayerKind.SWA for k in kinds):
+        return [il for il, k in enumerate(kinds) if k == LayerKind.FULL]
+    return soft[len(soft) // 2:]
+
+
+class EngramLlama:
+    def __init__(self, model_path: str, n_ctx: int = 4096, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, seed: int = 0, settings: Settings | None = None,
+                 extractor: Extractor | None = None, verbose: bool = False):
+        from . import llama_cpp
+
+        quiet_logs()
+        self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
+                                   n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose)
+        self.hook = Hook(self.llm)
+        self.settings = settings or Settings()
+        self.extract = extractor or Extractor(quiet=True)
+        self.template = self.llm.metadata.get("tokenizer.chat_template")
+        vocab = self.llm._model
+        self._bos_id = self.llm.token_bos()
+        self._eos_id = self.llm.token_eos()
+        self._bos = vocab.token_get_text(self._bos_id) if self._bos_id >= 0 else ""
+        self._eos = vocab.token_get_text(self._eos_id) if self._eos_id >= 0 else ""
+        self.n_ctx = self.llm.n_ctx()
+
+    # prompt ---------------------------------------------------------------------------------
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[bytes], int]:
+        add_bos = self._bos_id >= 0 and self.llm._model.add_bos_token() and not (self._bos and text.startswith(self._bos))
+        toks = self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        n_prefix = 1 if add_bos and toks and toks[0] == self._bos_id else 0
+        vocab = self.llm._model.vocab
+        pieces = [token_piece(vocab, t) for t in toks]
+        return toks, pieces, n_prefix
+
+    def prepare(self, question: str, chunks: list[Chunk], max_tokens: int = 64):
+        """Score the chunks, fit the best that fit the context, render and align the prompt."""
+        s = self.settings
+        ents = self.extract([question] + [c.text for c in chunks])
+        pm = pointer_map.build(ents[0], chunks, ents[1:])
+        scored = relevance.score(question, chunks, pm)
+        rank = {sc.chunk.id: k for k, sc in enumerate(scored)}
+        keep = [c.id for c in chunks]
+        dropped: list[Chunk] = []
+        while True:
+            order = relevance.edges_order(sorted(keep, key=rank.get)) if s.order == "edges" else keep
+            text, spans, q_char = align.render(chunks, order, question, self.template, self._bos, self._eos)
+            toks, pieces, n_prefix = self._tokenize(text)
+            if len(toks) + max_tokens <= self.n_ctx:
+                break
+            if not keep:
+                raise ContextTooSmall(f"the context ({self.n_ctx} tokens) is too small for the question alone "
+                                      f"({len(toks)} tokens + {max_tokens} to answer); raise -c")
+            worst = max(keep, key=rank.get)
+            keep.remove(worst)
+            dropped.append(next(c for c in chunks if c.id == worst))
+        prompt = align.align(text, toks, pieces, n_prefix, spans, q_char, order)
+        kept = [sc for sc in scored if sc.chunk.id in set(keep)]
+        return prompt, pm, kept, dropped
+
+    # answering -------------------------------------------------------------------------------
+
+    def layers(self) -> list[int]:
+        return self.settings.layers if self.settings.layers is not None else default_layers(self.hook.kinds)
+
+    def ask(self, question: str, chunks: list[Chunk], max_tokens: int = 64, temperature: float = 0.0,
+            on_token: Callable[[str], None] | None = None) -> Answer:
+        s = self.settings
+        prompt, pm, scored, dropped = self.prepare(question, chunks, max_tokens)
+        selected = relevance.select(scored, s.top_k)
+        b, spans = bias_mod.build(prompt, selected, s.strength, s.granularity, pm)
+        layers = self.layers()
+        gate = prompt.question_token if s.gate else 0
+        if s.engram and selected:
+            self.hook.set_layers(layers, 1.0)
+            self.hook.set_bias(b, seq_id=0, gate=gate)
+        else:
+            self.hook.clear()
+        try:
+            text = "".join(self._generate(prompt.tokens, max_tokens, temperature, on_token))
+        finally:
+            self.hook.clear()
+        pos = {cid: k + 1 for k, cid in enumerate(prompt.chunk_order)}
+        cites = [Citation(sc.chunk, w, pos[sc.chunk.id]) for sc, w in selected]
+        return Answer(text.strip(), cites, spans if s.engram else [], layers if s.engram else [], s.strength,
+                      gate if s.engram else None, len(prompt.tokens), dropped, scored)
+
+    def _generate(self, tokens: list[int], max_tokens: int, temperature: float,
+                  on_token: Callable[[str], None] | None) -> Iterator[str]:
+        stop = ["\n\n"] + ([self._eos] if self._eos else []) + (["<|im_end|>", "<end_of_turn>"] if self.template else ["\n"])
+        for part in self.llm.create_completion(prompt=tokens, max_tokens=max_tokens, temperature=temperature,
+                                               top_k=1 if temperature == 0 else 40, stream=True, stop=stop):
+            piece = part["choices"][0]["text"]
+            if on_token:
+                on_token(piece)
+            yield piece
+
+    def close(self) -> None:
+        self.llm.close()
