@@ -289,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("engram-llama: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # never a traceback for the user; ENGRAM_DEBUG=1 shows it
+        import os
+        if os.environ.get("ENGRAM_DEBUG"):
+            raise
+        print(f"engram-llama: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

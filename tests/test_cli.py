@@ -1,0 +1,92 @@
+"""The command line: bad input gets one line and a non-zero exit; one real run end to end."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from engram_llama import synth
+
+from conftest import smollm2_path
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "engram_llama.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=600)
+
+
+def one_line_error(r, *fragments):
+    assert r.returncode != 0, r.stdout
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("docs")
+    (d / "a.md").write_text("The delivery code for Indore is 4417.\n")
+    return d
+
+
+def test_inspect_lists_layer_kinds():
+    r = cli("inspect", str(synth.cached_model("qwen35")), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["architecture"] == "qwen35" and info["biasable"] == [3, 7]
+    assert info["layers"] == ["none", "none", "none", "full"] * 2
+
+
+def test_missing_model(docs):
+    one_line_error(cli("run", "/no/such.gguf", "q?", "--chunks", str(docs)), "model file not found")
+
+
+def test_not_a_gguf(docs, tmp_path):
+    p = tmp_path / "m.gguf"
+    p.write_text("hello")
+    one_line_error(cli("run", str(p), "q?", "--chunks", str(docs)), "not a GGUF file")
+
+
+def test_truncated_gguf(docs, tmp_path):
+    src = synth.cached_model("llama").read_bytes()
+    p = tmp_path / "t.gguf"
+    p.write_bytes(src[: len(src) // 2])
+    one_line_error(cli("run", str(p), "q?", "--chunks", str(docs)), "truncated")
+    p.write_bytes(src[:200])
+    one_line_error(cli("inspect", str(p)), "t.gguf")
+
+
+def test_docs_problems(tmp_path):
+    model = str(smollm2_path())
+    one_line_error(cli("run", model, "q?", "--chunks", str(tmp_path / "nope")), "docs folder not found")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(cli("run", model, "q?", "--chunks", str(empty)), "no readable .txt or .md")
+
+
+def test_empty_question_and_bad_layers(docs):
+    model = str(smollm2_path())
+    one_line_error(cli("run", model, "  ", "--chunks", str(docs)), "question is empty")
+    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "3-x"), "invalid --layers")
+    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "40"), "layer 40", "30 layers")
+
+
+def test_context_too_small(docs):
+    one_line_error(cli("run", str(smollm2_path()), "What is the code for Indore?", "--chunks", str(docs), "-c", "64"),
+                   "too small")
+
+
+def test_default_run_end_to_end():
+    r = cli("run", "--default", "--json", "-n", "24")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["answer"]
+    # the PM-KISAN document is ranked and biased first, at full strength, from the question on
+    assert out["citations"][0]["source"] == "pm-kisan.md" and out["citations"][0]["relevance"] == 1.0
+    assert out["bias"]["layers"] == list(range(15, 30)) and out["bias"]["strength"] == 2.0
+    span = out["bias"]["spans"][0]
+    assert span["value"] == 2.0 and span["tokens"][1] <= out["bias"]["gate_token"] < out["prompt_tokens"]
+    vanilla = json.loads(cli("run", "--default", "--json", "-n", "24", "--no-engram").stdout)
+    assert vanilla["bias"]["layers"] == [] and vanilla["bias"]["spans"] == []

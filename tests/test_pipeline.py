@@ -1,0 +1,137 @@
+"""The pipeline's modules on their own: chunks, extraction, pointer map, relevance, alignment, bias."""
+import numpy as np
+import pytest
+
+from engram_llama import align, bias, pointer_map, relevance
+from engram_llama.chunks import Chunk, DocsError, read_docs, split
+from engram_llama.extract import Entity, Extractor
+
+from conftest import smollm2_path
+
+
+def test_read_docs_skips_binary_and_refuses_empty(tmp_path):
+    (tmp_path / "a.md").write_text("Indore is in Madhya Pradesh.\n\nIts headquarters is Indore.")
+    (tmp_path / "b.txt").write_bytes(b"\x00\x01binary")
+    (tmp_path / "c.pdf").write_bytes(b"%PDF")
+    (tmp_path / "d.txt").write_bytes("नमस्ते".encode("utf-16"))
+    docs, notes = read_docs(tmp_path)
+    assert [n for n, _ in docs] == ["a.md"]
+    assert sorted(notes) == ["skipped b.txt: binary content", "skipped c.pdf: not .txt or .md",
+                             "skipped d.txt: not UTF-8 text"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DocsError, match="no readable"):
+        read_docs(empty)
+    with pytest.raises(DocsError, match="not found"):
+        read_docs(tmp_path / "nope")
+
+
+def test_split_merges_paragraphs_and_cuts_long_ones():
+    text = "\n\n".join(f"Paragraph {i}. " + "word " * 30 for i in range(6))
+    chunks = split([("doc.md", text)], max_chars=400)
+    assert all(len(c.text) <= 400 for c in chunks)
+    assert " ".join(c.text.replace("\n\n", " ") for c in chunks).split() == text.split()
+    long = "Sentence one is here. " * 60
+    cut = split([("l.txt", long)], max_chars=300)
+    assert all(len(c.text) <= 300 for c in cut) and all(c.text.endswith(".") for c in cut)
+
+
+def test_pointer_map_finds_whole_word_question_entities():
+    chunks = [Chunk(0, "a", "PM-KISAN pays ₹6,000. pm-kisan again."), Chunk(1, "b", "XPM-KISANY is not it."),
+              Chunk(2, "c", "Ayushman Bharat covers ₹5 lakh.")]
+    q = [Entity("PM-KISAN", "X", 0, 8)]
+    pm = pointer_map.build(q, chunks, [[], [], []])
+    assert pm.hits == {0: {"pm-kisan": [(0, 8), (22, 30)]}}
+    # idf: the entity is in 1 of 3 chunks
+    assert pm.idf["pm-kisan"] == pytest.approx(np.log(1 + (3 - 1 + 0.5) / (1 + 0.5)))
+    assert pm.entity_score(0) > 0 and pm.entity_score(2) == 0
+
+
+def test_relevance_ranks_the_chunk_that_answers():
+    chunks = [Chunk(0, "a", "Ayushman Bharat gives a health cover of five lakh rupees per family."),
+              Chunk(1, "b", "PM-KISAN gives every farmer family six thousand rupees each year."),
+              Chunk(2, "c", "MGNREGA guarantees one hundred days of work to rural households.")]
+    q = "How much does a farmer family get under PM-KISAN?"
+    ents = Extractor(quiet=True)([q] + [c.text for c in chunks])
+    pm = pointer_map.build(ents[0], chunks, ents[1:])
+    scored = relevance.score(q, chunks, pm)
+    assert scored[0].chunk.id == 1 and scored[0].score == 1.0
+    sel = relevance.select(scored, 2)
+    assert sel[0][1] == 1.0 and 0 <= sel[1][1] < 1.0
+    assert relevance.edges_order([5, 4, 3, 2, 1]) == [5, 3, 1, 2, 4]
+
+
+HARD = [
+    "साइबर सुरक्षा  🙂🙂 Ernakulam   district\t\theadquarters: Kakkanad.",
+    "PM-KISAN (प्रधानमंत्री किसान सम्मान निधि) pays ₹6,000 👨‍👩‍👧 per year.",
+    "supercalifragi",  # the next chunk continues the word: a boundary inside a word
+    "listicexpialidocious and    many   spaces\n\n\n end.",
+]
+
+
+def brute_token_span(offsets, n_prefix, b0, b1):
+    toks = [t for t in range(n_prefix, len(offsets) - 1) if offsets[t] < b1 and offsets[t + 1] > b0]
+    return (toks[0], toks[-1] + 1)
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    from engram_llama.lowlevel import Model, token_piece
+    import engram_llama
+    m = Model(smollm2_path(), vocab_only=True)
+    lc = engram_llama.llama_cpp
+
+    def tok(text):
+        data = text.encode()
+        buf = (lc.llama_token * (len(data) + 8))()
+        n = lc.llama_tokenize(m.vocab, data, len(data), buf, len(buf), False, True)
+        toks = list(buf[:n])
+        return toks, [token_piece(m.vocab, t) for t in toks], 0
+    yield tok
+    m.close()
+
+
+def test_alignment_matches_brute_force_on_hard_text(smol_tok):
+    chunks = [Chunk(i, f"d{i}", t) for i, t in enumerate(HARD)]
+    text, spans, q_char = align.render(chunks, [0, 1, 2, 3], "Which district? 🙂", None)
+    # the word split across chunks 2|3 is rendered as two documents; also test a raw boundary:
+    raw = "".join(HARD)
+    raw_spans = {}
+    pos = 0
+    for i, t in enumerate(HARD):
+        raw_spans[i] = (pos, pos + len(t))
+        pos += len(t)
+    for t_text, t_spans, q in ((text, spans, q_char), (raw, raw_spans, len(raw) - 3)):
+        toks, pieces, n_prefix = smol_tok(t_text)
+        p = align.align(t_text, toks, pieces, n_prefix, t_spans, q, list(t_spans))
+        c2b = align.char_to_byte(t_text)
+        assert c2b[-1] == len(t_text.encode())
+        for cid, (a, b) in t_spans.items():
+            assert p.chunk_tokens[cid] == brute_token_span(p.offsets, n_prefix, c2b[a], c2b[b]), (cid, t_text)
+            # the tokens cover the chunk's bytes
+            ta, tb = p.chunk_tokens[cid]
+            assert p.offsets[ta] <= c2b[a] and p.offsets[tb] >= c2b[b]
+    # on the raw text, the token that straddles "supercalifragi|listic" belongs to both chunks
+    toks, pieces, n_prefix = smol_tok(raw)
+    p = align.align(raw, toks, pieces, n_prefix, raw_spans, 0, [0, 1, 2, 3])
+    assert p.chunk_tokens[2][1] - 1 >= p.chunk_tokens[3][0]
+
+
+def test_alignment_refuses_pieces_that_do_not_rebuild_the_text():
+    with pytest.raises(align.AlignmentError, match="do not reproduce"):
+        align.byte_offsets("abc", [b"a", b"x", b"c"], 0)
+
+
+def test_bias_values_follow_relevance_and_spans():
+    chunks = [Chunk(0, "a", "alpha beta"), Chunk(1, "b", "gamma delta")]
+    prompt = align.Prompt(text="", tokens=list(range(20)), chunk_order=[0, 1], chunk_chars={0: (0, 10), 1: (12, 23)},
+                          chunk_tokens={0: (2, 6), 1: (8, 12)}, question_token=15, offsets=list(range(21)), n_prefix=0)
+    sc = [relevance.Scored(chunks[1], 3.0, 1.0, 1.0), relevance.Scored(chunks[0], 1.0, 0.0, 0.4)]
+    b, spans = bias.build(prompt, relevance.select(sc, 3), strength=2.0)
+    want = np.zeros(20, np.float32)
+    want[8:12] = 2.0
+    want[2:6] = 0.8
+    np.testing.assert_allclose(b, want)
+    assert [(s.chunk_id, s.tokens, s.value) for s in spans] == [(1, (8, 12), 2.0), (0, (2, 6), pytest.approx(0.8))]
+    with pytest.raises(ValueError):
+        bias.build(prompt, [], 1.0, granularity="word")
