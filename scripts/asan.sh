@@ -19,6 +19,6 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0
 status=0
 for m in $MODELS; do
     echo "asan: $(basename "$m")"
-    "$BUILD/bin/test-engram-c" "$m" || status=1
+    "$BUILD/test-engram-c" "$m" || status=1
 done
 exit $status
