@@ -90,3 +90,16 @@ def test_default_run_end_to_end():
     assert span["value"] == 2.0 and span["tokens"][1] <= out["bias"]["gate_token"] < out["prompt_tokens"]
     vanilla = json.loads(cli("run", "--default", "--json", "-n", "24", "--no-engram").stdout)
     assert vanilla["bias"]["layers"] == [] and vanilla["bias"]["spans"] == []
+
+
+def test_bad_table_file(docs, tmp_path):
+    bad = tmp_path / "t.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00")
+    one_line_error(cli("run", str(smollm2_path()), "q?", "--chunks", str(docs), "--table", str(bad)), "t.gguf")
+    one_line_error(cli("run", str(smollm2_path()), "q?", "--chunks", str(docs), "--table",
+                       str(synth.cached_model("llama"))), "not an engram table")
+
+
+def test_hf_offline_is_one_line(docs, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    one_line_error(cli("run", "--hf", "someone/some-model-GGUF", "q?", "--chunks", str(docs)), "someone/some-model-GGUF")

@@ -135,3 +135,22 @@ def test_bias_values_follow_relevance_and_spans():
     assert [(s.chunk_id, s.tokens, s.value) for s in spans] == [(1, (8, 12), 2.0), (0, (2, 6), pytest.approx(0.8))]
     with pytest.raises(ValueError):
         bias.build(prompt, [], 1.0, granularity="word")
+
+
+def test_sentence_spans_and_sentence_granularity():
+    text = "PM-KISAN pays ₹6,000 a year. It started in 2019! Farmers apply online.\n\nNew para"
+    sp = bias.sentences(text)
+    assert [text[a:b].strip() for a, b in sp] == ["PM-KISAN pays ₹6,000 a year.", "It started in 2019!",
+                                                  "Farmers apply online.", "New para"]
+    chunk = Chunk(0, "a", text)
+    prompt_text = text
+    offsets = list(range(len(text.encode()) + 1))  # one token per byte
+    prompt = align.Prompt(text=prompt_text, tokens=list(range(len(offsets) - 1)), chunk_order=[0],
+                          chunk_chars={0: (0, len(text))}, chunk_tokens={0: (0, len(offsets) - 1)},
+                          question_token=len(offsets) - 1, offsets=offsets, n_prefix=0)
+    sel = [(relevance.Scored(chunk, 1.0, 0.0, 1.0), 1.0)]
+    b, spans = bias.build(prompt, sel, 2.0, "sentence", None, question="How much does PM-KISAN pay each year?")
+    c2b = align.char_to_byte(text)
+    first = (c2b[sp[0][0]], c2b[sp[0][1]])
+    assert [s.tokens for s in spans] == [first]
+    assert b[first[0]:first[1]].min() == 2.0 and b[first[1]:].max() == 0.0

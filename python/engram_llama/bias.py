@@ -1,6 +1,7 @@
 """The additive bias over token positions: strength × relevance on the chosen spans."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,7 +10,27 @@ from .align import Prompt, char_to_byte, token_span
 from .pointer_map import PointerMap
 from .relevance import Scored
 
-GRANULARITIES = ("chunk", "entity")
+GRANULARITIES = ("chunk", "sentence", "entity")
+
+_STOP = set("the a an of in on at to for and or is are was were be been by with from as that this what which who "
+            "whom when where why how does do did has have had it its into per under each".split())
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in re.findall(r"\w+", text.lower()) if len(w) >= 3 and w not in _STOP}
+
+
+def sentences(text: str) -> list[tuple[int, int]]:
+    """Character spans of the sentences of text (ends at . ! ? । or a blank line)."""
+    spans, start = [], 0
+    for m in re.finditer(r"[.!?।]+(?=\s)|\n\s*\n", text):
+        end = m.end()
+        if text[start:end].strip():
+            spans.append((start, end))
+        start = end
+    if text[start:].strip():
+        spans.append((start, len(text)))
+    return spans
 
 
 @dataclass
@@ -21,8 +42,13 @@ class BiasSpan:
 
 
 def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
-          granularity: str = "chunk", pm: PointerMap | None = None) -> tuple[np.ndarray, list[BiasSpan]]:
-    """One float per prompt token (0 outside the biased spans) and the spans, for --explain."""
+          granularity: str = "chunk", pm: PointerMap | None = None, question: str = "") -> tuple[np.ndarray, list[BiasSpan]]:
+    """One float per prompt token (0 outside the biased spans) and the spans, for --explain.
+
+    chunk: the whole chunk; sentence: the chunk's sentences that share the most content words
+    or entities with the question (the whole chunk when none does); entity: only the
+    question's entities where they occur in the chunk.
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
     bias = np.zeros(len(prompt.tokens), dtype=np.float32)
@@ -34,6 +60,18 @@ def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
         if granularity == "chunk":
             a, b = prompt.chunk_tokens[cid]
             spans.append(BiasSpan(cid, (a, b), value, "chunk"))
+        elif granularity == "sentence":
+            c2b = c2b or char_to_byte(prompt.text)
+            base = prompt.chunk_chars[cid][0]
+            qw = _words(question)
+            hits = [x for v in (pm.hits.get(cid, {}) if pm else {}).values() for x in v]
+            sents = sentences(s.chunk.text)
+            score = [len(qw & _words(s.chunk.text[x:y])) + 2 * sum(1 for h in hits if x <= h[0] < y) for x, y in sents]
+            best = max(score, default=0)
+            chosen = [sp for sp, sc in zip(sents, score) if best > 0 and sc >= max(1, best / 2)] or [(0, len(s.chunk.text))]
+            for x, y in chosen:
+                a, b = token_span(prompt.offsets, prompt.n_prefix, c2b[base + x], c2b[base + y])
+                spans.append(BiasSpan(cid, (a, b), value, "sentence" if (x, y) != (0, len(s.chunk.text)) else "chunk"))
         else:
             if pm is None:
                 raise ValueError("entity granularity needs the pointer map")

@@ -124,6 +124,8 @@ def cmd_run(args) -> int:
     from .chunks import DocsError, read_docs, split
     from .runtime import ContextTooSmall, EngramLlama, Settings
 
+    if (args.default or args.hf) and args.model and args.question is None and not args.model.endswith(".gguf"):
+        args.model, args.question = None, args.model  # `run --default "question"`: the one positional is the question
     if args.default:
         model = args.model or default_model()
         docs_dir = args.chunks or default_docs()
@@ -351,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layers", help="layers to bias: 15-29, 3,7,11, all (default: per model family)")
     r.add_argument("--strength", type=float, default=None, help="bias strength (default 2.0)")
     r.add_argument("--top-k", type=int, default=3, help="chunks biased, scaled by relevance (default 3)")
-    r.add_argument("--granularity", choices=["chunk", "entity"], default="chunk")
+    r.add_argument("--granularity", choices=["chunk", "sentence", "entity"], default="chunk")
     r.add_argument("--order", choices=["keep", "edges"], default="keep", help="chunk order in the prompt")
     r.add_argument("--no-gate", action="store_true", help="bias every query, documents included")
     r.add_argument("--no-engram", action="store_true", help="vanilla: same prompt, no bias")

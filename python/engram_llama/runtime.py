@@ -5,6 +5,7 @@ decode.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -22,7 +23,7 @@ class Settings:
     layers: list[int] | None = None   # None: the default of the model's family (default_layers)
     strength: float = 2.0
     top_k: int = 3
-    granularity: str = "chunk"        # "chunk" or "entity"
+    granularity: str = "chunk"        # "chunk", "sentence" or "entity"
     gate: bool = True                 # bias only the question's and the answer's queries
     order: str = "keep"               # "keep" the given order or put the best chunks at the "edges"
     engram: bool = True               # False: vanilla, the same prompt without bias
@@ -79,7 +80,7 @@ class EngramLlama:
         self.hook = Hook(self.llm)
         self.settings = settings or Settings()
         self.table = table
-        self.extract = extractor or Extractor(quiet=True, table=table)
+        self.extract = extractor or Extractor(table=table)  # warns once when spaCy's model is missing
         self.template = self.llm.metadata.get("tokenizer.chat_template")
         vocab = self.llm._model
         self._bos_id = self.llm.token_bos()
@@ -134,7 +135,7 @@ class EngramLlama:
         s = self.settings
         prompt, pm, scored, dropped = self.prepare(question, chunks, max_tokens)
         selected = relevance.select(scored, s.top_k)
-        b, spans = bias_mod.build(prompt, selected, s.strength, s.granularity, pm)
+        b, spans = bias_mod.build(prompt, selected, s.strength, s.granularity, pm, question)
         layers = self.layers()
         gate = prompt.question_token if s.gate else 0
         if s.engram and selected:
@@ -143,6 +144,7 @@ class EngramLlama:
         else:
             self.hook.clear()
         try:
+            self.prefill(prompt.tokens)
             text = "".join(self._generate(prompt.tokens, max_tokens, temperature, on_token))
         finally:
             self.hook.clear()
@@ -150,6 +152,38 @@ class EngramLlama:
         cites = [Citation(sc.chunk, w, pos[sc.chunk.id]) for sc, w in selected]
         return Answer(text.strip(), cites, spans if s.engram else [], layers if s.engram else [], s.strength,
                       gate if s.engram else None, len(prompt.tokens), dropped, scored)
+
+    def prefill(self, tokens: list[int], progress: bool | None = None) -> int:
+        """Decode all but the last prompt token, reusing the cached prefix (the documents, when a
+        follow-up question comes on the same chunks); returns how many tokens were reused.
+
+        With the query gate the documents' KV does not depend on the bias, so reusing it across
+        questions and bias settings is exact. Recurrent and hybrid memories cannot be cut back to a
+        prefix, so they prefill again.
+        """
+        llm = self.llm
+        n_old = llm.n_tokens
+        p = 0
+        for a, b in zip(llm.input_ids[:n_old], tokens[:-1]):
+            if a != b:
+                break
+            p += 1
+        if p == 0 or not llm._ctx.kv_cache_seq_rm(-1, p, -1):
+            llm.reset()
+            llm._ctx.kv_cache_clear()
+            p = 0
+        llm.n_tokens = p
+        rest = tokens[p:-1]
+        if progress is None:
+            progress = sys.stderr.isatty() and len(rest) >= 1024
+        from tqdm import tqdm
+
+        with tqdm(total=len(rest), desc="prefill", unit="tok", disable=not progress, file=sys.stderr, leave=False) as bar:
+            step = llm.n_batch
+            for a in range(0, len(rest), step):
+                llm.eval(rest[a:a + step])
+                bar.update(len(rest[a:a + step]))
+        return p
 
     def _generate(self, tokens: list[int], max_tokens: int, temperature: float,
                   on_token: Callable[[str], None] | None) -> Iterator[str]:

@@ -1,0 +1,48 @@
+"""EngramLlama on the real small model: KV reuse across follow-up questions is exact."""
+import numpy as np
+import pytest
+
+from engram_llama.chunks import read_docs, split
+from engram_llama.cli import default_docs, default_model
+from engram_llama.runtime import EngramLlama, Settings, default_layers
+from engram_llama._hook import LayerKind
+
+
+@pytest.fixture(scope="module")
+def chunks():
+    docs, _ = read_docs(default_docs())
+    return split(docs)
+
+
+def test_follow_up_reuses_the_documents_and_answers_as_a_fresh_run(chunks):
+    q1 = "How much money does a farmer family get each year under PM-KISAN?"
+    q2 = "What is the health cover per family under Ayushman Bharat?"
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
+    a1 = eng.ask(q1, chunks, max_tokens=12)
+    prompt2, *_ = eng.prepare(q2, chunks, 12)
+    reused = eng.prefill(prompt2.tokens)
+    # everything before the question was reused (the prompts share the documents)
+    assert reused >= prompt2.question_token - 8 and reused > 1000
+    a2 = eng.ask(q2, chunks, max_tokens=12)
+    eng.close()
+    fresh = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
+    b2 = fresh.ask(q2, chunks, max_tokens=12)
+    fresh.close()
+    assert a2.text == b2.text and a1.citations[0].chunk.source == "pm-kisan.md"
+    assert b2.citations[0].chunk.source == "ayushman-bharat.md"
+
+
+def test_vanilla_mode_sets_no_bias(chunks):
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(engram=False))
+    a = eng.ask("Which district has its headquarters at Kakkanad?", chunks, max_tokens=8)
+    assert a.layers == [] and a.spans == [] and not eng.hook.active
+    eng.close()
+
+
+def test_default_layers_per_family():
+    F, S, N = LayerKind.FULL, LayerKind.SWA, LayerKind.NONE
+    qwen35 = [N, N, N, F] * 6
+    assert default_layers(qwen35) == [3, 7, 11, 15, 19, 23]
+    gemma = ([S] * 5 + [F]) * 3
+    assert default_layers(gemma) == [5, 11, 17]
+    assert default_layers([F] * 30) == list(range(15, 30))
