@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Accuracy evaluation on NQ-Open with hard BM25 distractors (resumable; results as JSONL).
+
+    .venv/bin/python scripts/eval.py run --n 40 --out results/nq-smollm2.jsonl          # main conditions
+    .venv/bin/python scripts/eval.py run --n 40 --out results/nq-smollm2.jsonl --preset ablation
+    .venv/bin/python scripts/eval.py report results/nq-smollm2.jsonl
+
+A fast development subset: --n 5 --passages 8 (a few minutes on 2 cores).
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+import engram_llama  # noqa: E402,F401  (binds the patched libllama)
+from engram_llama.evaluate import Condition, run  # noqa: E402
+
+PRESETS = {
+    "main": [Condition("vanilla", "none"), Condition("engram"), Condition("oracle", "oracle")],
+    "ablation": [Condition("engram s1", strength=1.0), Condition("engram s3", strength=3.0),
+                 Condition("engram s4", strength=4.0), Condition("engram all-layers", layers="all"),
+                 Condition("engram top1", top_k=1), Condition("engram top5", top_k=5),
+                 Condition("engram sentence", granularity="sentence"), Condition("engram entity", granularity="entity"),
+                 Condition("oracle s3", "oracle", strength=3.0)],
+}
+PRESETS["all"] = PRESETS["main"] + PRESETS["ablation"]
+
+
+def wilson(k, n, z=1.96):
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def mcnemar(b, c):
+    """Exact two-sided McNemar p-value from the discordant counts."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def report(path):
+    rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
+    rows = [r for r in rows if r["slot"] != "gold-only"]
+    res = {}
+    for r in rows:
+        res.setdefault((r["condition"], r["slot"]), {})[r["id"]] = r["judge"]
+    conds = list(dict.fromkeys(r["condition"] for r in rows))
+    slots = [s for s in ("first", "middle", "last") if any(k[1] == s for k in res)]
+    n_tok = sorted(r["n_tokens"] for r in rows)
+    print(f"{path}: {len({r['id'] for r in rows})} items, prompts {n_tok[0]}-{n_tok[-1]} tokens\n")
+    print("| condition | slot | n | correct | 95% CI | wrong | refusal | vs vanilla (+/-) | McNemar p |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in conds:
+        for s in slots:
+            d = res.get((c, s), {})
+            n = len(d)
+            k = sum(v == "correct" for v in d.values())
+            lo, hi = wilson(k, n)
+            wr = sum(v == "wrong" for v in d.values())
+            rf = sum(v == "refusal" for v in d.values())
+            base = res.get(("vanilla", s), {})
+            both = [i for i in d if i in base]
+            b = sum(d[i] == "correct" and base[i] != "correct" for i in both)
+            cc = sum(d[i] != "correct" and base[i] == "correct" for i in both)
+            vs = f"+{b}/-{cc}" if c != "vanilla" else ""
+            p = f"{mcnemar(b, cc):.3f}" if c != "vanilla" else ""
+            print(f"| {c} | {s} | {n} | {100 * k / max(n, 1):.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {wr} | {rf} | {vs} | {p} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", default=None, help="GGUF model (default: SmolLM2-135M-Instruct)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--n", type=int, default=40)
+    r.add_argument("--passages", type=int, default=15)
+    r.add_argument("--preset", choices=list(PRESETS), default="main")
+    r.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "nq-open-dev.jsonl.gz"))
+    r.add_argument("-c", "--ctx-size", type=int, default=4096)
+    p = sub.add_parser("report")
+    p.add_argument("path")
+    args = ap.parse_args()
+    if args.cmd == "report":
+        report(args.path)
+        return 0
+    from engram_llama.cli import default_model
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    run(args.model or default_model(), args.out, n_items=args.n, n_passages=args.passages,
+        conditions=PRESETS[args.preset], data=args.data, n_ctx=args.ctx_size,
+        log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
