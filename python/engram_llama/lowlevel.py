@@ -29,7 +29,7 @@ class _TensorHead(ctypes.Structure):
 _ggml = None
 
 
-def _ggml_base():
+def ggml_base():
     global _ggml
     if _ggml is None:
         name = "libggml-base.dylib" if os.uname().sysname == "Darwin" else "libggml-base.so"
@@ -41,7 +41,17 @@ def _ggml_base():
         _ggml.ggml_is_contiguous.restype = ctypes.c_bool
         _ggml.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
         _ggml.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        _ggml.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        _ggml.ggml_nelements.restype = ctypes.c_int64
+        _ggml.ggml_nelements.argtypes = [ctypes.c_void_p]
+        _ggml.gguf_init_from_file.restype = ctypes.c_void_p
+        _ggml.gguf_init_from_file.argtypes = [ctypes.c_char_p, GGUFInitParams]
+        _ggml.gguf_free.argtypes = [ctypes.c_void_p]
     return _ggml
+
+
+class GGUFInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
 
 
 _quiet_cb = None
@@ -117,7 +127,7 @@ class Context:
         self.hook = Hook(self.ptr)
 
     def _on_eval(self, t, ask, _ud):
-        ggml = _ggml_base()
+        ggml = ggml_base()
         name = ggml.ggml_get_name(t).decode()
         if ask:
             return bool(self._capture(name))

@@ -96,30 +96,16 @@ def _metadata(shape: Shape, path: Path) -> None:
     w.close()
 
 
-class _GGUFInitParams(ctypes.Structure):
-    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
-
-
 def make_model(shape: Shape | str, path: str | os.PathLike, seed: int = 42, stdev: float = 0.1) -> Path:
     """Write a random-weight GGUF of the given shape (F32 weights) to path."""
     import llama_cpp  # bound to the patched libllama by engram_llama's import
 
-    from ._lib import lib_dir
+    from .lowlevel import GGUFInitParams, ggml_base
 
     if isinstance(shape, str):
         shape = SHAPES[shape]
     path = Path(path)
-    ggml = ctypes.CDLL(str(lib_dir() / ("libggml-base.dylib" if os.uname().sysname == "Darwin" else "libggml-base.so")))
-    ggml.gguf_init_from_file.restype = ctypes.c_void_p
-    ggml.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GGUFInitParams]
-    ggml.gguf_free.argtypes = [ctypes.c_void_p]
-    ggml.ggml_get_name.restype = ctypes.c_char_p
-    ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
-    ggml.ggml_nelements.restype = ctypes.c_int64
-    ggml.ggml_nelements.argtypes = [ctypes.c_void_p]
-    ggml.ggml_nbytes.restype = ctypes.c_size_t
-    ggml.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    ggml = ggml_base()
 
     errors: list[BaseException] = []
 
@@ -147,7 +133,7 @@ def make_model(shape: Shape | str, path: str | os.PathLike, seed: int = 42, stde
     with tempfile.TemporaryDirectory() as tmp:
         meta_path = Path(tmp) / "meta.gguf"
         _metadata(shape, meta_path)
-        meta = ggml.gguf_init_from_file(str(meta_path).encode(), _GGUFInitParams(True, None))
+        meta = ggml.gguf_init_from_file(str(meta_path).encode(), GGUFInitParams(True, None))
         if not meta:
             raise RuntimeError(f"could not read the generated metadata {meta_path}")
         try:
