@@ -103,3 +103,12 @@ def test_bad_table_file(docs, tmp_path):
 def test_hf_offline_is_one_line(docs, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     one_line_error(cli("run", "--hf", "someone/some-model-GGUF", "q?", "--chunks", str(docs)), "someone/some-model-GGUF")
+
+
+def test_interactive_follow_ups(docs):
+    r = cli("run", str(smollm2_path()), "--chunks", str(docs), "-i", "-n", "6", "--json",
+            stdin="What is the code for Indore?\nWhich city has code 4417?\n")
+    assert r.returncode == 0, r.stderr
+    outs = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert [o["question"] for o in outs] == ["What is the code for Indore?", "Which city has code 4417?"]
+    assert all(o["citations"][0]["source"] == "a.md" for o in outs)

@@ -204,10 +204,12 @@ def cmd_run(args) -> int:
         one(question)
     if args.interactive:
         while True:
-            try:
-                q = input("> ").strip()
-            except EOFError:
+            if sys.stdin.isatty():
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:
                 break
+            q = line.strip()
             if q:
                 one(q)
     eng.close()
