@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Hook overhead, side by side: unpatched libllama (same llama.cpp commit, built from the same
+sdist without the patch) vs patched with the hook cleared vs the bias active on 2 layers vs on
+every softmax layer; prefill and decode tokens/s; flash attention on and off. Each measurement
+runs in its own process (one libllama per process), variants interleaved, min and median
+reported as ratios to unpatched.
+
+    .venv/bin/python scripts/bench_hook.py --ctx 2048 --reps 3            # SmolLM2-135M
+    .venv/bin/python scripts/bench_hook.py --model synth:qwen35 --ctx 2048
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ["unpatched", "cleared", "active2", "active_all"]
+
+
+def unpatched_lib() -> Path:
+    """libllama built from the unpatched tree (cached by the tree's path)."""
+    src = subprocess.run([sys.executable, str(ROOT / "scripts" / "llama_source.py"), "--unpatched"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    build = Path(src).parent.parent / "build-unpatched"
+    lib = build / "bin" / "libllama.so"
+    if not lib.exists():
+        ninja = Path(sys.executable).parent / "ninja"
+        subprocess.run(["cmake", "-S", src, "-B", str(build), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
+                        "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_COMMON=OFF",
+                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                        "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"],
+                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build), "--target", "llama", "-j", str(os.cpu_count())], check=True,
+                       stdout=subprocess.DEVNULL)
+    return lib.parent
+
+
+CHILD = r'''
+import ctypes, json, os, sys, time
+import numpy as np
+variant, model, n_ctx, n_prompt, n_gen, fa = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
+import llama_cpp as lc
+lc.llama_log_set(lc.llama_log_callback(lambda *a: None), ctypes.c_void_p(0))
+mp = lc.llama_model_default_params()
+m = lc.llama_model_load_from_file(model.encode(), mp)
+cp = lc.llama_context_default_params()
+cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = n_ctx, 512, 512, os.cpu_count(), os.cpu_count()
+cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+ctx = lc.llama_init_from_model(m, cp)
+n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(m))
+if variant != "unpatched":
+    import engram_llama
+    from engram_llama import Hook
+    h = Hook(ctypes.cast(ctx, ctypes.c_void_p).value)
+    if variant != "cleared":
+        layers = h.softmax_layers()
+        h.set_layers(layers[-2:] if variant == "active2" else layers, 2.0)
+        b = np.zeros(n_ctx, np.float32); b[n_prompt // 3: n_prompt // 2] = 2.0
+        h.set_bias(b, gate=n_prompt - 32)
+ids = np.random.default_rng(0).integers(100, n_vocab - 100, n_prompt + n_gen)
+def decode(tokens, pos0):
+    for a in range(0, len(tokens), 512):
+        part = tokens[a:a+512]
+        bt = lc.llama_batch_init(len(part), 0, 1)
+        for i, t in enumerate(part):
+            bt.token[i], bt.pos[i], bt.n_seq_id[i] = int(t), pos0 + a + i, 1
+            bt.seq_id[i][0] = 0; bt.logits[i] = (a + i == len(tokens) - 1)
+        bt.n_tokens = len(part)
+        assert lc.llama_decode(ctx, bt) == 0
+        lc.llama_batch_free(bt)
+decode(ids[:64], 0)  # warm-up
+lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+t0 = time.perf_counter(); decode(ids[:n_prompt], 0); t1 = time.perf_counter()
+for k in range(n_gen):
+    decode(ids[n_prompt + k: n_prompt + k + 1], n_prompt + k)
+t2 = time.perf_counter()
+print(json.dumps({"prefill_tps": n_prompt / (t1 - t0), "decode_tps": n_gen / (t2 - t1)}))
+'''
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="GGUF (default SmolLM2-135M), or synth:NAME")
+    ap.add_argument("--ctx", type=int, default=2048)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--fa", default="0,1")
+    args = ap.parse_args()
+    import engram_llama
+    from engram_llama.cli import default_model
+    model = args.model or default_model()
+    if model.startswith("synth:"):
+        from engram_llama import synth
+        model = str(synth.cached_model(model.split(":", 1)[1]))
+    libs = {"unpatched": unpatched_lib(), "patched": engram_llama.lib_path().parent}
+    n_prompt = args.ctx - args.gen - 8
+    res = {}
+    for rep in range(args.reps):
+        for fa in [int(x) for x in args.fa.split(",")]:
+            order = VARIANTS[rep % 4:] + VARIANTS[:rep % 4]  # rotate to spread drift
+            for v in order:
+                env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(libs["unpatched" if v == "unpatched" else "patched"]))
+                env.pop("ENGRAM_LLAMA_LIB_DIR", None)
+                if v != "unpatched":
+                    env["ENGRAM_LLAMA_LIB_DIR"] = str(libs["patched"])
+                out = subprocess.run([sys.executable, "-c", CHILD, v, model, str(args.ctx), str(n_prompt), str(args.gen), str(fa)],
+                                     env=env, capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.exit(f"bench child {v} failed: {out.stderr.strip().splitlines()[-1:]}")
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                for k, val in r.items():
+                    res.setdefault((fa, v, k), []).append(val)
+                print(f"rep {rep} fa {fa} {v:10} prefill {r['prefill_tps']:8.1f} tok/s  decode {r['decode_tps']:7.1f} tok/s",
+                      file=sys.stderr, flush=True)
+    print(f"\nmodel {Path(model).name}, prompt {n_prompt} tokens, {args.gen} decoded, {args.reps} reps, {os.cpu_count()} threads")
+    print("| FA | variant | prefill tok/s (median) | ratio min / median | decode tok/s (median) | ratio min / median |")
+    print("|---|---|---|---|---|---|")
+    for fa in [int(x) for x in args.fa.split(",")]:
+        for v in VARIANTS:
+            cells = []
+            for k in ("prefill_tps", "decode_tps"):
+                xs, base = res[(fa, v, k)], res[(fa, "unpatched", k)]
+                # slowdown ratios: unpatched time / variant time (1.0 = same speed)
+                cells.append(f"{statistics.median(xs):.1f}")
+                cells.append(f"{max(xs) / max(base):.3f} / {statistics.median(xs) / statistics.median(base):.3f}")
+            print(f"| {'on' if fa else 'off'} | {v} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
