@@ -34,7 +34,7 @@ if ! "$VPY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_c
 fi
 
 # the patched libllama + engram_llama; skipped when nothing it is built from changed
-stamp_src() { cat CMakeLists.txt pyproject.toml patches/*.patch csrc/*.h csrc/*.cpp; find python -name '*.py' -o -name '*.json' -o -name '*.txt' | sort | xargs cat; echo "${CMAKE_ARGS:-}"; }
+stamp_src() { cat CMakeLists.txt pyproject.toml patches/*.patch csrc/*.h csrc/*.cpp; find python -type f ! -name '*.pyc' | sort | xargs cat; echo "${CMAKE_ARGS:-}"; }
 STAMP="$(stamp_src | sha256sum | cut -c1-16)"
 if [ "$(cat .venv/.engram-stamp 2>/dev/null)" != "$STAMP" ]; then
     echo "setup: building the patched libllama and engram_llama (first build takes a few minutes)"
