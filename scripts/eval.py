@@ -4,6 +4,7 @@
     .venv/bin/python scripts/eval.py run --n 40 --out results/nq-smollm2.jsonl          # main conditions
     .venv/bin/python scripts/eval.py run --n 40 --out results/nq-smollm2.jsonl --preset ablation
     .venv/bin/python scripts/eval.py report results/nq-smollm2.jsonl
+    .venv/bin/python scripts/eval.py plot results/nq-smollm2.jsonl -o docs/eval-nq-smollm2.png
 
 A fast development subset: --n 5 --passages 8 (a few minutes on 2 cores).
 """
@@ -77,6 +78,36 @@ def report(path):
             print(f"| {c} | {s} | {n} | {100 * k / max(n, 1):.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {wr} | {rf} | {vs} | {p} |")
 
 
+def plot(path, out_png, conds=("vanilla", "engram", "oracle")):
+    """Accuracy against gold position, one line per condition, Wilson 95% bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
+    slots = ["first", "middle", "last"]
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for k, c in enumerate(conds):
+        ys, lo, hi = [], [], []
+        for s in slots:
+            d = [r["judge"] == "correct" for r in rows if r["condition"] == c and r["slot"] == s]
+            p = sum(d) / max(len(d), 1)
+            a, b = wilson(sum(d), len(d))
+            ys.append(100 * p); lo.append(100 * (p - a)); hi.append(100 * (b - p))
+        xs = [i + (k - 1) * 0.05 for i in range(3)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=c)
+    n = len({r["id"] for r in rows if r["slot"] != "gold-only"})
+    ax.set_xticks(range(3), ["first", "middle", "last"])
+    ax.set_xlabel("position of the gold passage")
+    ax.set_ylabel("correct (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{Path(path).stem}, n={n}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    print(f"wrote {out_png}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -90,9 +121,15 @@ def main():
     r.add_argument("-c", "--ctx-size", type=int, default=4096)
     p = sub.add_parser("report")
     p.add_argument("path")
+    g = sub.add_parser("plot")
+    g.add_argument("path")
+    g.add_argument("-o", "--out", required=True)
     args = ap.parse_args()
     if args.cmd == "report":
         report(args.path)
+        return 0
+    if args.cmd == "plot":
+        plot(args.path, args.out)
         return 0
     from engram_llama.cli import default_model
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
