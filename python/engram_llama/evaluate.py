@@ -21,8 +21,9 @@ from . import bias as bias_mod, relevance
 from .chunks import Chunk
 
 REFUSAL = re.compile(r"\b(i (do not|don't|cannot|can't) (know|find|answer|tell)|not (mentioned|provided|stated|specified|"
-                     r"given|found|available)|no (information|mention)|does not (say|mention|provide|contain)|"
-                     r"doesn't (say|mention)|unable to|cannot be determined|there is no|none of the documents)\b")
+                     r"given|found|available)|no (information|mention)|(does|do) not (say|mention|provide|contain|specify)|"
+                     r"(doesn't|don't) (say|mention|provide|contain|specify)|unable to|cannot be determined|there is no|"
+                     r"none of the documents)\b")
 
 
 def normalize(s: str) -> str:

@@ -1,0 +1,55 @@
+"""Scoring and statistics of the evaluation harness."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from engram_llama.evaluate import hard_distractors, judge, normalize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import eval as ev  # noqa: E402
+
+
+def test_normalize_like_lost_in_the_middle():
+    assert normalize("The  Wilhelm Conrad Röntgen!") == "wilhelm conrad röntgen"
+    assert normalize("an apple, a pear") == "apple pear"
+
+
+@pytest.mark.parametrize("out,want", [
+    ("It was Wilhelm Conrad Röntgen in 1901.", "correct"),
+    ("röntgen", "wrong"),  # a part of the answer is not the answer
+    ("I don't know.", "refusal"),
+    ("The documents do not mention who won.", "refusal"),
+    ("The passage doesn't specify.", "refusal"),
+    ("The information is not provided in the documents.", "refusal"),
+    ("There is no information about that.", "refusal"),
+    ("", "refusal"),
+    ("Albert Einstein", "wrong"),
+])
+def test_judge(out, want):
+    assert judge(out, ["Wilhelm Conrad Röntgen"]) == want
+
+
+def test_hard_distractors_exclude_answer_passages():
+    items = [
+        {"id": "a", "question": "who discovered x-rays", "answers": ["Röntgen"],
+         "gold": {"title": "X-ray", "text": "X-rays were discovered by Röntgen in 1895."}},
+        {"id": "b", "question": "capital of france", "answers": ["Paris"],
+         "gold": {"title": "Paris", "text": "Paris is the capital of France."}},
+        {"id": "c", "question": "x-rays uses", "answers": ["imaging"],
+         "gold": {"title": "X-ray uses", "text": "X-rays are used in medical imaging; Röntgen found them."}},
+        {"id": "d", "question": "x-rays danger", "answers": ["radiation"],
+         "gold": {"title": "X-ray safety", "text": "X-rays discovered long ago can harm tissue."}},
+    ]
+    d = hard_distractors(items, 2)
+    # for "a", passage c contains its answer (Röntgen) and is dropped; d shares "x-rays discovered"
+    assert "a" in d and 2 not in d["a"] and d["a"][0] == 3
+    assert all(i not in picks for i, picks in zip(range(4), d.values()))
+
+
+def test_wilson_and_mcnemar_hand_values():
+    lo, hi = ev.wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    assert ev.mcnemar(0, 0) == 1.0
+    assert ev.mcnemar(6, 0) == pytest.approx(2 / 64)
+    assert ev.mcnemar(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
