@@ -49,9 +49,20 @@ def mcnemar(b, c):
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
-def report(path):
+def load_rows(path, data=None):
+    """Result rows, judged again with the current judge (so a fix to refusal detection applies)."""
+    from engram_llama.evaluate import judge, load_nq
+
+    answers = {it["id"]: it["answers"] for it in load_nq(data or ROOT.parent / "shared" / "data" / "nq-open-dev.jsonl.gz")}
     rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
-    rows = [r for r in rows if r["slot"] != "gold-only"]
+    for r in rows:
+        if r["id"] in answers:
+            r["judge"] = judge(r["answer"], answers[r["id"]])
+    return rows
+
+
+def report(path):
+    rows = [r for r in load_rows(path) if r["slot"] != "gold-only"]
     res = {}
     for r in rows:
         res.setdefault((r["condition"], r["slot"]), {})[r["id"]] = r["judge"]
@@ -84,7 +95,7 @@ def plot(path, out_png, conds=("vanilla", "engram", "oracle")):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
+    rows = load_rows(path)
     slots = ["first", "middle", "last"]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for k, c in enumerate(conds):
