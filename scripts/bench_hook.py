@@ -44,7 +44,8 @@ import ctypes, json, os, sys, time
 import numpy as np
 variant, model, n_ctx, n_prompt, n_gen, fa = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
 import llama_cpp as lc
-lc.llama_log_set(lc.llama_log_callback(lambda *a: None), ctypes.c_void_p(0))
+_quiet = lc.llama_log_callback(lambda *a: None)  # kept referenced: llama.cpp calls it later
+lc.llama_log_set(_quiet, ctypes.c_void_p(0))
 mp = lc.llama_model_default_params()
 m = lc.llama_model_load_from_file(model.encode(), mp)
 cp = lc.llama_context_default_params()
@@ -110,7 +111,7 @@ def main():
                 out = subprocess.run([sys.executable, "-c", CHILD, v, model, str(args.ctx), str(n_prompt), str(args.gen), str(fa)],
                                      env=env, capture_output=True, text=True)
                 if out.returncode != 0:
-                    sys.exit(f"bench child {v} failed: {out.stderr.strip().splitlines()[-1:]}")
+                    sys.exit(f"bench child {v} failed ({out.returncode}): {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 for k, val in r.items():
                     res.setdefault((fa, v, k), []).append(val)
