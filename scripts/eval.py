@@ -28,6 +28,11 @@ PRESETS = {
                  Condition("oracle s3", "oracle", strength=3.0)],
 }
 PRESETS["all"] = PRESETS["main"] + PRESETS["ablation"]
+# sliding-window models (Gemma 3): global layers are the default; compare with local and both
+PRESETS["swa"] = PRESETS["main"] + [
+    Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),
+    Condition("engram local", layers="local"), Condition("engram global+local", layers="all"),
+    Condition("engram global+local s4", layers="all", strength=4.0), Condition("oracle s4", "oracle", strength=4.0)]
 
 
 def wilson(k, n, z=1.96):
@@ -130,6 +135,7 @@ def main():
     r.add_argument("--preset", choices=list(PRESETS), default="main")
     r.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "nq-open-dev.jsonl.gz"))
     r.add_argument("-c", "--ctx-size", type=int, default=4096)
+    r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
     p = sub.add_parser("report")
     p.add_argument("path")
     g = sub.add_parser("plot")
@@ -145,7 +151,7 @@ def main():
     from engram_llama.cli import default_model
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     run(args.model or default_model(), args.out, n_items=args.n, n_passages=args.passages,
-        conditions=PRESETS[args.preset], data=args.data, n_ctx=args.ctx_size,
+        conditions=PRESETS[args.preset], data=args.data, n_ctx=args.ctx_size, chat=not args.no_chat,
         log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 

@@ -161,7 +161,7 @@ def cmd_run(args) -> int:
                         engram=not args.no_engram)
     try:
         eng = EngramLlama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                          seed=args.seed, settings=settings, table=table)
+                          seed=args.seed, settings=settings, table=table, chat=not args.no_chat)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"llama.cpp could not load {model}: {e}") from None
     if layers == [-1]:
@@ -359,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--order", choices=["keep", "edges"], default="keep", help="chunk order in the prompt")
     r.add_argument("--no-gate", action="store_true", help="bias every query, documents included")
     r.add_argument("--no-engram", action="store_true", help="vanilla: same prompt, no bias")
+    r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
     r.add_argument("--explain", action="store_true", help="show what got biased and why")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("-i", "--interactive", action="store_true", help="ask follow-up questions on stdin")

@@ -90,6 +90,8 @@ def parse_layers(spec: str, default: list[int], softmax: list[int]) -> list[int]
         return default
     if spec == "all":
         return softmax
+    if spec in ("global", "local"):  # sliding-window models: full-attention vs sliding layers
+        return [il for il in softmax if (il in default) == (spec == "global")]
     a, b = spec.split("-")
     return [il for il in softmax if int(a) <= il <= int(b)]
 
@@ -154,7 +156,7 @@ class Runner:
 
 def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slots=("first", "middle", "last"),
         conditions: list[Condition] | None = None, data: str = "../shared/data/nq-open-dev.jsonl.gz",
-        n_ctx: int = 4096, answerable_only: bool = True, seed: int = 0, log=print) -> None:
+        n_ctx: int = 4096, answerable_only: bool = True, seed: int = 0, chat: bool = True, log=print) -> None:
     from .runtime import EngramLlama, Settings, default_layers
 
     conditions = conditions or [Condition("vanilla", "none"), Condition("engram"), Condition("oracle", "oracle")]
@@ -167,7 +169,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         for l in out.read_text().splitlines():
             r = json.loads(l)
             done.add((r["id"], r["slot"], r["condition"]))
-    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings())
+    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings(), chat=chat)
     runner = Runner(eng)
     softmax = eng.hook.softmax_layers()
     dflt = default_layers(eng.hook.kinds)

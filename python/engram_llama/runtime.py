@@ -71,7 +71,7 @@ def default_layers(kinds: list[LayerKind]) -> list[int]:
 class EngramLlama:
     def __init__(self, model_path: str, n_ctx: int = 4096, n_threads: int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, settings: Settings | None = None,
-                 extractor: Extractor | None = None, table=None, verbose: bool = False):
+                 extractor: Extractor | None = None, table=None, chat: bool = True, verbose: bool = False):
         from . import llama_cpp
 
         quiet_logs()
@@ -81,7 +81,8 @@ class EngramLlama:
         self.settings = settings or Settings()
         self.table = table
         self.extract = extractor or Extractor(table=table)  # warns once when spaCy's model is missing
-        self.template = self.llm.metadata.get("tokenizer.chat_template")
+        # chat=False: a plain prompt ending in an answer prefix (base models such as Gemma-3-270M)
+        self.template = self.llm.metadata.get("tokenizer.chat_template") if chat else None
         vocab = self.llm._model
         self._bos_id = self.llm.token_bos()
         self._eos_id = self.llm.token_eos()
