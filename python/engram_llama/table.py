@@ -110,8 +110,6 @@ def _blob(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def build(entries: Iterable[Entry], path: str | os.PathLike, progress=None) -> Path:
     """Write a table file (atomically). Aliases include the name; duplicates are dropped."""
-    import gguf
-
     names, types, sal, aliases, alias_ent = [], [], [], [], []
     for e in entries:
         if e.type not in TYPES:
@@ -144,6 +142,18 @@ def build(entries: Iterable[Entry], path: str | os.PathLike, progress=None) -> P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    try:
+        _write(tmp, names, types, sal, aliases, alias_ent, emb)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left behind
+        raise
+    return path
+
+
+def _write(tmp: Path, names, types, sal, aliases, alias_ent, emb) -> None:
+    import gguf
+
     w = gguf.GGUFWriter(str(tmp), FORMAT)
     w.add_uint32("engram.table.version", FORMAT_VERSION)
     w.add_uint32("engram.table.dim", DIM)
@@ -163,8 +173,6 @@ def build(entries: Iterable[Entry], path: str | os.PathLike, progress=None) -> P
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    os.replace(tmp, path)
-    return path
 
 
 def read_sources(paths: Iterable[str | os.PathLike]) -> Iterator[Entry]:
