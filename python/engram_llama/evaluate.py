@@ -234,15 +234,3 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                     f.flush()
                 log(f"{used:3d} {it['id']:>8} {slot:6} {len(prompt.tokens)} tok, gold rank {rank}, prefill {t_prefill:.1f}s")
     eng.close()
-
-
-def summarize(path: str | Path) -> dict:
-    """{condition: {slot: (n, correct, wrong, refusal)}} plus paired counts vs vanilla."""
-    rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
-    rows = [r for r in rows if r["slot"] != "gold-only"]
-    table: dict = {}
-    for r in rows:
-        t = table.setdefault(r["condition"], {}).setdefault(r["slot"], {"n": 0, "correct": 0, "wrong": 0, "refusal": 0})
-        t["n"] += 1
-        t[r["judge"]] += 1
-    return table
