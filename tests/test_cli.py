@@ -79,17 +79,20 @@ def test_context_too_small(docs):
 
 
 def test_default_run_end_to_end():
-    r = cli("run", "--default", "--json", "-n", "24")
+    r = cli("run", "--default", "--json", "-n", "32")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["answer"]
-    # the PM-KISAN document is ranked and biased first, at full strength, from the question on
-    assert out["citations"][0]["source"] == "pm-kisan.md" and out["citations"][0]["relevance"] == 1.0
+    # the MGNREGA document is ranked and biased first, at full strength, from the question on,
+    # and the answer is read from it (vanilla SmolLM2 invents "10 days" here)
+    assert out["citations"][0]["source"] == "mgnrega.md" and out["citations"][0]["relevance"] == 1.0
+    assert "100 days" in out["answer"]
     assert out["bias"]["layers"] == list(range(15, 30)) and out["bias"]["strength"] == 2.0
     span = out["bias"]["spans"][0]
     assert span["value"] == 2.0 and span["tokens"][1] <= out["bias"]["gate_token"] < out["prompt_tokens"]
-    vanilla = json.loads(cli("run", "--default", "--json", "-n", "24", "--no-engram").stdout)
+    vanilla = json.loads(cli("run", "--default", "--json", "-n", "32", "--no-engram").stdout)
     assert vanilla["bias"]["layers"] == [] and vanilla["bias"]["spans"] == []
+    assert "100 days" not in vanilla["answer"]
 
 
 def test_bad_table_file(docs, tmp_path):
@@ -112,3 +115,8 @@ def test_interactive_follow_ups(docs):
     outs = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
     assert [o["question"] for o in outs] == ["What is the code for Indore?", "Which city has code 4417?"]
     assert all(o["citations"][0]["source"] == "a.md" for o in outs)
+
+
+def test_layers_without_softmax_attention_are_refused(docs):
+    one_line_error(cli("run", str(synth.cached_model("qwen35")), "q?", "--chunks", str(docs), "--layers", "0,3"),
+                   "layer 0 cannot take a bias", "no softmax attention", "biasable: 3,7")

@@ -154,3 +154,12 @@ def test_sentence_spans_and_sentence_granularity():
     first = (c2b[sp[0][0]], c2b[sp[0][1]])
     assert [s.tokens for s in spans] == [first]
     assert b[first[0]:first[1]].min() == 2.0 and b[first[1]:].max() == 0.0
+
+
+def test_extractor_without_spacy_model_warns_once_and_falls_back(capsys):
+    ex = Extractor(model="xx_no_such_model")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "regex entity fallback" in err[0]
+    ents = ex(["Under PM-KISAN, ₹6,000 reaches Indore"])[0]
+    # capitalised phrases (the sentence-initial word rides along), rupee amounts, names
+    assert [e.text for e in ents] == ["Under PM-KISAN", "₹6,000", "Indore"]

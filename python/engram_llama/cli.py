@@ -55,7 +55,10 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(out)
 
 
-DEFAULT_QUESTION = "How much money does a farmer family get each year under PM-KISAN?"
+# measured with `engram-llama run --default --json -n 32` (with and without --no-engram): SmolLM2
+# answers "... guarantees at least 100 days of wage ..." with the bias and invents "10 days of
+# work" under PM-KISAN without it
+DEFAULT_QUESTION = "How many days of work does MGNREGA guarantee to a rural household?"
 
 
 def default_model() -> str:
