@@ -28,6 +28,9 @@ PRESETS = {
                  Condition("oracle s3", "oracle", strength=3.0)],
 }
 PRESETS["all"] = PRESETS["main"] + PRESETS["ablation"]
+# longer contexts: is it strength? (adds to a main-preset file)
+PRESETS["strength"] = [Condition("engram s3", strength=3.0), Condition("engram s4", strength=4.0),
+                       Condition("oracle s4", "oracle", strength=4.0)]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),
