@@ -4,7 +4,7 @@ import pytest
 
 from engram_llama.chunks import read_docs, split
 from engram_llama.cli import default_docs, default_model
-from engram_llama.runtime import EngramLlama, Settings, default_layers
+from engram_llama.runtime import EngramLlama, Settings, auto_strength, default_layers
 from engram_llama._hook import LayerKind
 
 
@@ -46,3 +46,9 @@ def test_default_layers_per_family():
     gemma = ([S] * 5 + [F]) * 3
     assert default_layers(gemma) == [5, 11, 17]
     assert default_layers([F] * 30) == list(range(15, 30))
+
+
+def test_auto_strength_follows_the_measured_points():
+    # measured: 2 best at ~2K tokens, 4 at ~4K (docs/EVAL.md); log2 interpolation, clamped
+    assert [auto_strength(n) for n in (100, 2048, 4096, 8192)] == [2.0, 2.0, 4.0, 4.0]
+    assert auto_strength(2896) == pytest.approx(3.0, abs=1e-3)

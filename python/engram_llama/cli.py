@@ -159,7 +159,7 @@ def cmd_run(args) -> int:
         print(f"engram-llama: note: {n}", file=sys.stderr)
 
     table = _open_table(args.table)
-    settings = Settings(strength=args.strength if args.strength is not None else 2.0, top_k=args.top_k,
+    settings = Settings(strength=args.strength, top_k=args.top_k,
                         granularity=args.granularity, gate=not args.no_gate, order=args.order,
                         engram=not args.no_engram)
     try:
@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--temp", type=float, default=0.0)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--layers", help="layers to bias: 15-29, 3,7,11, all (default: per model family)")
-    r.add_argument("--strength", type=float, default=None, help="bias strength (default 2.0)")
+    r.add_argument("--strength", type=float, default=None,
+                   help="bias strength (default: 2 up to 2K prompt tokens, rising to 4 at 4K and beyond)")
     r.add_argument("--top-k", type=int, default=3, help="chunks biased, scaled by relevance (default 3)")
     r.add_argument("--granularity", choices=["chunk", "sentence", "entity"], default="chunk")
     r.add_argument("--order", choices=["keep", "edges"], default="keep", help="chunk order in the prompt")
