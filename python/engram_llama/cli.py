@@ -10,13 +10,13 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
-def _load_model(path: str, n_gpu_layers: int = 0, vocab_only: bool = False):
+def _load_model(path: str):
     from .gguf_check import check_gguf
     from .lowlevel import Model
 
     check_gguf(path)
     try:
-        return Model(path, n_gpu_layers=n_gpu_layers, vocab_only=vocab_only)
+        return Model(path)
     except RuntimeError as e:
         raise UsageError(f"llama.cpp could not load {path}: {e}") from None
 

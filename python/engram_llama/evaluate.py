@@ -106,7 +106,7 @@ class Runner:
         self.ctx = eng.llm.ctx
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.n_vocab = eng.llm.n_vocab()
-        self.stop_ids = {eng._eos_id, eng.llm.token_eos()} | set(
+        self.stop_ids = {eng._eos_id} | set(
             eng.llm.tokenize(b"<|im_end|>", add_bos=False, special=True)[:1] if eng.template else [])
 
     def decode(self, tokens: list[int], pos0: int, last_logits: bool) -> np.ndarray | None:

@@ -134,7 +134,8 @@ class EngramLlama:
             keep.remove(worst)
             dropped.append(next(c for c in chunks if c.id == worst))
         prompt = align.align(text, toks, pieces, n_prefix, spans, q_char, order)
-        kept = [sc for sc in scored if sc.chunk.id in set(keep)]
+        kept_ids = set(keep)
+        kept = [sc for sc in scored if sc.chunk.id in kept_ids]
         return prompt, pm, kept, dropped
 
     # answering -------------------------------------------------------------------------------
