@@ -79,10 +79,12 @@ def hard_distractors(items: list[dict], k: int) -> dict[str, list[int]]:
 class Condition:
     name: str
     relevance: str = "pipeline"   # "none", "pipeline" (BM25 + entities), "oracle" (the gold chunk)
-    strength: float = 2.0
-    layers: str = "default"       # "default", "all", or "a-b"
+    strength: float = 2.0         # 0: by prompt length (runtime.auto_strength)
+    layers: str = "default"       # "default", "all", "global", "local", or "a-b"
     top_k: int = 3
     granularity: str = "chunk"
+    order: str = "keep"           # "keep" the slot order, or "edges": best chunks at the ends (reordering)
+    gate: bool = True             # False: the documents' queries are biased too (needs its own prefill)
 
 
 def parse_layers(spec: str, default: list[int], softmax: list[int]) -> list[int]:
@@ -94,6 +96,9 @@ def parse_layers(spec: str, default: list[int], softmax: list[int]) -> list[int]
         return [il for il in softmax if (il in default) == (spec == "global")]
     a, b = spec.split("-")
     return [il for il in softmax if int(a) <= il <= int(b)]
+
+
+MAX_NEW = {"nq": 16, "domain": 40, "kv": 96}
 
 
 class Runner:
@@ -133,7 +138,6 @@ class Runner:
 
     def prefill_docs(self, tokens: list[int], q0: int) -> None:
         self.lc.llama_memory_clear(self.mem, True)
-        self.eng.hook.clear()
         self.decode(tokens[:q0], 0, False)
 
     def answer(self, tokens: list[int], q0: int) -> str:
@@ -156,81 +160,222 @@ class Runner:
 
 def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slots=("first", "middle", "last"),
         conditions: list[Condition] | None = None, data: str = "../shared/data/nq-open-dev.jsonl.gz",
-        n_ctx: int = 4096, answerable_only: bool = True, seed: int = 0, chat: bool = True, log=print) -> None:
-    from .runtime import EngramLlama, Settings, default_layers
+        n_ctx: int = 4096, answerable_only: bool = True, seed: int = 0, chat: bool = True, log=print,
+        dataset: str = "nq", max_new: int | None = None) -> None:
+    from . import datasets
+    from .runtime import EngramLlama, Settings, auto_strength, default_layers
 
     conditions = conditions or [Condition("vanilla", "none"), Condition("engram"), Condition("oracle", "oracle")]
-    items = load_nq(data)
-    dis = hard_distractors(items, n_passages - 1)
-    by_id = {it["id"]: it for it in items}
-    done = set()
+    items = datasets.load(dataset, n_passages, data, n_items=max(4 * n_items, 200), seed=seed)
+    done, unanswerable = set(), set()
     out = Path(out_path)
     if out.exists():
         for l in out.read_text().splitlines():
             r = json.loads(l)
             done.add((r["id"], r["slot"], r["condition"]))
+            if r["slot"] == "gold-only" and r["judge"] != "correct":
+                unanswerable.add(r["id"])
     eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings(), chat=chat)
-    runner = Runner(eng)
+    # answers are a few words (NQ), a sentence (domain), or a restated key and a UUID (KV)
+    runner = Runner(eng, max_new or MAX_NEW.get(dataset, 16))
     softmax = eng.hook.softmax_layers()
     dflt = default_layers(eng.hook.kinds)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(items))
     used = 0
+
+    def apply(c: Condition, prompt, pm, scored, gold_id, question) -> float:
+        if c.relevance == "none":
+            eng.hook.clear()
+            return 0.0
+        sel = ([(next(s for s in scored if s.chunk.id == gold_id), 1.0)] if c.relevance == "oracle"
+               else relevance.select(scored, c.top_k))
+        strength = c.strength or auto_strength(len(prompt.tokens))
+        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question)
+        eng.hook.set_layers(parse_layers(c.layers, dflt, softmax), 1.0)
+        eng.hook.set_bias(b, gate=prompt.question_token if c.gate else 0)
+        return strength
+
     with open(out, "a") as f:
         for idx in order:
             if used >= n_items:
                 break
             it = items[idx]
-            gold = Chunk(0, it["gold"]["title"], it["gold"]["text"])
+            gold = Chunk(0, *it.gold)
             # closed-book filter: keep questions the model answers from the gold passage alone
-            key_ok = (it["id"], "gold-only", "vanilla")
-            if answerable_only:
-                if key_ok in done:
-                    ok = True  # recorded as answerable earlier
-                else:
-                    p, *_ = eng.prepare(it["question"], [gold], 16)
-                    runner.prefill_docs(p.tokens, p.question_token)
-                    ans = runner.answer(p.tokens, p.question_token)
-                    ok = judge(ans, it["answers"]) == "correct"
-                    if not ok:
-                        continue
-                    f.write(json.dumps({"id": it["id"], "slot": "gold-only", "condition": "vanilla", "answer": ans,
-                                        "judge": "correct"}) + "\n")
-                    f.flush()
+            if it.id in unanswerable:
+                continue
+            if answerable_only and (it.id, "gold-only", "vanilla") not in done:
+                p, *_ = eng.prepare(it.question, [gold], 16)
+                eng.hook.clear()
+                runner.prefill_docs(p.tokens, p.question_token)
+                ans = runner.answer(p.tokens, p.question_token)
+                verdict = judge(ans, it.answers)
+                f.write(json.dumps({"id": it.id, "slot": "gold-only", "condition": "vanilla", "answer": ans,
+                                    "judge": verdict, "answers": it.answers}) + "\n")
+                f.flush()
+                if verdict != "correct":
+                    continue
             used += 1
-            distract = [by_id[items[j]["id"]] for j in dis[it["id"]]]
+            cache: dict[tuple, dict] = {}  # (prompt tokens, condition) -> answer: reordering ignores the slot
             for slot in slots:
-                if all((it["id"], slot, c.name) in done for c in conditions):
+                todo = [c for c in conditions if (it.id, slot, c.name) not in done]
+                if not todo:
                     continue
                 k = {"first": 0, "middle": (n_passages - 1) // 2, "last": n_passages - 1}[slot]
-                passages = [(d["gold"]["title"], d["gold"]["text"]) for d in distract]
-                passages.insert(k, (it["gold"]["title"], it["gold"]["text"]))
+                passages = list(it.distractors[:n_passages - 1])
+                k = min(k, len(passages))
+                passages.insert(k, it.gold)
                 chunks = [Chunk(i, t, x) for i, (t, x) in enumerate(passages)]
-                t0 = time.perf_counter()
-                prompt, pm, scored, dropped = eng.prepare(it["question"], chunks, 16)
-                if dropped:
-                    log(f"{it['id']}: {len(dropped)} passages did not fit")
-                runner.prefill_docs(prompt.tokens, prompt.question_token)
-                t_prefill = time.perf_counter() - t0
-                rank = next(r for r, s in enumerate(scored) if s.chunk.id == k)
-                for c in conditions:
-                    if (it["id"], slot, c.name) in done:
-                        continue
-                    t1 = time.perf_counter()
-                    if c.relevance == "none":
-                        eng.hook.clear()
-                    else:
-                        sel = ([(next(s for s in scored if s.chunk.id == k), 1.0)] if c.relevance == "oracle"
-                               else relevance.select(scored, c.top_k))
-                        b, _ = bias_mod.build(prompt, sel, c.strength, c.granularity, pm, it["question"])
-                        eng.hook.set_layers(parse_layers(c.layers, dflt, softmax), 1.0)
-                        eng.hook.set_bias(b, gate=prompt.question_token)
-                    ans = runner.answer(prompt.tokens, prompt.question_token)
-                    eng.hook.clear()
-                    rec = {"id": it["id"], "slot": slot, "condition": c.name, "answer": ans,
-                           "judge": judge(ans, it["answers"]), "gold_rank": rank, "n_tokens": len(prompt.tokens),
-                           "prefill_s": round(t_prefill, 2), "answer_s": round(time.perf_counter() - t1, 2)}
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
-                log(f"{used:3d} {it['id']:>8} {slot:6} {len(prompt.tokens)} tok, gold rank {rank}, prefill {t_prefill:.1f}s")
+                # one prefill per prompt order; gate-off conditions bias the documents, so each its own
+                groups: dict[tuple, list[Condition]] = {}
+                for c in todo:
+                    groups.setdefault((c.order, c.gate or id(c)), []).append(c)
+                for (order_kind, _), conds in groups.items():
+                    eng.settings.order = order_kind
+                    t0 = time.perf_counter()
+                    prompt, pm, scored, dropped = eng.prepare(it.question, chunks, 16)
+                    if dropped:
+                        log(f"{it.id}: {len(dropped)} passages did not fit")
+                    rank = next(r for r, s in enumerate(scored) if s.chunk.id == k)
+                    pos = prompt.chunk_order.index(k)
+                    key = tuple(prompt.tokens)
+                    need = [c for c in conds if (key, c.name) not in cache]
+                    t_prefill = 0.0
+                    if need:
+                        if not need[0].gate:
+                            apply(need[0], prompt, pm, scored, k, it.question)
+                        else:
+                            eng.hook.clear()
+                        runner.prefill_docs(prompt.tokens, prompt.question_token)
+                        t_prefill = time.perf_counter() - t0
+                    for c in conds:
+                        if (key, c.name) not in cache:
+                            t1 = time.perf_counter()
+                            strength = apply(c, prompt, pm, scored, k, it.question)
+                            ans = runner.answer(prompt.tokens, prompt.question_token)
+                            eng.hook.clear()
+                            cache[(key, c.name)] = {"answer": ans, "strength": round(strength, 2),
+                                                    "prefill_s": round(t_prefill, 2),
+                                                    "answer_s": round(time.perf_counter() - t1, 2)}
+                        rec = {"id": it.id, "slot": slot, "condition": c.name, **cache[(key, c.name)],
+                               "judge": judge(cache[(key, c.name)]["answer"], it.answers), "answers": it.answers,
+                               "gold_rank": rank,
+                               "gold_pos": pos, "n_passages": len(prompt.chunk_order), "n_tokens": len(prompt.tokens)}
+                        f.write(json.dumps(rec) + "\n")
+                        f.flush()
+                    eng.settings.order = "keep"
+                    if need:
+                        log(f"{used:3d} {it.id:>8} {slot:6} {order_kind:5} {len(prompt.tokens)} tok, gold rank {rank}, "
+                            f"prefill {t_prefill:.1f}s")
     eng.close()
+
+
+def session(model: str, out_path: str, n_questions: int = 8, n_ctx: int = 8192,
+            data: str = "../shared/data/nq-open-dev.jsonl.gz", seed: int = 0, chat: bool = True, log=print) -> None:
+    """Several questions on one fixed context, as in a chat over the same documents.
+
+    Fixed order: the documents are prefilled once and every question (vanilla or Engram, gated)
+    decodes on top of that cache. Reordering puts each question's best chunks at the edges, so
+    every question prefills the whole context again (reorder+Engram rides on that prefill).
+    Rows give each answer's seconds; the one shared document prefill is its own row.
+    """
+    from . import datasets
+    from .runtime import EngramLlama, Settings, auto_strength, default_layers
+
+    items = datasets.nq(data, 15)
+    by_id = {it.id: it for it in items}
+    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings(), chat=chat)
+    runner = Runner(eng)
+    layers = default_layers(eng.hook.kinds)
+    rng = np.random.default_rng(seed)
+    out = Path(out_path)
+    done = {(r["id"], r["condition"]) for r in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
+    # the questions: the first n answerable from their gold passage alone
+    qs = []
+    for idx in rng.permutation(len(items)):
+        it = items[idx]
+        p, *_ = eng.prepare(it.question, [Chunk(0, *it.gold)], 16)
+        eng.hook.clear()
+        runner.prefill_docs(p.tokens, p.question_token)
+        if judge(runner.answer(p.tokens, p.question_token), it.answers) == "correct":
+            qs.append(it)
+            if len(qs) == n_questions:
+                break
+    answers = [normalize(a) for it in qs for a in it.answers if normalize(a)]
+    # the context: their gold passages, then their hard distractors in turn, while everything fits
+    # for the longest question (nothing may be dropped per question, or the cache would differ)
+    passages = [it.gold for it in qs]
+    pool = [d for k in range(14) for it in qs for d in it.distractors[k:k + 1]]
+    longest = max((it.question for it in qs), key=len)
+    for d in pool:
+        if d in passages or any(a in normalize(f"{d[0]}. {d[1]}") for a in answers):
+            continue
+        trial = [Chunk(i, t, x) for i, (t, x) in enumerate(passages + [d])]
+        _, _, _, dropped = eng.prepare(longest, trial, 48)
+        if dropped:
+            break
+        passages.append(d)
+    perm = [int(i) for i in rng.permutation(len(passages))]
+    chunks = [Chunk(i, *passages[j]) for i, j in enumerate(perm)]
+    gold_id = {it.id: perm.index(k) for k, it in enumerate(qs)}
+    log(f"session: {len(qs)} questions, {len(chunks)} passages")
+
+    def bias_for(prompt, pm, scored, question):
+        sel = relevance.select(scored, 3)
+        strength = auto_strength(len(prompt.tokens))
+        b, _ = bias_mod.build(prompt, sel, strength, "chunk", pm, question)
+        eng.hook.set_layers(layers, 1.0)
+        eng.hook.set_bias(b, gate=prompt.question_token)
+        return strength
+
+    with open(out, "a") as f:
+        def write(rec):
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+
+        doc_tokens = None
+        # all fixed-order answers first, on one document cache; then the reordered ones
+        for order_kind, it in [(o, it) for o in ("keep", "edges") for it in qs]:
+            gid = gold_id[it.id]
+            conds = ["vanilla", "engram"] if order_kind == "keep" else ["reorder", "reorder+engram"]
+            if all((it.id, c) in done for c in conds):
+                continue
+            eng.settings.order = order_kind
+            t0 = time.perf_counter()
+            prompt, pm, scored, dropped = eng.prepare(it.question, chunks, 48)
+            assert not dropped
+            prep_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            q0 = prompt.question_token
+            prefill_s = 0.0
+            if order_kind == "edges" or doc_tokens != prompt.tokens[:q0]:
+                eng.hook.clear()
+                runner.prefill_docs(prompt.tokens, q0)
+                prefill_s = time.perf_counter() - t0
+                if order_kind == "keep":
+                    doc_tokens = prompt.tokens[:q0]
+                    write({"id": "session", "condition": "document prefill", "prefill_s": round(prefill_s, 2),
+                           "n_tokens": q0})
+                    prefill_s = 0.0
+                else:
+                    doc_tokens = None
+            for c in conds:
+                t1 = time.perf_counter()
+                strength = 0.0
+                if c.endswith("engram"):
+                    strength = bias_for(prompt, pm, scored, it.question)
+                else:
+                    eng.hook.clear()
+                ans = runner.answer(prompt.tokens, q0)
+                eng.hook.clear()
+                write({"id": it.id, "condition": c, "answer": ans, "judge": judge(ans, it.answers),
+                       "answers": it.answers, "gold_pos": prompt.chunk_order.index(gid),
+                       "n_passages": len(chunks), "n_tokens": len(prompt.tokens), "strength": round(strength, 2),
+                       "prep_s": round(prep_s if c == conds[0] else 0.0, 3),
+                       "prefill_s": round(prefill_s if c == conds[0] else 0.0, 2),
+                       "answer_s": round(time.perf_counter() - t1, 2)})
+            eng.settings.order = "keep"
+            log(f"{it.id} {order_kind}: prefill {prefill_s:.1f}s")
+    eng.close()
+

