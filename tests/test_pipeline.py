@@ -163,3 +163,20 @@ def test_extractor_without_spacy_model_warns_once_and_falls_back(capsys):
     ents = ex(["Under PM-KISAN, ₹6,000 reaches Indore"])[0]
     # capitalised phrases (the sentence-initial word rides along), rupee amounts, names
     assert [e.text for e in ents] == ["Under PM-KISAN", "₹6,000", "Indore"]
+
+
+def test_extractor_caches_chunks_not_questions():
+    """A follow-up question over the same chunks runs the extractor on the question alone, and the
+    result equals a fresh extractor's."""
+    chunks = ["PM-KISAN paid Rs 2,000 in Ernakulam.", "Indore got a new bank branch in 2021.", "Nothing here."]
+    ex = Extractor(quiet=True)
+    seen = []
+    real = ex._extract
+    ex._extract = lambda texts: (seen.append(list(texts)), real(texts))[1]
+    first = ex(["Who paid in Ernakulam?"] + chunks)
+    second = ex(["What did Indore get in 2021?"] + chunks)
+    assert seen == [["Who paid in Ernakulam?"] + chunks, ["What did Indore get in 2021?"]]
+    fresh = Extractor(quiet=True)
+    assert first == fresh(["Who paid in Ernakulam?"] + chunks)
+    assert second == fresh(["What did Indore get in 2021?"] + chunks)
+    assert second[1] == first[1] and second[1] is not first[1]  # copies: callers may edit their lists

@@ -141,3 +141,51 @@ def test_cli_table_build_and_info(tmp_path):
     assert info["entities"] == 501 and info["types"]["scheme"] >= 1
     r = subprocess.run([sys.executable, "-m", "engram_llama.cli", "table", "info", str(src)], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a valid table" in r.stderr
+
+
+def _brute_match(tab, text):
+    """Reference matcher: every alias compared with every token run of the text, longest first."""
+    toks = table.match_tokens(text)
+    words = [w for _, _, w in toks]
+    n_alias = len(tab._t["aliases.entity"])
+    keys = {}
+    for j in range(n_alias):  # the first alias of a repeated key wins
+        a = tuple(w for _, _, w in table.match_tokens(tab._str(tab._t["aliases.bytes"], tab._t["aliases.offsets"], j)))
+        keys.setdefault(a, int(tab._t["aliases.entity"][j]))
+    found = [(toks[i][0], toks[i + n - 1][1], keys[tuple(words[i:i + n])])
+             for n in range(1, len(words) + 1) for i in range(len(words) - n + 1) if tuple(words[i:i + n]) in keys]
+    found.sort(key=lambda x: (x[0], -(x[1] - x[0])))
+    out, last = [], -1
+    for s, e, k in found:
+        if s >= last:
+            out.append((s, e, k))
+            last = e
+    return out
+
+
+def test_match_agrees_with_brute_force(tmp_path):
+    import random
+
+    entries = list(synthetic_entries(300, seed=3)) + ENTRIES + [Entry("Bank", "other", []), Entry("India", "place", [])]
+    table.build(entries, tmp_path / "s.gguf")
+    tab = Table(tmp_path / "s.gguf")
+    rng = random.Random(0)
+    vocab = [a for e in entries for a in [e.name] + e.aliases] + ["the", "of", "-", ",", "रुपये", "Bankx", "x"]
+    for _ in range(40):
+        text = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 25)))
+        text = text.replace(" , ", ", ") if rng.random() < 0.5 else text.upper()
+        assert tab.match(text) == _brute_match(tab, text), text
+
+
+def test_link_agrees_with_dense_product(tmp_path):
+    entries = list(synthetic_entries(500, seed=4)) + ENTRIES
+    table.build(entries, tmp_path / "l.gguf")
+    tab = Table(tmp_path / "l.gguf")
+    names = ["Ernakulum", "Kisaan", "Ramapur", "Shriganj Yojna", "zzzz", "Indorre"]
+    q = table.embed(names)
+    e = np.asarray(tab.embeddings, dtype=np.float32)
+    sims = e @ q.T
+    for i, got in enumerate(tab.link(names, threshold=-1.0)):
+        j = int(np.argmax(sims[:, i]))
+        assert got[1] == pytest.approx(float(sims[j, i]), abs=1e-5)
+        assert got[0] == int(tab._t["aliases.entity"][j]) or sims[:, i].max() - np.sort(sims[:, i])[-2] < 1e-5

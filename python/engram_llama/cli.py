@@ -250,8 +250,10 @@ def default_table_path() -> str:
     from pathlib import Path
     import os
 
+    from .table import FORMAT_VERSION
+
     root = Path(os.environ.get("ENGRAM_LLAMA_CACHE") or Path.home() / ".cache" / "engram-llama")
-    return str(root / "tables" / "starter-v1.gguf")
+    return str(root / "tables" / f"starter-v{FORMAT_VERSION}.gguf")
 
 
 def _open_table(spec: str | None):

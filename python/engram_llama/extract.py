@@ -46,8 +46,11 @@ class Extractor:
     table matches win over overlapping NER spans, and question entities the table does not list
     verbatim are linked by embedding (variant spellings, transliterations)."""
 
-    def __init__(self, model: str = "en_core_web_sm", quiet: bool = False, table=None, link_threshold: float = 0.7):
+    def __init__(self, model: str = "en_core_web_sm", quiet: bool = False, table=None, link_threshold: float = 0.7,
+                 cache_size: int = 4096):
         self.table = table
+        self._cache: dict[str, list[Entity]] = {}
+        self.cache_size = cache_size
         self.link_threshold = link_threshold
         self.nlp = None
         self.backend = "regex"
@@ -70,10 +73,37 @@ class Extractor:
                       "using the regex entity fallback", file=sys.stderr)
 
     def __call__(self, texts: list[str]) -> list[list[Entity]]:
+        """Entities of texts[0] (the question) and of the chunks texts[1:].
+
+        A chunk's entities do not depend on the question, so they are cached by text: a follow-up
+        question over the same documents runs spaCy on the question alone.
+        """
+        out: list[list[Entity] | None] = [None] + [self._cache.get(t) for t in texts[1:]]
+        todo = [i for i, e in enumerate(out) if e is None]
+        for i, ents in zip(todo, self._extract([texts[i] for i in todo])):
+            out[i] = ents
+            if i > 0:
+                if len(self._cache) >= self.cache_size:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[texts[i]] = ents
+        out = [list(e) for e in out]
+        # unmatched entities of the question: link to the table by embedding
+        q = [e for e in out[0] if e.ent < 0 and len(normalize(e.text)) >= 4] if (out and self.table is not None) else []
+        if q:
+            for e, hit in zip(q, self.table.link([e.text for e in q], self.link_threshold)):
+                if hit is not None:
+                    i = out[0].index(e)
+                    out[0][i] = Entity(e.text, self.table.type(hit[0]), e.start, e.end, hit[0])
+        return out
+
+    def _extract(self, texts: list[str]) -> list[list[Entity]]:
+        """spaCy NER + patterns + exact table matches (table matches win)."""
+        if not texts:
+            return []
         patterns = [self._patterns(t) for t in texts]
         if self.nlp is not None:
             out = []
-            for doc, pats in zip(self.nlp.pipe(texts, batch_size=32), patterns):
+            for doc, pats in zip(self.nlp.pipe(texts, batch_size=64), patterns):
                 ents = [Entity(e.text, e.label_, e.start_char, e.end_char)
                         for e in doc.ents if e.label_ in NER_LABELS and normalize(e.text)]
                 # the small model misses names in lower-case context ("... under PM-KISAN?"): add
@@ -83,18 +113,8 @@ class Extractor:
             out = patterns
         if self.table is None:
             return out
-        linked = []
-        for t, ents in zip(texts, out):
-            tab = [Entity(t[s:e], self.table.type(k), s, e, k) for s, e, k in self.table.match(t)]
-            linked.append(_merge(tab, ents))
-        # unmatched entities of the first text (the question): link by embedding
-        q = [e for e in linked[0] if e.ent < 0 and len(normalize(e.text)) >= 4] if linked else []
-        if q:
-            for e, hit in zip(q, self.table.link([e.text for e in q], self.link_threshold)):
-                if hit is not None:
-                    i = linked[0].index(e)
-                    linked[0][i] = Entity(e.text, self.table.type(hit[0]), e.start, e.end, hit[0])
-        return linked
+        return [_merge([Entity(t[s:e], self.table.type(k), s, e, k) for s, e, k in self.table.match(t)], ents)
+                for t, ents in zip(texts, out)]
 
     @staticmethod
     def _patterns(text: str) -> list[Entity]:

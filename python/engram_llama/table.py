@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 FORMAT = "engram-table"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: token-hash match index, embeddings stored by dimension (sparse)
 DIM = 128
 TYPES = ["other", "person", "place", "state", "district", "city", "organisation", "scheme", "bank",
          "financial_term", "hindi_phrase"]
@@ -98,6 +98,48 @@ def match_key(s: str) -> str:
     return re.sub(r"\s+", " ", s.lower()).strip()
 
 
+# Aliases are matched as whole token sequences (words, Devanagari runs, single punctuation
+# marks; spacing ignored): every token sequence of the text up to the longest alias is hashed
+# with a rolling 64-bit hash and looked up in the table's sorted hash array, which is memory-
+# mapped, so a 135K-entity table needs no index built at load time.
+_TOKEN = re.compile(r"[\w\u0900-\u097F]+|[^\w\s]")
+_P = np.uint64(0x100000001B3)
+
+
+def match_tokens(text: str) -> list[tuple[int, int, str]]:
+    return [(m.start(), m.end(), m.group().lower()) for m in _TOKEN.finditer(text)]
+
+
+def _token_hashes(words: list[str], memo: dict[str, int] | None = None) -> np.ndarray:
+    import hashlib
+
+    memo = {} if memo is None else memo
+    out = np.empty(len(words), dtype=np.uint64)
+    for i, w in enumerate(words):
+        h = memo.get(w)
+        if h is None:
+            h = memo[w] = int.from_bytes(hashlib.blake2b(w.encode("utf-8"), digest_size=8).digest(), "little")
+        out[i] = h
+    return out
+
+
+def _ngram_hashes(th: np.ndarray, n: int) -> np.ndarray:
+    """Rolling hash of every run of n consecutive token hashes (wrapping uint64 arithmetic)."""
+    m = len(th) - n + 1
+    h = th[:m].copy()
+    for k in range(1, n):
+        h *= _P
+        h += th[k:k + m]
+    return h
+
+
+def _alias_hash(alias: str, memo: dict[str, int]) -> tuple[int, int]:
+    words = [w for _, _, w in match_tokens(alias)]
+    if not words:
+        return 0, 0
+    return int(_ngram_hashes(_token_hashes(words, memo), len(words))[0]), len(words)
+
+
 # --- building ----------------------------------------------------------------------------------
 
 def _blob(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -138,12 +180,14 @@ def build(entries: Iterable[Entry], path: str | os.PathLike, progress=None) -> P
     # one vector per alias, so a spelling is compared with each listed spelling of the entity
     # rather than with a blur of all of them
     emb = np.concatenate([embed(aliases[a:a + 50000]) for a in range(0, len(aliases), 50000)])
+    memo: dict[str, int] = {}
+    hashes = [_alias_hash(a, memo) for a in aliases]
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        _write(tmp, names, types, sal, aliases, alias_ent, emb)
+        _write(tmp, names, types, sal, aliases, alias_ent, emb, hashes)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)  # nothing half-written is left behind
@@ -151,13 +195,29 @@ def build(entries: Iterable[Entry], path: str | os.PathLike, progress=None) -> P
     return path
 
 
-def _write(tmp: Path, names, types, sal, aliases, alias_ent, emb) -> None:
+def _write(tmp: Path, names, types, sal, aliases, alias_ent, emb, hashes) -> None:
     import gguf
+
+    # match index: alias hashes sorted, the first alias of a repeated key kept (it wins, as the
+    # entity listed first)
+    h = np.array([x for x, _ in hashes], dtype=np.uint64)
+    n_tok = np.array([n for _, n in hashes], dtype=np.int32)
+    order = np.argsort(h, kind="stable")
+    keep = order[n_tok[order] > 0]
+    first = np.ones(len(keep), dtype=bool)
+    first[1:] = h[keep][1:] != h[keep][:-1]
+    keep = keep[first]
+    # embeddings by dimension: a trigram vector has ~10 of its 128 entries set, so a query
+    # touches a few columns instead of the whole matrix
+    d_idx, rows = np.nonzero(emb.T)
+    ptr = np.zeros(DIM + 1, dtype=np.int64)
+    np.cumsum(np.bincount(d_idx, minlength=DIM), out=ptr[1:])
 
     w = gguf.GGUFWriter(str(tmp), FORMAT)
     w.add_uint32("engram.table.version", FORMAT_VERSION)
     w.add_uint32("engram.table.dim", DIM)
     w.add_uint32("engram.table.count", len(names))
+    w.add_uint32("engram.table.max_tokens", int(n_tok.max()))
     w.add_array("engram.table.types", TYPES)
     nb, no = _blob(names)
     ab, ao = _blob(aliases)
@@ -168,7 +228,11 @@ def _write(tmp: Path, names, types, sal, aliases, alias_ent, emb) -> None:
     w.add_tensor("aliases.entity", np.asarray(alias_ent, dtype=np.int32))
     w.add_tensor("types", np.asarray(types, dtype=np.int8))
     w.add_tensor("salience", np.asarray(sal, dtype=np.float32))
-    w.add_tensor("embeddings", emb.astype(np.float16))
+    w.add_tensor("embeddings.ptr", ptr)
+    w.add_tensor("embeddings.rows", rows.astype(np.int32))
+    w.add_tensor("embeddings.vals", emb.T[d_idx, rows].astype(np.float16))
+    w.add_tensor("match.hash", h[keep].view(np.int64))
+    w.add_tensor("match.alias", keep.astype(np.int32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -225,7 +289,8 @@ class Table:
             got = ver.contents() if ver is not None else "none"
             raise TableError(f"{self.path} has table format version {got}; this engram-llama reads version {FORMAT_VERSION} (rebuild it)")
         t = {x.name: x for x in r.tensors}
-        need = ["names.bytes", "names.offsets", "aliases.bytes", "aliases.offsets", "aliases.entity", "types", "salience", "embeddings"]
+        need = ["names.bytes", "names.offsets", "aliases.bytes", "aliases.offsets", "aliases.entity", "types", "salience",
+                "embeddings.ptr", "embeddings.rows", "embeddings.vals", "match.hash", "match.alias"]
         missing = [k for k in need if k not in t]
         if missing:
             raise TableError(f"{self.path} is corrupt: missing {', '.join(missing)}")
@@ -237,9 +302,13 @@ class Table:
         self.types = list(r.get_field("engram.table.types").contents())
         self.n = int(r.get_field("engram.table.count").contents())
         self.dim = int(r.get_field("engram.table.dim").contents())
-        if len(self._t["types"]) != self.n or self._t["embeddings"].shape != (len(self._t["aliases.entity"]), self.dim):
+        self.max_tokens = int(r.get_field("engram.table.max_tokens").contents())
+        self._hash = self._t["match.hash"].view(np.uint64)
+        t = self._t
+        if (len(t["types"]) != self.n or self.dim != DIM or len(t["embeddings.ptr"]) != DIM + 1
+                or int(t["embeddings.ptr"][-1]) != len(t["embeddings.rows"]) != len(t["embeddings.vals"])
+                or len(t["match.hash"]) != len(t["match.alias"])):
             raise TableError(f"{self.path} is corrupt: inconsistent sizes")
-        self._automaton = None
 
     def __len__(self) -> int:
         return self.n
@@ -264,37 +333,34 @@ class Table:
 
     @property
     def embeddings(self) -> np.ndarray:
-        return self._t["embeddings"]
+        """The alias vectors as a dense [n_aliases, dim] float16 matrix (built on request; linking
+        reads the sparse columns)."""
+        t = self._t
+        e = np.zeros((len(t["aliases.entity"]), self.dim), dtype=np.float16)
+        ptr = t["embeddings.ptr"]
+        for d in range(self.dim):
+            e[t["embeddings.rows"][ptr[d]:ptr[d + 1]], d] = t["embeddings.vals"][ptr[d]:ptr[d + 1]]
+        return e
 
     # matching --------------------------------------------------------------------------------
 
-    def automaton(self):
-        if self._automaton is None:
-            import ahocorasick
-
-            a = ahocorasick.Automaton()
-            data, offs, ent = self._t["aliases.bytes"], self._t["aliases.offsets"], self._t["aliases.entity"]
-            raw = bytes(data)
-            for j in range(len(ent)):
-                k = match_key(raw[offs[j]:offs[j + 1]].decode("utf-8"))
-                prev = a.get(k, None)
-                a.add_word(k, (len(k), int(ent[j]) if prev is None else prev[1]))
-            a.make_automaton()
-            self._automaton = a
-        return self._automaton
-
     def match(self, text: str) -> list[tuple[int, int, int]]:
-        """(start, end, entity) of alias occurrences in text: whole words, longest first, no overlaps."""
-        low = text.lower()
-        if len(low) != len(text):
-            low = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
-        low = re.sub(r"\s", " ", low)
+        """(start, end, entity) of alias occurrences in text: whole tokens, longest first, no overlaps."""
+        toks = match_tokens(text)
+        if not toks:
+            return []
+        words = [w for _, _, w in toks]
+        th = _token_hashes(words)
         found = []
-        for end, (n, ent) in self.automaton().iter(low):
-            start = end - n + 1
-            if (start > 0 and low[start - 1].isalnum()) or (end + 1 < len(low) and low[end + 1].isalnum()):
-                continue
-            found.append((start, end + 1, ent))
+        for n in range(1, min(self.max_tokens, len(toks)) + 1):
+            h = _ngram_hashes(th, n)
+            idx = np.searchsorted(self._hash, h)
+            idx[idx == len(self._hash)] = 0
+            for i in np.nonzero(self._hash[idx] == h)[0]:
+                j = int(self._t["match.alias"][idx[i]])
+                alias = self._str(self._t["aliases.bytes"], self._t["aliases.offsets"], j)
+                if [w for _, _, w in match_tokens(alias)] == words[i:i + n]:  # not a hash collision
+                    found.append((toks[i][0], toks[i + n - 1][1], int(self._t["aliases.entity"][j])))
         found.sort(key=lambda x: (x[0], -(x[1] - x[0])))
         out, last = [], -1
         for s, e, ent in found:
@@ -309,14 +375,16 @@ class Table:
         if not names:
             return []
         q = embed(names)
-        ent = self._t["aliases.entity"]
-        best = np.full(len(names), -1.0, dtype=np.float32)
+        t = self._t
+        ent, ptr, rows, vals = t["aliases.entity"], t["embeddings.ptr"], t["embeddings.rows"], t["embeddings.vals"]
+        best = np.zeros(len(names), dtype=np.float32)
         arg = np.zeros(len(names), dtype=np.int64)
-        emb = self.embeddings
-        for a in range(0, len(emb), 65536):  # float32 blocks: numpy has no fast float16 product
-            sims = emb[a:a + 65536].astype(np.float32) @ q.T
-            k = sims.argmax(axis=0)
-            v = sims[k, np.arange(len(names))]
-            better = v > best
-            best[better], arg[better] = v[better], a + k[better]
+        sims = np.empty(len(ent), dtype=np.float32)
+        for i in range(len(names)):
+            sims.fill(0.0)
+            for d in np.nonzero(q[i])[0]:
+                a, b = ptr[d], ptr[d + 1]
+                sims[rows[a:b]] += q[i, d] * vals[a:b].astype(np.float32)  # rows of a column are distinct
+            arg[i] = int(np.argmax(sims))
+            best[i] = sims[arg[i]]
         return [(int(ent[arg[i]]), float(best[i])) if best[i] >= threshold else None for i in range(len(names))]

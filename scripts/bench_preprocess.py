@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Pre-processing against prefill, side by side on one ~8K-token RAG prompt (NQ passages).
+
+Stages: entity extraction (spaCy NER + patterns + Engram-table matches), question linking,
+pointer map, relevance (BM25 + entities), prompt render + tokenize + alignment, bias build.
+Uncached: a fresh extractor. Cached: the same chunks, a new question (chunk entities reused).
+Prefill: the same prompt's tokens, vanilla, on the same model, in the same process, reps
+interleaved with the pre-processing; min and median reported, and the ratios.
+
+    .venv/bin/python scripts/bench_preprocess.py                 # SmolLM2-135M, 58 passages
+    .venv/bin/python scripts/bench_preprocess.py --profile       # where the uncached time goes
+"""
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+import engram_llama  # noqa: E402,F401
+from engram_llama import align, bias as bias_mod, datasets, pointer_map, relevance  # noqa: E402
+from engram_llama.chunks import Chunk  # noqa: E402
+from engram_llama.extract import Extractor  # noqa: E402
+
+
+def stages(eng, ex, question, chunks):
+    """Run the pre-processing once, timing each stage (seconds)."""
+    t = {}
+    t0 = time.perf_counter()
+    ents = ex([question] + [c.text for c in chunks])
+    t["extract+link"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pm = pointer_map.build(ents[0], chunks, ents[1:], ex.table)
+    t["pointer map"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scored = relevance.score(question, chunks, pm)
+    t["relevance"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    text, spans, q_char = align.render(chunks, [c.id for c in chunks], question, eng.template, eng._bos, eng._eos)
+    toks, pieces, n_prefix = eng._tokenize(text)
+    prompt = align.align(text, toks, pieces, n_prefix, spans, q_char, [c.id for c in chunks])
+    t["render+tokenize+align"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bias_mod.build(prompt, relevance.select(scored, 3), 4.0, "chunk", pm, question)
+    t["bias"] = time.perf_counter() - t0
+    t["total"] = sum(t.values())
+    return t, prompt
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--passages", type=int, default=58)
+    ap.add_argument("-c", "--ctx-size", type=int, default=8192)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-table", action="store_true", help="without the starter Engram table")
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    from engram_llama.cli import _open_table, default_model
+    from engram_llama.runtime import EngramLlama
+
+    table = None if args.no_table else _open_table(None)
+    items = datasets.nq(ROOT.parent / "shared" / "data" / "nq-open-dev.jsonl.gz", args.passages)
+    it, it2 = items[0], items[1]
+    chunks = [Chunk(i, t, x) for i, (t, x) in enumerate([it.gold] + it.distractors)]
+    eng = EngramLlama(args.model or default_model(), n_ctx=args.ctx_size, table=table)
+    # make it fit: drop passages from the end until the prompt leaves room to answer
+    while True:
+        _, prompt = stages(eng, Extractor(table=table, quiet=True), it.question, chunks)
+        if len(prompt.tokens) + 64 <= eng.n_ctx:
+            break
+        chunks = chunks[:-1]
+    print(f"model {Path(eng.llm.model_path).name}, {len(chunks)} passages, prompt {len(prompt.tokens)} tokens, "
+          f"table {'none' if table is None else len(table)} entities", flush=True)
+    if args.profile:
+        pr = cProfile.Profile()
+        pr.enable()
+        stages(eng, Extractor(table=table, quiet=True), it.question, chunks)
+        pr.disable()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(25)
+        print(s.getvalue())
+        return 0
+    res = {"uncached": [], "cached": [], "prefill": []}
+    per_stage = {"uncached": [], "cached": []}
+    for rep in range(args.reps):
+        ex = Extractor(table=table, quiet=True)  # a fresh one: nothing cached
+        t, _ = stages(eng, ex, it.question, chunks)
+        res["uncached"].append(t["total"]); per_stage["uncached"].append(t)
+        t, _ = stages(eng, ex, it2.question, chunks)  # same chunks, a new question
+        res["cached"].append(t["total"]); per_stage["cached"].append(t)
+        eng.hook.clear()
+        eng.llm.reset()
+        eng.llm._ctx.kv_cache_clear()
+        t0 = time.perf_counter()
+        eng.prefill(prompt.tokens, progress=False)
+        res["prefill"].append(time.perf_counter() - t0)
+        print(f"rep {rep}: uncached {res['uncached'][-1]:.3f}s  cached {res['cached'][-1]:.3f}s  "
+              f"prefill {res['prefill'][-1]:.2f}s", file=sys.stderr, flush=True)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print("\n| | min (s) | median (s) | median / prefill | target |")
+    print("|---|---|---|---|---|")
+    for k, target in (("uncached", "≤ 25%"), ("cached", "≤ 5%"), ("prefill", "")):
+        print(f"| {k} | {min(res[k]):.3f} | {med[k]:.3f} | {100 * med[k] / med['prefill']:.1f}% | {target} |")
+    print("\nper stage, median seconds (uncached / cached):")
+    for stage in per_stage["uncached"][0]:
+        u = statistics.median(t[stage] for t in per_stage["uncached"])
+        c = statistics.median(t[stage] for t in per_stage["cached"])
+        print(f"  {stage:24} {u:.4f} / {c:.4f}")
+    eng.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
