@@ -189,3 +189,10 @@ def test_link_agrees_with_dense_product(tmp_path):
         j = int(np.argmax(sims[:, i]))
         assert got[1] == pytest.approx(float(sims[j, i]), abs=1e-5)
         assert got[0] == int(tab._t["aliases.entity"][j]) or sims[:, i].max() - np.sort(sims[:, i])[-2] < 1e-5
+
+
+def test_match_many_equals_match_per_text(small):
+    texts = ["SBI and PM Kisan", "", "Indore", "Kisan Samman", "Nidhi Indore SBI SBI"]
+    assert small.match_many(texts) == [small.match(t) for t in texts]
+    # an alias may not be found across two texts ("Kisan Samman" + "Nidhi")
+    assert small.match_many(["Kisan Samman", "Nidhi"]) == [[], []]

@@ -113,8 +113,8 @@ class Extractor:
             out = patterns
         if self.table is None:
             return out
-        return [_merge([Entity(t[s:e], self.table.type(k), s, e, k) for s, e, k in self.table.match(t)], ents)
-                for t, ents in zip(texts, out)]
+        return [_merge([Entity(t[s:e], self.table.type(k), s, e, k) for s, e, k in hits], ents)
+                for t, ents, hits in zip(texts, out, self.table.match_many(texts))]
 
     @staticmethod
     def _patterns(text: str) -> list[Entity]:

@@ -346,27 +346,37 @@ class Table:
 
     def match(self, text: str) -> list[tuple[int, int, int]]:
         """(start, end, entity) of alias occurrences in text: whole tokens, longest first, no overlaps."""
-        toks = match_tokens(text)
-        if not toks:
-            return []
-        words = [w for _, _, w in toks]
+        return self.match_many([text])[0]
+
+    def match_many(self, texts: list[str]) -> list[list[tuple[int, int, int]]]:
+        """match() of each text, with one lookup per n-gram length for all of them."""
+        toks = [match_tokens(t) for t in texts]
+        flat = [x for tt in toks for x in tt]
+        doc = np.repeat(np.arange(len(texts)), [len(tt) for tt in toks])
+        words = [w for _, _, w in flat]
         th = _token_hashes(words)
-        found = []
-        for n in range(1, min(self.max_tokens, len(toks)) + 1):
+        table_h = np.asarray(self._hash)
+        alias_of = np.asarray(self._t["match.alias"])
+        found: list[list[tuple[int, int, int]]] = [[] for _ in texts]
+        for n in range(1, min(self.max_tokens, len(flat)) + 1):
             h = _ngram_hashes(th, n)
-            idx = np.searchsorted(self._hash, h)
-            idx[idx == len(self._hash)] = 0
-            for i in np.nonzero(self._hash[idx] == h)[0]:
-                j = int(self._t["match.alias"][idx[i]])
+            idx = np.searchsorted(table_h, h)
+            idx[idx == len(table_h)] = 0
+            hit = np.nonzero((table_h[idx] == h) & (doc[:len(h)] == doc[n - 1:]))[0]  # within one text
+            for i in hit:
+                j = int(alias_of[idx[i]])
                 alias = self._str(self._t["aliases.bytes"], self._t["aliases.offsets"], j)
                 if [w for _, _, w in match_tokens(alias)] == words[i:i + n]:  # not a hash collision
-                    found.append((toks[i][0], toks[i + n - 1][1], int(self._t["aliases.entity"][j])))
-        found.sort(key=lambda x: (x[0], -(x[1] - x[0])))
-        out, last = [], -1
-        for s, e, ent in found:
-            if s >= last:
-                out.append((s, e, ent))
-                last = e
+                    found[doc[i]].append((flat[i][0], flat[i + n - 1][1], int(self._t["aliases.entity"][j])))
+        out = []
+        for f in found:
+            f.sort(key=lambda x: (x[0], -(x[1] - x[0])))
+            kept, last = [], -1
+            for s_, e, ent in f:
+                if s_ >= last:
+                    kept.append((s_, e, ent))
+                    last = e
+            out.append(kept)
         return out
 
     def link(self, names: list[str], threshold: float = 0.7) -> list[tuple[int, float] | None]:
