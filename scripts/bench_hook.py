@@ -7,10 +7,15 @@ reported as ratios to unpatched.
 
     .venv/bin/python scripts/bench_hook.py --ctx 2048 --reps 3            # SmolLM2-135M
     .venv/bin/python scripts/bench_hook.py --model synth:qwen35 --ctx 2048
+    .venv/bin/python scripts/bench_hook.py --callgrind --ctx 512     # instructions, not seconds
+
+--callgrind counts the instructions executed inside llama_decode (valgrind, one thread), which
+repeat exactly from run to run, where seconds on a shared VM vary by ±10%.
 """
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -49,7 +54,8 @@ lc.llama_log_set(_quiet, ctypes.c_void_p(0))
 mp = lc.llama_model_default_params()
 m = lc.llama_model_load_from_file(model.encode(), mp)
 cp = lc.llama_context_default_params()
-cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = n_ctx, 512, 512, os.cpu_count(), os.cpu_count()
+nt = int(os.environ.get("BENCH_THREADS") or os.cpu_count())
+cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = n_ctx, 512, 512, nt, nt
 cp.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
 ctx = lc.llama_init_from_model(m, cp)
 n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(m))
@@ -90,6 +96,7 @@ def main():
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fa", default="0,1")
+    ap.add_argument("--callgrind", action="store_true", help="count instructions in llama_decode (valgrind)")
     args = ap.parse_args()
     import engram_llama
     from engram_llama.cli import default_model
@@ -99,6 +106,8 @@ def main():
         model = str(synth.cached_model(model.split(":", 1)[1]))
     libs = {"unpatched": unpatched_lib(), "patched": engram_llama.lib_path().parent}
     n_prompt = args.ctx - args.gen - 8
+    if args.callgrind:
+        return callgrind(model, libs, args, n_prompt)
     res = {}
     for rep in range(args.reps):
         for fa in [int(x) for x in args.fa.split(",")]:
@@ -129,6 +138,36 @@ def main():
                 cells.append(f"{statistics.median(xs):.1f}")
                 cells.append(f"{max(xs) / max(base):.3f} / {statistics.median(xs) / statistics.median(base):.3f}")
             print(f"| {'on' if fa else 'off'} | {v} | " + " | ".join(cells) + " |")
+
+
+
+def callgrind(model, libs, args, n_prompt):
+    """Instructions executed inside llama_decode (prefill + decode), per variant, one thread."""
+    res = {}
+    for fa in [int(x) for x in args.fa.split(",")]:
+        for v in VARIANTS:
+            env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(libs["unpatched" if v == "unpatched" else "patched"]),
+                       BENCH_THREADS="1")
+            env.pop("ENGRAM_LLAMA_LIB_DIR", None)
+            if v != "unpatched":
+                env["ENGRAM_LLAMA_LIB_DIR"] = str(libs["patched"])
+            out = subprocess.run(["valgrind", "--tool=callgrind", "--toggle-collect=llama_context::decode(llama_batch const&)",
+                                  "--callgrind-out-file=/dev/null", sys.executable, "-c", CHILD, v, model,
+                                  str(args.ctx), str(n_prompt), str(args.gen), str(fa)],
+                                 env=env, capture_output=True, text=True)
+            m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
+            if out.returncode != 0 or not m:
+                sys.exit(f"callgrind child {v} failed ({out.returncode}): "
+                         f"{(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+            res[(fa, v)] = int(m.group(1))
+            print(f"fa {fa} {v:10} {res[(fa, v)]:,} instructions in llama_decode", file=sys.stderr, flush=True)
+    print(f"\nmodel {Path(model).name}, prompt {n_prompt} tokens + {args.gen} decoded, 1 thread, valgrind callgrind")
+    print("| FA | variant | instructions in llama_decode | vs unpatched |")
+    print("|---|---|---|---|")
+    for fa in [int(x) for x in args.fa.split(",")]:
+        for v in VARIANTS:
+            r = res[(fa, v)] / res[(fa, "unpatched")] - 1
+            print(f"| {'on' if fa else 'off'} | {v} | {res[(fa, v)]:,} | {100 * r:+.3f}% |")
 
 
 if __name__ == "__main__":
