@@ -58,7 +58,16 @@ def test_relevance_ranks_the_chunk_that_answers():
     assert scored[0].chunk.id == 1 and scored[0].score == 1.0
     sel = relevance.select(scored, 2)
     assert sel[0][1] == 1.0 and 0 <= sel[1][1] < 1.0
-    assert relevance.edges_order([5, 4, 3, 2, 1]) == [5, 3, 1, 2, 4]
+    assert relevance.edges_order([5, 4, 3, 2, 1]) == [4, 2, 1, 3, 5]
+    # the same order as LangChain's LongContextReorder (its algorithm, written out here)
+    def litm(docs):
+        docs, out = docs[::-1], []
+        for i, d in enumerate(docs):
+            out.append(d) if i % 2 == 1 else out.insert(0, d)
+        return out
+    for n in range(1, 9):
+        got, want = relevance.edges_order(list(range(n))), litm(list(range(n)))
+        assert got[-1] == 0 and (got == want or got == want[::-1])
 
 
 HARD = [

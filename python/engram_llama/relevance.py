@@ -58,8 +58,9 @@ def select(scored: list[Scored], top_k: int) -> list[tuple[Scored, float]]:
 
 
 def edges_order(ids_best_first: list[int]) -> list[int]:
-    """Best chunks at the two ends of the context, weakest in the middle (LongContextReorder)."""
-    front, back = [], []
-    for k, i in enumerate(ids_best_first):
-        (front if k % 2 == 0 else back).append(i)
+    """Best chunks at the two ends of the context, weakest in the middle, as LangChain's
+    LongContextReorder does: the best last (next to the question, where small models read
+    best), the second first, and so on inwards."""
+    front = ids_best_first[1::2]
+    back = ids_best_first[0::2]
     return front + back[::-1]
