@@ -24,18 +24,21 @@ $PY run --n 12 --passages 30 -c 6144 --preset strength --out $R/nq-smollm2-30p.j
 $PY run --n 12 --passages 30 -c 6144 --preset reorder --out $R/nq-smollm2-30p.jsonl
 # a session of questions on one 8K context: cached documents + bias vs reordering per question
 $PY session --n 8 -c 8192 --out $R/session-smollm2-8k.jsonl
-# key-value retrieval (~4K tokens, 42 records) and the generated domain set (~4K)
-$PY run --dataset kv --n 12 --passages 42 -c 6144 --preset full --out $R/kv-smollm2-42r.jsonl
-$PY run --dataset domain --n 12 --passages 36 -c 6144 --preset full --out $R/domain-smollm2-36p.jsonl
-# ~8K (58 passages)
-$PY run --n 12 --passages 58 -c 8192 --preset full --out $R/nq-smollm2-58p.jsonl
-$PY run --n 12 --passages 58 -c 8192 --preset long --out $R/nq-smollm2-58p.jsonl
-# Gemma-3-270M (base model: plain prompt), global vs local layers at ~2K, then ~4K
+# Gemma-3-270M (base model: plain prompt): global vs local layers at ~2K, then ~4K and ~8K
 if [ -f "$GEMMA" ]; then
   $PY run --model "$GEMMA" --no-chat --n 16 --passages 15 -c 4096 --preset swa --out $R/nq-gemma3-270m-15p.jsonl
   $PY run --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset full --out $R/nq-gemma3-270m-30p.jsonl
+  $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset full --out $R/nq-gemma3-270m-58p.jsonl
+  $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset long --out $R/nq-gemma3-270m-58p.jsonl
 else
   echo "eval_all: Gemma-3-270M not found at $GEMMA (set GEMMA=...); skipped" >&2
 fi
+# key-value retrieval (~4K tokens, 42 records) and the generated domain set (~4K)
+$PY run --dataset kv --n 10 --passages 42 -c 6144 --preset full --out $R/kv-smollm2-42r.jsonl
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset full --out $R/domain-gemma3-270m-36p.jsonl
+$PY run --dataset domain --n 12 --passages 36 -c 6144 --preset full --out $R/domain-smollm2-36p.jsonl
+# SmolLM2 at ~8K (58 passages)
+$PY run --n 12 --passages 58 -c 8192 --preset full --out $R/nq-smollm2-58p.jsonl
+$PY run --n 12 --passages 58 -c 8192 --preset long --out $R/nq-smollm2-58p.jsonl
 # the gate ablation at ~2K
 $PY run --n 24 --passages 15 -c 4096 --preset gate --out $R/nq-smollm2-15p.jsonl
