@@ -38,7 +38,11 @@ PRESETS["reorder"] = [Condition("reorder", "none", order="edges"), Condition("re
 PRESETS["gate"] = [Condition("engram no-gate", strength=0, gate=False)]
 # beyond 4K: is the default strength (+4 from 4K on) still enough?
 PRESETS["long"] = [Condition("engram s6", strength=6.0), Condition("oracle s6", "oracle", strength=6.0)]
-PRESETS["full"] = PRESETS["main"] + PRESETS["reorder"]
+# +3/+4 help the middle but cost the last slot at 2K and 4K, where +2 does not: keep +2 next to
+# the question and ramp up to the length's strength further away (bias.chunk_strength)
+PRESETS["near"] = [Condition("engram near2", strength=0, near=2.0),
+                   Condition("reorder+engram near2", strength=0, order="edges", near=2.0)]
+PRESETS["full"] = PRESETS["main"] + PRESETS["reorder"] + PRESETS["near"]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),
@@ -96,7 +100,9 @@ def session_report(path):
         n = len(d)
         k = sum(r["judge"] == "correct" for r in d.values())
         lo, hi = wilson(k, n)
-        secs = sum(r.get("prep_s", 0) + r["prefill_s"] + r["answer_s"] for r in d.values())
+        # reorder+engram rides on reorder's prefill in this run; alone it would pay for it
+        pre = {i: by["reorder"][i]["prep_s"] + by["reorder"][i]["prefill_s"] for i in d} if c.startswith("reorder+") else {}
+        secs = sum(r.get("prep_s", 0) + r["prefill_s"] + r["answer_s"] + pre.get(i, 0.0) for i, r in d.items())
         if c in ("vanilla", "engram"):  # the shared document prefill, spread over the session
             secs += sum(doc[:1])
         base = by.get("reorder", {})

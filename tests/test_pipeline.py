@@ -189,3 +189,16 @@ def test_extractor_caches_chunks_not_questions():
     assert first == fresh(["Who paid in Ernakulam?"] + chunks)
     assert second == fresh(["What did Indore get in 2021?"] + chunks)
     assert second[1] == first[1] and second[1] is not first[1]  # copies: callers may edit their lists
+
+
+def test_chunk_strength_ramps_from_the_question():
+    from engram_llama import bias
+    from engram_llama.align import Prompt
+
+    # question at token 1000; chunks ending at 1000 (adjacent), 875 (1/8 away), 500 and 10
+    p = Prompt("", list(range(1010)), [0, 1, 2, 3], {}, {0: (900, 1000), 1: (800, 875), 2: (400, 500), 3: (0, 10)},
+               1000, [], 0)
+    got = [bias.chunk_strength(p, c, 4.0, 2.0) for c in range(4)]
+    # dist = (1000 - end) / 1000; strength = 2 + 2 * min(1, dist / 0.25)
+    assert got == pytest.approx([2.0, 3.0, 4.0, 4.0])
+    assert bias.chunk_strength(p, 0, 4.0, None) == 4.0

@@ -85,6 +85,7 @@ class Condition:
     granularity: str = "chunk"
     order: str = "keep"           # "keep" the slot order, or "edges": best chunks at the ends (reordering)
     gate: bool = True             # False: the documents' queries are biased too (needs its own prefill)
+    near: float | None = None     # strength next to the question (bias.chunk_strength); None: flat
 
 
 def parse_layers(spec: str, default: list[int], softmax: list[int]) -> list[int]:
@@ -203,7 +204,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         sel = ([(next(s for s in scored if s.chunk.id == gold_id), 1.0)] if c.relevance == "oracle"
                else relevance.select(scored, c.top_k))
         strength = c.strength or auto_strength(len(prompt.tokens))
-        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question)
+        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near)
         eng.hook.set_layers(parse_layers(c.layers, dflt, softmax), 1.0)
         eng.hook.set_bias(b, gate=prompt.question_token if c.gate else 0)
         return strength
@@ -334,10 +335,10 @@ def session(model: str, out_path: str, n_questions: int = 8, n_ctx: int = 8192,
     gold_id = {it.id: perm.index(k) for k, it in enumerate(qs)}
     log(f"session: {len(qs)} questions, {len(chunks)} passages")
 
-    def bias_for(prompt, pm, scored, question):
+    def bias_for(prompt, pm, scored, question, near=None):
         sel = relevance.select(scored, 3)
         strength = auto_strength(len(prompt.tokens))
-        b, _ = bias_mod.build(prompt, sel, strength, "chunk", pm, question)
+        b, _ = bias_mod.build(prompt, sel, strength, "chunk", pm, question, near=near)
         eng.hook.set_layers(layers, 1.0)
         eng.hook.set_bias(b, gate=prompt.question_token)
         return strength
@@ -351,7 +352,8 @@ def session(model: str, out_path: str, n_questions: int = 8, n_ctx: int = 8192,
         # all fixed-order answers first, on one document cache; then the reordered ones
         for order_kind, it in [(o, it) for o in ("keep", "edges") for it in qs]:
             gid = gold_id[it.id]
-            conds = ["vanilla", "engram"] if order_kind == "keep" else ["reorder", "reorder+engram"]
+            conds = (["vanilla", "engram", "engram near2"] if order_kind == "keep"
+                     else ["reorder", "reorder+engram", "reorder+engram near2"])
             if all((it.id, c) in done for c in conds):
                 continue
             eng.settings.order = order_kind
@@ -373,11 +375,14 @@ def session(model: str, out_path: str, n_questions: int = 8, n_ctx: int = 8192,
                     prefill_s = 0.0
                 else:
                     doc_tokens = None
+            first = True
             for c in conds:
+                if (it.id, c) in done:
+                    continue
                 t1 = time.perf_counter()
                 strength = 0.0
-                if c.endswith("engram"):
-                    strength = bias_for(prompt, pm, scored, it.question)
+                if "engram" in c:
+                    strength = bias_for(prompt, pm, scored, it.question, 2.0 if c.endswith("near2") else None)
                 else:
                     eng.hook.clear()
                 ans = runner.answer(prompt.tokens, q0)
@@ -385,9 +390,10 @@ def session(model: str, out_path: str, n_questions: int = 8, n_ctx: int = 8192,
                 write({"id": it.id, "condition": c, "answer": ans, "judge": judge(ans, it.answers),
                        "answers": it.answers, "gold_pos": prompt.chunk_order.index(gid),
                        "n_passages": len(chunks), "n_tokens": len(prompt.tokens), "strength": round(strength, 2),
-                       "prep_s": round(prep_s if c == conds[0] else 0.0, 3),
-                       "prefill_s": round(prefill_s if c == conds[0] else 0.0, 2),
+                       "prep_s": round(prep_s if first else 0.0, 3),
+                       "prefill_s": round(prefill_s if first else 0.0, 2),
                        "answer_s": round(time.perf_counter() - t1, 2)})
+                first = False
             eng.settings.order = "keep"
             log(f"{it.id} {order_kind}: prefill {prefill_s:.1f}s")
     eng.close()
