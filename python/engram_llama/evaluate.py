@@ -243,7 +243,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                 # one prefill per prompt order; gate-off conditions bias the documents, so each its own
                 groups: dict[tuple, list[Condition]] = {}
                 for c in todo:
-                    groups.setdefault((c.order, c.gate or id(c)), []).append(c)
+                    groups.setdefault((c.order, "gated" if c.gate else c.name), []).append(c)
                 for (order_kind, _), conds in groups.items():
                     eng.settings.order = order_kind
                     t0 = time.perf_counter()
