@@ -42,7 +42,12 @@ PRESETS["long"] = [Condition("engram s6", strength=6.0), Condition("oracle s6", 
 # the question and ramp up to the length's strength further away (bias.chunk_strength)
 PRESETS["near"] = [Condition("engram near2", strength=0, near=2.0),
                    Condition("reorder+engram near2", strength=0, order="edges", near=2.0)]
-PRESETS["full"] = PRESETS["main"] + PRESETS["reorder"] + PRESETS["near"]
+# is the length's strength right for this model? (+2 flat, +6), and the lightest touch on top of
+# reordering (+1 on its best chunk, which sits last)
+PRESETS["probe"] = [Condition("engram s2", strength=2.0), Condition("oracle s2", "oracle", strength=2.0),
+                    Condition("engram s6", strength=6.0), Condition("reorder+engram s1 top1", strength=1.0, top_k=1,
+                                                                    order="edges")]
+PRESETS["full"] = PRESETS["main"] + PRESETS["reorder"] + PRESETS["near"] + PRESETS["probe"]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),
