@@ -51,13 +51,12 @@ def main():
     model = args.model or default_model()
     items = datasets.nq(ROOT.parent / "shared" / "data" / "nq-open-dev.jsonl.gz", args.passages)
     it = items[0]
-    exe = str(Path(sys.executable).parent / "engram-llama")
     with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as d2:
         for k, (title, text) in enumerate([it.gold] + it.distractors):
             (Path(d) / f"{k:02d}.txt").write_text(f"{title}\n\n{text}\n", encoding="utf-8")
         allt = Path(d2) / "all.txt"
         allt.write_text("\n\n".join(f"{t}\n\n{x}" for t, x in [it.gold] + it.distractors), encoding="utf-8")
-        base = [exe, "run", model, "--chunks", d, it.question, "-c", str(args.ctx_size), "-n", "16"]
+        base = [sys.executable, "-m", "engram_llama.cli", "run", model, "--chunks", d, it.question, "-c", str(args.ctx_size), "-n", "16"]
         res = {
             "engram": peak_child_rss_mb(base),
             "vanilla (--no-engram)": peak_child_rss_mb(base + ["--no-engram"]),

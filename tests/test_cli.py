@@ -64,11 +64,14 @@ def test_docs_problems(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     one_line_error(cli("run", model, "q?", "--chunks", str(empty)), "no readable .txt or .md")
+    # the documented order: MODEL --chunks DIR "question" (positionals after options)
+    one_line_error(cli("run", model, "--chunks", str(empty), "q?"), "no readable .txt or .md")
 
 
 def test_empty_question_and_bad_layers(docs):
     model = str(smollm2_path())
     one_line_error(cli("run", model, "  ", "--chunks", str(docs)), "question is empty")
+    one_line_error(cli("run", model, "--chunks", str(docs), "  "), "question is empty")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "3-x"), "invalid --layers")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "40"), "layer 40", "30 layers")
 

@@ -371,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-i", "--interactive", action="store_true", help="ask follow-up questions on stdin")
     r.add_argument("--table", help="Engram table file, or 'none' (default: the starter table when built)")
     r.set_defaults(func=cmd_run)
+    ap.run_parser = r  # main() parses `run` intermixed: MODEL --chunks DIR "question"
 
     tb = sub.add_parser("table", help="build or describe an Engram table")
     tsub = tb.add_subparsers(dest="table_cmd", required=True)
@@ -390,7 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["run"]:
+        # positionals after options (`run MODEL --chunks DIR "question"`): argparse's plain parse
+        # takes MODEL and QUESTION in one go and would reject the question after --chunks
+        args = ap.run_parser.parse_intermixed_args(argv[1:])
+        args.cmd = "run"
+    else:
+        args = ap.parse_args(argv)
     try:
         from . import EngramImportError  # noqa: F401  (binds the patched libllama)
         from .gguf_check import ModelFileError
