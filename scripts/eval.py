@@ -120,7 +120,7 @@ def session_report(path):
               f"{secs / n:.1f} | {vs} | {p} |")
 
 
-def report(path):
+def report(path, against="vanilla"):
     rows = [r for r in load_rows(path) if r["slot"] != "gold-only"]
     res = {}
     for r in rows:
@@ -129,7 +129,7 @@ def report(path):
     slots = [s for s in ("first", "middle", "last") if any(k[1] == s for k in res)]
     n_tok = sorted(r["n_tokens"] for r in rows)
     print(f"{path}: {len({r['id'] for r in rows})} items, prompts {n_tok[0]}-{n_tok[-1]} tokens\n")
-    print("| condition | slot | n | correct | 95% CI | wrong | refusal | vs vanilla (+/-) | McNemar p |")
+    print(f"| condition | slot | n | correct | 95% CI | wrong | refusal | vs {against} (+/-) | McNemar p |")
     print("|---|---|---|---|---|---|---|---|---|")
     for c in conds:
         for s in slots:
@@ -139,22 +139,23 @@ def report(path):
             lo, hi = wilson(k, n)
             wr = sum(v == "wrong" for v in d.values())
             rf = sum(v == "refusal" for v in d.values())
-            base = res.get(("vanilla", s), {})
+            base = res.get((against, s), {})
             both = [i for i in d if i in base]
             b = sum(d[i] == "correct" and base[i] != "correct" for i in both)
             cc = sum(d[i] != "correct" and base[i] == "correct" for i in both)
-            vs = f"+{b}/-{cc}" if c != "vanilla" else ""
-            p = f"{mcnemar(b, cc):.3f}" if c != "vanilla" else ""
+            vs = f"+{b}/-{cc}" if c != against and base else ""
+            p = f"{mcnemar(b, cc):.3f}" if c != against and base else ""
             print(f"| {c} | {s} | {n} | {100 * k / max(n, 1):.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {wr} | {rf} | {vs} | {p} |")
 
 
-def plot(path, out_png, conds=("vanilla", "engram", "oracle")):
+def plot(path, out_png, conds=("vanilla", "engram", "oracle", "reorder")):
     """Accuracy against gold position, one line per condition, Wilson 95% bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = load_rows(path)
+    conds = [c for c in conds if any(r["condition"] == c for r in rows)]
     slots = ["first", "middle", "last"]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     for k, c in enumerate(conds):
@@ -164,7 +165,7 @@ def plot(path, out_png, conds=("vanilla", "engram", "oracle")):
             p = sum(d) / max(len(d), 1)
             a, b = wilson(sum(d), len(d))
             ys.append(100 * p); lo.append(100 * (p - a)); hi.append(100 * (b - p))
-        xs = [i + (k - 1) * 0.05 for i in range(3)]
+        xs = [i + (k - 1.5) * 0.05 for i in range(3)]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=c)
     n = len({r["id"] for r in rows if r["slot"] != "gold-only"})
     ax.set_xticks(range(3), ["first", "middle", "last"])
@@ -201,12 +202,13 @@ def main():
     sr.add_argument("path")
     p = sub.add_parser("report")
     p.add_argument("path")
+    p.add_argument("--against", default="vanilla", help="the condition the paired test compares with")
     g = sub.add_parser("plot")
     g.add_argument("path")
     g.add_argument("-o", "--out", required=True)
     args = ap.parse_args()
     if args.cmd == "report":
-        report(args.path)
+        report(args.path, args.against)
         return 0
     if args.cmd == "session-report":
         session_report(args.path)
