@@ -108,7 +108,7 @@ def session_report(path):
         # reorder+engram rides on reorder's prefill in this run; alone it would pay for it
         pre = {i: by["reorder"][i]["prep_s"] + by["reorder"][i]["prefill_s"] for i in d} if c.startswith("reorder+") else {}
         secs = sum(r.get("prep_s", 0) + r["prefill_s"] + r["answer_s"] + pre.get(i, 0.0) for i, r in d.items())
-        if c in ("vanilla", "engram"):  # the shared document prefill, spread over the session
+        if not c.startswith("reorder"):  # the shared document prefill (the first run's), spread over the session
             secs += sum(doc[:1])
         base = by.get("reorder", {})
         both = [i for i in d if i in base]
