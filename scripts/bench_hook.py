@@ -167,7 +167,7 @@ def callgrind(model, libs, args, n_prompt):
     for fa in [int(x) for x in args.fa.split(",")]:
         for v in VARIANTS:
             r = res[(fa, v)] / res[(fa, "unpatched")] - 1
-            print(f"| {'on' if fa else 'off'} | {v} | {res[(fa, v)]:,} | {100 * r:+.4f}% ({res[(fa, v)] - res[(fa, "unpatched")]:+,}) |")
+            print(f"| {'on' if fa else 'off'} | {v} | {res[(fa, v)]:,} | {100 * r:+.4f}% ({res[(fa, v)] - res[(fa, 'unpatched')]:+,}) |")
 
 
 if __name__ == "__main__":
