@@ -9,6 +9,8 @@ from engram_llama.evaluate import hard_distractors, judge, normalize
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import eval as ev  # noqa: E402
 
+ROOT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
 
 def test_normalize_like_lost_in_the_middle():
     assert normalize("The  Wilhelm Conrad Röntgen!") == "wilhelm conrad röntgen"
@@ -53,3 +55,34 @@ def test_wilson_and_mcnemar_hand_values():
     assert ev.mcnemar(0, 0) == 1.0
     assert ev.mcnemar(6, 0) == pytest.approx(2 / 64)
     assert ev.mcnemar(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+
+
+def test_domain_set_is_seeded_and_hard():
+    from engram_llama import datasets
+
+    a, b = datasets.domain(20, 12, seed=5), datasets.domain(20, 12, seed=5)
+    assert a == b and a != datasets.domain(20, 12, seed=6)
+    for it in a:
+        assert len(it.distractors) == 11
+        g = it.gold[1]
+        assert all(x in g for x in it.answers[:1])  # the gold passage holds the answer
+        for _, d in it.distractors:
+            assert not any(x in d for x in it.answers)  # no distractor does
+            assert d != g
+        # most distractors share two of the gold's three keys (scheme, district, year)
+        head = g.split(", the ")[0]  # "Under SCHEME"
+        district = g.split("the ")[1].split(" district")[0]
+        year = g.split(" crore in ")[1].split(" ")[0]
+        two = [(head + "," in d) + (f"the {district} district" in d) + (f" crore in {year} " in d) == 2
+               for _, d in it.distractors]
+        assert sum(two) >= len(two) // 2
+
+
+def test_kv_items_from_the_shared_file():
+    from engram_llama import datasets
+
+    items = datasets.kv(ROOT_DATA / "kv-retrieval-75-dev.jsonl.gz", 10)
+    it = items[0]
+    assert len(it.distractors) == 9 and it.answers[0] in it.gold[1] and it.question.count('"') == 2
+    key = it.question.split('"')[1]
+    assert it.gold[1].startswith(f'"{key}"') and all(key not in d for _, d in it.distractors)

@@ -103,8 +103,9 @@ QUESTIONS = {
 
 
 def domain(n_items: int, n_passages: int, seed: int = 0) -> list[Item]:
-    """Seeded items whose distractors share two of the gold's three keys (scheme, district,
-    year) or at least one, so neither the scheme, the district nor the year alone finds it."""
+    """Seeded items: three in four distractors share two of the gold's three keys (scheme,
+    district, year), the rest are random bulletins, so neither the scheme, the district nor the
+    year alone finds the gold."""
     rng = random.Random(seed)
     schemes, districts = _names("schemes"), _names("districts")
     banks = [b for b in _names("banks") if "Bank" in b]  # not the regulators
