@@ -52,3 +52,17 @@ def test_auto_strength_follows_the_measured_points():
     # measured: 2 best at ~2K tokens, 4 at ~4K (docs/EVAL.md); log2 interpolation, clamped
     assert [auto_strength(n) for n in (100, 2048, 4096, 8192)] == [2.0, 2.0, 4.0, 4.0]
     assert auto_strength(2896) == pytest.approx(3.0, abs=1e-3)
+
+
+def test_reordered_prompts_go_without_bias_unless_a_strength_is_given(chunks):
+    q = "Which district has its headquarters at Kakkanad?"
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="edges"))
+    a = eng.ask(q, chunks, max_tokens=4)
+    assert a.layers == [] and a.spans == [] and a.gate is None and a.order == "edges"
+    # the best chunk sits last, next to the question
+    pos = {c.chunk.id: c.position for c in a.citations}
+    assert pos[a.scored[0].chunk.id] == len(chunks)
+    eng.settings = Settings(order="edges", strength=1.0)
+    b = eng.ask(q, chunks, max_tokens=4)
+    assert b.layers and b.spans and b.spans[0].value == pytest.approx(1.0)
+    eng.close()

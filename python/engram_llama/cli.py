@@ -241,6 +241,9 @@ def _explain(ans, n_chunks: int) -> str:
         lines.append(f"  bias on layers {_ranges(ans.layers)}, from token {ans.gate} on (the question and the answer)")
         for s in ans.spans:
             lines.append(f"    +{s.value:.2f} on tokens {s.tokens[0]}-{s.tokens[1] - 1} ({s.what} of chunk {s.chunk_id})")
+    elif ans.order == "edges":
+        lines.append("  no bias: the chunks were reordered, best last (--order edges); on top of reordering the bias "
+                     "did not help in docs/EVAL.md; give --strength to add it anyway")
     else:
         lines.append("  no bias (vanilla)")
     return "\n".join(lines)
@@ -362,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bias strength (default: 2 up to 2K prompt tokens, rising to 4 at 4K and beyond)")
     r.add_argument("--top-k", type=int, default=3, help="chunks biased, scaled by relevance (default 3)")
     r.add_argument("--granularity", choices=["chunk", "sentence", "entity"], default="chunk")
-    r.add_argument("--order", choices=["keep", "edges"], default="keep", help="chunk order in the prompt")
+    r.add_argument("--order", choices=["keep", "edges"], default="keep",
+                   help="chunk order: keep yours, or edges (best last, next to the question; no bias unless --strength)")
     r.add_argument("--no-gate", action="store_true", help="bias every query, documents included")
     r.add_argument("--no-engram", action="store_true", help="vanilla: same prompt, no bias")
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
