@@ -9,8 +9,6 @@ from engram_llama.evaluate import hard_distractors, judge, normalize
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import eval as ev  # noqa: E402
 
-ROOT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
 
 def test_normalize_like_lost_in_the_middle():
     assert normalize("The  Wilhelm Conrad Röntgen!") == "wilhelm conrad röntgen"
@@ -78,11 +76,20 @@ def test_domain_set_is_seeded_and_hard():
         assert sum(two) >= len(two) // 2
 
 
-def test_kv_items_from_the_shared_file():
+def test_kv_items(tmp_path):
+    """KV items from a file in the shared data's format (written here: the tests do not need the
+    shared data next to the checkout)."""
+    import gzip
+    import json
+
     from engram_llama import datasets
 
-    items = datasets.kv(ROOT_DATA / "kv-retrieval-75-dev.jsonl.gz", 10)
-    it = items[0]
-    assert len(it.distractors) == 9 and it.answers[0] in it.gold[1] and it.question.count('"') == 2
-    key = it.question.split('"')[1]
-    assert it.gold[1].startswith(f'"{key}"') and all(key not in d for _, d in it.distractors)
+    recs = [[f"k{i:02d}-aaaa", f"v{i:02d}-bbbb"] for i in range(12)]
+    path = tmp_path / "kv.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "kv-1", "ordered_kv_records": recs, "key": "k05-aaaa", "value": "v05-bbbb"}) + "\n")
+    it = datasets.kv(path, 10)[0]
+    assert it.question == 'What is the value of the key "k05-aaaa"?' and it.answers == ["v05-bbbb"]
+    assert it.gold == ("record", '"k05-aaaa": "v05-bbbb"')
+    # the other records in their order, the asked one left out, cut to n - 1
+    assert [d[1] for d in it.distractors] == [f'"k{i:02d}-aaaa": "v{i:02d}-bbbb"' for i in range(12) if i != 5][:9]
