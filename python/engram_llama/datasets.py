@@ -8,7 +8,6 @@ Three sources, one shape (Item), so the harness treats them alike:
 """
 from __future__ import annotations
 
-import gzip
 import json
 import random
 from dataclasses import dataclass
@@ -24,15 +23,10 @@ class Item:
     distractors: list[tuple[str, str]]
 
 
-def _read_jsonl_gz(path: str | Path) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(l) for l in f]
-
-
 def nq(path: str | Path, n_passages: int) -> list[Item]:
-    from .evaluate import hard_distractors
+    from .evaluate import hard_distractors, load_nq
 
-    raw = _read_jsonl_gz(path)
+    raw = load_nq(path)
     dis = hard_distractors(raw, n_passages - 1)
     out = []
     for it in raw:
@@ -52,7 +46,9 @@ def kv(path: str | Path, n_passages: int) -> list[Item]:
     """Each record is one passage; the other records of the item are the distractors, in their
     given order, cut to n_passages - 1."""
     out = []
-    for it in _read_jsonl_gz(path):
+    from .evaluate import load_nq  # the same JSON-lines reader
+
+    for it in load_nq(path):
         others = [(KV_TITLE, kv_text(k, v)) for k, v in it["ordered_kv_records"] if k != it["key"]]
         q = f'What is the value of the key "{it["key"]}"?'
         out.append(Item(it["id"], q, [it["value"]], (KV_TITLE, kv_text(it["key"], it["value"])), others[:n_passages - 1]))

@@ -298,7 +298,6 @@ def session(model: str, out_path: str, n_questions: int = 8, n_ctx: int = 8192,
     from .runtime import EngramLlama, Settings, auto_strength, default_layers
 
     items = datasets.nq(data, 15)
-    by_id = {it.id: it for it in items}
     eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings(), chat=chat, table=default_table())
     runner = Runner(eng)
     layers = default_layers(eng.hook.kinds)
