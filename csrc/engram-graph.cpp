@@ -12,6 +12,7 @@
 #include "llama-kv-cells.h"
 
 #include "ggml.h"
+#include "ggml-backend.h"
 
 #include <cstring>
 #include <vector>
@@ -23,6 +24,7 @@ struct engram_mask_entry {
     ggml_tensor * out;   // src + scale*bias
     int           il;    // a layer that uses it (selects the KV cache)
     float         scale;
+    bool          copy;  // src is a graph input filled before `out`: copy it instead of recomputing
 };
 
 template <typename T> static float to_f32(T v);
@@ -43,8 +45,13 @@ public:
             const llama_kv_cache_context * kvc = llama_engram_kv_ctx(mctx, hparams, e.il);
             GGML_ASSERT(kvc != nullptr);
 
-            // the same mask the model's own input gets ...
-            kvc->set_input_kq_mask(e.out, ubatch, causal_attn);
+            // the same mask the model's own input gets: copied when that input was filled before
+            // this one (it is registered first, so it is), recomputed otherwise ...
+            if (e.copy && e.src->data != nullptr && ggml_backend_buffer_is_host(e.src->buffer)) {
+                memcpy(e.out->data, e.src->data, ggml_nbytes(e.out));
+            } else {
+                kvc->set_input_kq_mask(e.out, ubatch, causal_attn);
+            }
 
             // ... plus the bias
             if (e.out->type == GGML_TYPE_F16) {
@@ -84,7 +91,6 @@ private:
 
         // the bias over the cells is the same for every query of a sequence: build it once
         llama_seq_id row_seq = -1;
-        bool row_any = false;
 
         for (uint32_t i = 0; i < n_tokens; ++i) {
             const llama_seq_id seq_id = ubatch->seq_id[i][0];
@@ -95,8 +101,8 @@ private:
 
             if (seq_id != row_seq) {
                 row_seq = seq_id;
-                row_any = false;
-                row.assign(n_kv, 0.0f);
+                row_j.clear();
+                row_v.clear();
 
                 const llama_kv_cells & cells = llama_engram_access::cells(kv, seq_id);
                 const llama_pos n_bias = (llama_pos) sb->bias.size();
@@ -106,21 +112,17 @@ private:
                     }
                     const llama_pos p = cells.pos_get(j);
                     if (p >= 0 && p < n_bias && sb->bias[p] != 0.0f) {
-                        row[j] = e.scale*sb->bias[p];
-                        row_any = true;
+                        row_j.push_back(j);
+                        row_v.push_back(e.scale*sb->bias[p]);
                     }
                 }
             }
 
-            if (!row_any) {
-                continue;
-            }
-
+            // only the biased cells are touched: a few passages of the context, not all of it
             T * dst = data + (int64_t) i*n_kv;
-            for (int64_t j = 0; j < n_kv; ++j) {
-                if (row[j] != 0.0f) {
-                    dst[j] = from_f32<T>(to_f32<T>(dst[j]) + row[j]);
-                }
+            for (size_t k = 0; k < row_j.size(); ++k) {
+                const int64_t j = row_j[k];
+                dst[j] = from_f32<T>(to_f32<T>(dst[j]) + row_v[k]);
             }
         }
     }
@@ -130,7 +132,8 @@ private:
     const llama_memory_context_i * mctx;
     const bool causal_attn;
 
-    std::vector<float> row;
+    std::vector<int64_t> row_j; // biased cells of the current sequence and their scaled bias
+    std::vector<float>   row_v;
 };
 
 } // namespace
@@ -178,7 +181,12 @@ ggml_tensor * llama_engram_build_mask(const llm_graph_context & gctx, ggml_tenso
     ggml_set_input(out);
     ggml_format_name(out, "engram_kq_mask-%d", il);
 
-    inp->entries.push_back({ kq_mask, out, il, scale });
+    // the model's mask input was registered in res->inputs before this one (its tensor exists
+    // before the first attention is built), so by our set_input it holds this ubatch's mask
+    const bool copy = (kq_mask->flags & GGML_TENSOR_FLAG_INPUT) != 0 && ggml_is_contiguous(kq_mask) &&
+                      ggml_are_same_shape(kq_mask, out) && kq_mask->type == out->type;
+
+    inp->entries.push_back({ kq_mask, out, il, scale, copy });
 
     return out;
 }

@@ -47,6 +47,11 @@ PRESETS["near"] = [Condition("engram near2", strength=0, near=2.0),
 PRESETS["probe"] = [Condition("engram s2", strength=2.0), Condition("oracle s2", "oracle", strength=2.0),
                     Condition("engram s6", strength=6.0), Condition("reorder+engram s1 top1", strength=1.0, top_k=1,
                                                                     order="edges")]
+# which chunks get the bias: hard distractors score 0.5-0.8 of the gold by the score ratio, so
+# top-3 spreads the bias over them; the leader alone, or weights that fall off with the margin
+PRESETS["select"] = [Condition("engram top1", strength=0, top_k=1), Condition("engram margin", strength=0, margin=0.1),
+                     Condition("reorder+engram top1", strength=0, top_k=1, order="edges"),
+                     Condition("reorder+engram margin", strength=0, margin=0.1, order="edges")]
 PRESETS["full"] = PRESETS["main"] + PRESETS["reorder"] + PRESETS["near"] + PRESETS["probe"]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [

@@ -47,6 +47,21 @@ def test_pointer_map_finds_whole_word_question_entities():
     assert pm.entity_score(0) > 0 and pm.entity_score(2) == 0
 
 
+def test_select_by_ratio_and_by_margin():
+    mk = lambda i, s: relevance.Scored(Chunk(i, "t", "x"), 0.0, 0.0, s)
+    scored = [mk(3, 1.0), mk(1, 0.8), mk(0, 0.5), mk(2, 0.0)]
+    by_ratio = relevance.select(scored, 4)
+    assert [(s.chunk.id, w) for s, w in by_ratio] == [(3, 1.0), (1, 0.8), (0, 0.5)]  # zero score dropped
+    # margin 0.1: exp(-0.2/0.1) = 0.1353; exp(-0.5/0.1) = 0.0067 < MIN_WEIGHT, dropped
+    by_margin = relevance.select(scored, 4, margin=0.1)
+    assert [s.chunk.id for s, _ in by_margin] == [3, 1]
+    assert [w for _, w in by_margin] == pytest.approx([1.0, 0.1353352832])
+    # a near-tie shares the bias: exp(-0.02/0.1) = 0.8187
+    tie = relevance.select([mk(0, 1.0), mk(1, 0.98)], 3, margin=0.1)
+    assert [w for _, w in tie] == pytest.approx([1.0, 0.8187307531])
+    assert relevance.select([mk(0, 0.0)], 3, margin=0.1) == []
+
+
 def test_relevance_ranks_the_chunk_that_answers():
     chunks = [Chunk(0, "a", "Ayushman Bharat gives a health cover of five lakh rupees per family."),
               Chunk(1, "b", "PM-KISAN gives every farmer family six thousand rupees each year."),

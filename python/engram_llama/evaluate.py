@@ -86,6 +86,7 @@ class Condition:
     order: str = "keep"           # "keep" the slot order, or "edges": best chunks at the ends (reordering)
     gate: bool = True             # False: the documents' queries are biased too (needs its own prefill)
     near: float | None = None     # strength next to the question (bias.chunk_strength); None: flat
+    margin: float | None = None   # chunk weights exp(-(s_max - s_i)/margin) (relevance.select); None: s_i/s_max
 
 
 def parse_layers(spec: str, default: list[int], softmax: list[int]) -> list[int]:
@@ -202,7 +203,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
             eng.hook.clear()
             return 0.0
         sel = ([(next(s for s in scored if s.chunk.id == gold_id), 1.0)] if c.relevance == "oracle"
-               else relevance.select(scored, c.top_k))
+               else relevance.select(scored, c.top_k, c.margin))
         strength = c.strength or auto_strength(len(prompt.tokens))
         b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near)
         eng.hook.set_layers(parse_layers(c.layers, dflt, softmax), 1.0)

@@ -48,13 +48,25 @@ def score(question: str, chunks: list[Chunk], pm: PointerMap, entity_weight: flo
     return [Scored(chunks[i], float(b[i]), float(e[i]), float(comb[i])) for i in order]
 
 
-def select(scored: list[Scored], top_k: int) -> list[tuple[Scored, float]]:
-    """The top-k chunks with positive score and their weight s_i / s_max."""
+MIN_WEIGHT = 0.05  # below this a chunk's bias is noise: it is not selected
+
+
+def select(scored: list[Scored], top_k: int, margin: float | None = None) -> list[tuple[Scored, float]]:
+    """The top-k chunks with positive score and their weights.
+
+    margin None: weight s_i / s_max. Hard distractors score close to the best chunk by that ratio
+    (0.5-0.8 of it), so they get most of its bias; with a margin the weight is
+    exp(-(s_max - s_i) / margin) instead: the leader alone when it leads clearly, shared among
+    near-ties (scores are in [0, 1], so a margin of 0.1 keeps chunks within ~0.3 of the best).
+    """
     top = [s for s in scored[:top_k] if s.score > 0]
     if not top:
         return []
     smax = top[0].score
-    return [(s, s.score / smax) for s in top]
+    if margin is None:
+        return [(s, s.score / smax) for s in top]
+    out = [(s, float(np.exp(-(smax - s.score) / margin))) for s in top]
+    return [(s, w) for s, w in out if w >= MIN_WEIGHT]
 
 
 def edges_order(ids_best_first: list[int]) -> list[int]:
