@@ -113,8 +113,12 @@ def domain(n_items: int, n_passages: int, seed: int = 0) -> list[Item]:
         seen = {(s, d, y)}
         dis = []
         kinds = ["district", "scheme", "year", "any"]
+        tries = 0
         while len(dis) < n_passages - 1:
-            kind = kinds[len(dis) % len(kinds)]
+            # by attempt, not by distractor count: a kind that has run out of new keys (only five
+            # other years) hands its turn on instead of being asked for ever
+            kind = kinds[tries % len(kinds)]
+            tries += 1
             s2 = s if kind in ("district", "year") else rng.choice(schemes)
             d2 = d if kind in ("scheme", "year") else rng.choice(districts)
             y2 = y if kind in ("scheme", "district") else rng.choice(YEARS)
