@@ -74,6 +74,7 @@ def test_empty_question_and_bad_layers(docs):
     one_line_error(cli("run", model, "--chunks", str(docs), "  "), "question is empty")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "3-x"), "invalid --layers")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "40"), "layer 40", "30 layers")
+    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--top-k", "0"), "invalid --top-k 0")
 
 
 def test_context_too_small(docs):

@@ -62,6 +62,18 @@ def test_select_by_ratio_and_by_margin():
     assert relevance.select([mk(0, 0.0)], 3, margin=0.1) == []
 
 
+def test_bm25_reads_the_source_label_the_prompt_shows():
+    # the title says what the text does not (NQ: "I Know What You Did Last Summer" / "Julie finds...")
+    chunks = [Chunk(0, "Summer camp", "Children spend the summer at a lake and learn to swim."),
+              Chunk(1, "I Know What You Did Last Summer", "Julie finds an article about Ben Willis."),
+              Chunk(2, "Winter", "Snow falls in the hills and the roads close for a week.")]
+    q = "who was the killer in i know what you did last summer"
+    text_only = relevance.bm25_scores(q, chunks, with_source=False)
+    with_src = relevance.bm25_scores(q, chunks)
+    assert text_only[1] == 0.0 and text_only[0] > 0.0       # "summer" is only in chunk 0's text
+    assert int(np.argmax(with_src)) == 1 and with_src[1] > with_src[0]
+
+
 def test_relevance_ranks_the_chunk_that_answers():
     chunks = [Chunk(0, "a", "Ayushman Bharat gives a health cover of five lakh rupees per family."),
               Chunk(1, "b", "PM-KISAN gives every farmer family six thousand rupees each year."),

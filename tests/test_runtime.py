@@ -4,7 +4,7 @@ import pytest
 
 from engram_llama.chunks import read_docs, split
 from engram_llama.cli import default_docs, default_model
-from engram_llama.runtime import EngramLlama, Settings, auto_strength, default_layers
+from engram_llama.runtime import EngramLlama, Settings, auto_strength, chunk_choice, default_layers
 from engram_llama._hook import LayerKind
 
 
@@ -54,15 +54,19 @@ def test_auto_strength_follows_the_measured_points():
     assert auto_strength(2896) == pytest.approx(3.0, abs=1e-3)
 
 
-def test_reordered_prompts_go_without_bias_unless_a_strength_is_given(chunks):
+def test_reordered_prompts_get_plus_one_on_the_best_chunk_alone(chunks):
     q = "Which district has its headquarters at Kakkanad?"
     eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="edges"))
     a = eng.ask(q, chunks, max_tokens=4)
-    assert a.layers == [] and a.spans == [] and a.gate is None and a.order == "edges"
-    # the best chunk sits last, next to the question
+    assert a.order == "edges" and a.layers and a.gate is not None
+    # the best chunk sits last, next to the question, and it alone carries +1
     pos = {c.chunk.id: c.position for c in a.citations}
-    assert pos[a.scored[0].chunk.id] == len(chunks)
-    eng.settings = Settings(order="edges", strength=1.0)
+    best = a.scored[0].chunk.id
+    assert pos[best] == len(chunks)
+    assert [(s.chunk_id, s.value) for s in a.spans] == [(best, pytest.approx(1.0))]
+    assert chunk_choice(Settings(order="edges"), 4096) == (1.0, 1)
+    assert chunk_choice(Settings(), 4096) == (4.0, 3)  # the given order: the length's strength, top 3
+    eng.settings = Settings(order="edges", strength=2.5, top_k=2)
     b = eng.ask(q, chunks, max_tokens=4)
-    assert b.layers and b.spans and b.spans[0].value == pytest.approx(1.0)
+    assert len(b.citations) == 2 and b.spans[0].value == pytest.approx(2.5)
     eng.close()

@@ -146,6 +146,8 @@ def cmd_run(args) -> int:
         raise UsageError("no question: give it after the options, or use -i")
     if args.strength is not None and not (args.strength == args.strength and abs(args.strength) < 1e6):
         raise UsageError(f"invalid --strength {args.strength}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"invalid --top-k {args.top_k}: at least 1")
     layers = parse_layers(args.layers)
 
     from .gguf_check import check_gguf
@@ -241,9 +243,6 @@ def _explain(ans, n_chunks: int) -> str:
         lines.append(f"  bias on layers {_ranges(ans.layers)}, from token {ans.gate} on (the question and the answer)")
         for s in ans.spans:
             lines.append(f"    +{s.value:.2f} on tokens {s.tokens[0]}-{s.tokens[1] - 1} ({s.what} of chunk {s.chunk_id})")
-    elif ans.order == "edges":
-        lines.append("  no bias: the chunks were reordered, best last (--order edges); on top of reordering the bias "
-                     "did not help in docs/EVAL.md; give --strength to add it anyway")
     else:
         lines.append("  no bias (vanilla)")
     return "\n".join(lines)
@@ -363,10 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layers", help="layers to bias: 15-29, 3,7,11, all (default: per model family)")
     r.add_argument("--strength", type=float, default=None,
                    help="bias strength (default: 2 up to 2K prompt tokens, rising to 4 at 4K and beyond)")
-    r.add_argument("--top-k", type=int, default=3, help="chunks biased, scaled by relevance (default 3)")
+    r.add_argument("--top-k", type=int, default=None,
+                   help="chunks biased, scaled by relevance (default 3; 1 with --order edges)")
     r.add_argument("--granularity", choices=["chunk", "sentence", "entity"], default="chunk")
     r.add_argument("--order", choices=["keep", "edges"], default="keep",
-                   help="chunk order: keep yours, or edges (best last, next to the question; no bias unless --strength)")
+                   help="chunk order: keep yours, or edges (best last, next to the question; then +1 on that chunk alone "
+                        "unless --strength/--top-k say otherwise)")
     r.add_argument("--no-gate", action="store_true", help="bias every query, documents included")
     r.add_argument("--no-engram", action="store_true", help="vanilla: same prompt, no bias")
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")

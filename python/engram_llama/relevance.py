@@ -22,10 +22,15 @@ class Scored:
     score: float  # combined, in [0, 1]
 
 
-def bm25_scores(question: str, chunks: list[Chunk]) -> np.ndarray:
+def bm25_scores(question: str, chunks: list[Chunk], with_source: bool = True) -> np.ndarray:
+    """BM25 of each chunk against the question. with_source: over the chunk's source label (a
+    title or file name, which the prompt shows the model) and its text: on NQ with hard
+    distractors that ranks the gold first in 84-86% of prompts against 71-77% for the text alone
+    (docs/EVAL.md, "Relevance")."""
     import bm25s
 
-    corpus = bm25s.tokenize([c.text for c in chunks], stopwords="en", show_progress=False)
+    texts = [f"{c.source}. {c.text}" if with_source and c.source else c.text for c in chunks]
+    corpus = bm25s.tokenize(texts, stopwords="en", show_progress=False)
     retriever = bm25s.BM25()
     retriever.index(corpus, show_progress=False)
     q = bm25s.tokenize([question], stopwords="en", show_progress=False, return_ids=False)[0]
@@ -36,9 +41,13 @@ def bm25_scores(question: str, chunks: list[Chunk]) -> np.ndarray:
     return np.asarray(retriever.get_scores(q), dtype=np.float64)
 
 
-def score(question: str, chunks: list[Chunk], pm: PointerMap, entity_weight: float = 0.5) -> list[Scored]:
+ENTITY_WEIGHT = 0.25  # NQ: 0.5 ranked the gold first in 77% of prompts, 0.25 in 84%; domain set: 0 in 97%, 0.25 in 100%
+
+
+def score(question: str, chunks: list[Chunk], pm: PointerMap, entity_weight: float = ENTITY_WEIGHT,
+          with_source: bool = True) -> list[Scored]:
     """Chunks with their scores, best first."""
-    b = bm25_scores(question, chunks)
+    b = bm25_scores(question, chunks, with_source)
     e = np.array([pm.entity_score(c.id) for c in chunks], dtype=np.float64)
     bn = b / b.max() if b.max() > 0 else b
     en = e / e.max() if e.max() > 0 else e
