@@ -33,6 +33,15 @@ if [ -f "$GEMMA" ]; then
 else
   echo "eval_all: Gemma-3-270M not found at $GEMMA (set GEMMA=...); skipped" >&2
 fi
+# against reordering at ~4K, n = 40: reordering + a light bias on its best chunk (one prefill per
+# item). NOTE: relevance changed after the files above were written (BM25 over source + text,
+# entity weight 0.25); rows added to them now use the new ranking, so the new ranking's runs go to
+# their own -r2 files
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset select --out $R/nq-gemma3-270m-30p.jsonl
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 40 --passages 30 -c 6144 --preset edges --out $R/nq-gemma3-270m-30p-r2.jsonl
+$PY run --n 40 --passages 30 -c 6144 --preset edges --out $R/nq-smollm2-30p-r2.jsonl
+.venv/bin/python scripts/eval_relevance.py --dataset nq --passages 30 --n 100
+.venv/bin/python scripts/eval_relevance.py --dataset domain --passages 36 --n 40
 # key-value retrieval (~4K tokens, 42 records) and the generated domain set (~4K)
 $PY run --dataset kv --n 10 --passages 42 -c 6144 --preset full --out $R/kv-smollm2-42r.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset full --out $R/domain-gemma3-270m-36p.jsonl
