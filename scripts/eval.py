@@ -59,8 +59,6 @@ PRESETS["edges"] = [Condition("reorder", "none", order="edges"),
                     Condition("reorder+engram s1 top1", strength=1.0, top_k=1, order="edges"),
                     Condition("reorder+engram s2 top1", strength=2.0, top_k=1, order="edges"),
                     Condition("reorder+engram s1", strength=1.0, order="edges")]
-# the conditions that decide the target, for larger n (main, reordering, chunk selection)
-PRESETS["core"] = PRESETS["main"] + PRESETS["reorder"] + PRESETS["select"]
 PRESETS["full"] = PRESETS["main"] + PRESETS["reorder"] + PRESETS["near"] + PRESETS["probe"]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
