@@ -8,6 +8,9 @@ reported as ratios to unpatched.
     .venv/bin/python scripts/bench_hook.py --ctx 2048 --reps 3            # SmolLM2-135M
     .venv/bin/python scripts/bench_hook.py --model synth:qwen35 --ctx 2048
     .venv/bin/python scripts/bench_hook.py --callgrind --ctx 512     # instructions, not seconds
+    # GPU (scripts/device_check.sh): Qwen3.5-2B-shaped Q8_0, all layers offloaded, 8K prompt
+    python3 scripts/bench_hook.py --model synth:qwen35-2b:q8_0 --ctx 8192 --n-gpu-layers 99 --inner 3 \
+        --unpatched-lib .device/build-cuda/bin-unpatched
 
 --callgrind counts the instructions executed inside llama_decode (valgrind, one thread), which
 repeat exactly from run to run, where seconds on a shared VM vary by ±10%.
@@ -48,10 +51,12 @@ CHILD = r'''
 import ctypes, json, os, sys, time
 import numpy as np
 variant, model, n_ctx, n_prompt, n_gen, fa = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
+ngl, inner = int(sys.argv[7]), int(sys.argv[8])
 import llama_cpp as lc
 _quiet = lc.llama_log_callback(lambda *a: None)  # kept referenced: llama.cpp calls it later
 lc.llama_log_set(_quiet, ctypes.c_void_p(0))
 mp = lc.llama_model_default_params()
+mp.n_gpu_layers = ngl
 m = lc.llama_model_load_from_file(model.encode(), mp)
 cp = lc.llama_context_default_params()
 nt = int(os.environ.get("BENCH_THREADS") or os.cpu_count())
@@ -80,12 +85,15 @@ def decode(tokens, pos0):
         assert lc.llama_decode(ctx, bt) == 0
         lc.llama_batch_free(bt)
 decode(ids[:64], 0)  # warm-up
-lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-t0 = time.perf_counter(); decode(ids[:n_prompt], 0); t1 = time.perf_counter()
-for k in range(n_gen):
-    decode(ids[n_prompt + k: n_prompt + k + 1], n_prompt + k)
-t2 = time.perf_counter()
-print(json.dumps({"prefill_tps": n_prompt / (t1 - t0), "decode_tps": n_gen / (t2 - t1)}))
+best_p = best_d = float("inf")
+for _ in range(inner):  # best of `inner` runs in this process (a GPU run is short next to loading the model)
+    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+    t0 = time.perf_counter(); decode(ids[:n_prompt], 0); lc.llama_synchronize(ctx); t1 = time.perf_counter()
+    for k in range(n_gen):
+        decode(ids[n_prompt + k: n_prompt + k + 1], n_prompt + k)
+    lc.llama_synchronize(ctx); t2 = time.perf_counter()
+    best_p, best_d = min(best_p, t1 - t0), min(best_d, t2 - t1)
+print(json.dumps({"prefill_tps": n_prompt / best_p, "decode_tps": n_gen / best_d}))
 '''
 
 
@@ -97,14 +105,20 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fa", default="0,1")
     ap.add_argument("--callgrind", action="store_true", help="count instructions in llama_decode (valgrind)")
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (99: all)")
+    ap.add_argument("--inner", type=int, default=1, help="timed runs per process, best kept")
+    ap.add_argument("--unpatched-lib", default=None,
+                    help="directory of an unpatched libllama of the same commit (default: built here from the sdist)")
     args = ap.parse_args()
     import engram_llama
     from engram_llama.cli import default_model
     model = args.model or default_model()
     if model.startswith("synth:"):
         from engram_llama import synth
-        model = str(synth.cached_model(model.split(":", 1)[1]))
-    libs = {"unpatched": unpatched_lib(), "patched": engram_llama.lib_path().parent}
+        _, name, *quant = model.split(":")
+        model = str(synth.cached_model(name, quant=quant[0] if quant else None))
+    libs = {"unpatched": Path(args.unpatched_lib) if args.unpatched_lib else unpatched_lib(),
+            "patched": engram_llama.lib_path().parent}
     n_prompt = args.ctx - args.gen - 8
     if args.callgrind:
         return callgrind(model, libs, args, n_prompt)
@@ -117,7 +131,8 @@ def main():
                 env.pop("ENGRAM_LLAMA_LIB_DIR", None)
                 if v != "unpatched":
                     env["ENGRAM_LLAMA_LIB_DIR"] = str(libs["patched"])
-                out = subprocess.run([sys.executable, "-c", CHILD, v, model, str(args.ctx), str(n_prompt), str(args.gen), str(fa)],
+                out = subprocess.run([sys.executable, "-c", CHILD, v, model, str(args.ctx), str(n_prompt), str(args.gen), str(fa),
+                                      str(args.n_gpu_layers), str(args.inner)],
                                      env=env, capture_output=True, text=True)
                 if out.returncode != 0:
                     sys.exit(f"bench child {v} failed ({out.returncode}): {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
@@ -126,7 +141,8 @@ def main():
                     res.setdefault((fa, v, k), []).append(val)
                 print(f"rep {rep} fa {fa} {v:10} prefill {r['prefill_tps']:8.1f} tok/s  decode {r['decode_tps']:7.1f} tok/s",
                       file=sys.stderr, flush=True)
-    print(f"\nmodel {Path(model).name}, prompt {n_prompt} tokens, {args.gen} decoded, {args.reps} reps, {os.cpu_count()} threads")
+    print(f"\nmodel {Path(model).name}, prompt {n_prompt} tokens, {args.gen} decoded, {args.reps} reps x best of "
+          f"{args.inner}, {os.cpu_count()} threads, {args.n_gpu_layers} layers on the GPU")
     print("| FA | variant | prefill tok/s (median) | ratio min / median | decode tok/s (median) | ratio min / median |")
     print("|---|---|---|---|---|---|")
     for fa in [int(x) for x in args.fa.split(",")]:
@@ -153,7 +169,7 @@ def callgrind(model, libs, args, n_prompt):
                 env["ENGRAM_LLAMA_LIB_DIR"] = str(libs["patched"])
             out = subprocess.run(["valgrind", "--tool=callgrind", "--toggle-collect=llama_context::decode(llama_batch const&)",
                                   "--callgrind-out-file=/dev/null", sys.executable, "-c", CHILD, v, model,
-                                  str(args.ctx), str(n_prompt), str(args.gen), str(fa)],
+                                  str(args.ctx), str(n_prompt), str(args.gen), str(fa), "0", "1"],
                                  env=env, capture_output=True, text=True)
             m = re.search(r"Collected\s*:\s*(\d+)", out.stderr)
             if out.returncode != 0 or not m:

@@ -1,4 +1,5 @@
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +10,15 @@ from engram_llama import synth
 from engram_llama.lowlevel import Context, Model
 
 ARCHS = ["llama", "gemma3", "qwen35"]
+# layers of the generated models offloaded to a GPU (scripts/device_check.sh runs the hook's
+# numeric tests with 99 on a CUDA build); 0, the CPU, everywhere else
+N_GPU_LAYERS = int(os.environ.get("ENGRAM_TEST_N_GPU_LAYERS", "0"))
 
 
 @pytest.fixture(scope="session")
 def models():
     """Tiny random-weight models of each architecture (generated once, cached)."""
-    loaded = {name: Model(synth.cached_model(name)) for name in ARCHS}
+    loaded = {name: Model(synth.cached_model(name), n_gpu_layers=N_GPU_LAYERS) for name in ARCHS}
     yield loaded
     for m in loaded.values():
         m.close()

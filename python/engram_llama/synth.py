@@ -156,12 +156,35 @@ def make_model(shape: Shape | str, path: str | os.PathLike, seed: int = 42, stde
     return path
 
 
-def cached_model(name: str, cache: str | os.PathLike | None = None, seed: int = 42) -> Path:
-    """A test model by SHAPES name, generated once into the cache directory."""
+QUANTS = {"q8_0": 7, "f16": 1}  # llama_ftype values of the types benchmarks use
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str) -> Path:
+    """Re-encode a GGUF (q8_0 is what the speed figures of the target model are quoted at)."""
+    import llama_cpp
+
+    dst = Path(dst)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANTS[quant]
+    params.nthread = os.cpu_count() or 1
+    tmp_out = dst.with_name(dst.name + ".tmp")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp_out).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"could not quantize {src} to {quant}")
+    os.replace(tmp_out, dst)
+    return dst
+
+
+def cached_model(name: str, cache: str | os.PathLike | None = None, seed: int = 42, quant: str | None = None) -> Path:
+    """A test model by SHAPES name, generated once into the cache directory (quant: see QUANTS)."""
     root = Path(cache or os.environ.get("ENGRAM_LLAMA_CACHE") or Path.home() / ".cache" / "engram-llama") / "models"
     shape = SHAPES[name]
     tag = zlib.crc32(repr((shape, seed)).encode())
     path = root / f"synth-{name}-{tag:08x}.gguf"
     if not path.exists():
         make_model(shape, path, seed=seed)
-    return path
+    if quant is None:
+        return path
+    qpath = path.with_name(f"{path.stem}-{quant}.gguf")
+    if not qpath.exists():
+        quantize(path, qpath, quant)
+    return qpath

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU side of docs/PERFORMANCE.md, on a lent NVIDIA machine (no package registry, 16 cores):
+# build the patched libllama and the unpatched one of the same commit for CUDA, run the hook's
+# numeric and API tests with the generated models on the GPU, make the Qwen3.5-2B-shaped model
+# (random weights, Q8_0) and time an 8K prefill unpatched / cleared / active, FA off and on.
+#     bash scripts/device_prepare.sh           # here, first: fills .device/ (ignored by git)
+#     bash scripts/device_check.sh             # there; `cpu` as first argument: a CPU rehearsal
+# Steps already done on the same machine (build, model) are skipped, so a rerun continues.
+# Results (logs, the bench table) go to $OUT (default .device/out).
+set -uo pipefail
+export PATH=$PATH:/usr/local/cuda/bin
+cd "$(dirname "$0")/.."
+D=$PWD/.device
+MODE=${1:-cuda}
+PY=${PYTHON:-python3}
+OUT=${OUT:-$D/out}
+mkdir -p "$OUT"
+B=$D/build-$MODE
+step() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
+
+[ -d "$D/llama" ] || { echo "device_check: no .device/llama here; run scripts/device_prepare.sh first" >&2; exit 1; }
+step "python packages"
+$PY -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$D/site" "$D"/whl/*.whl \
+    > "$OUT/pip.log" 2>&1 || { tail -3 "$OUT/pip.log"; exit 1; }
+export PYTHONPATH=$D/site:$D/py:$PWD/python:$PWD/tests
+export ENGRAM_LLAMA_CACHE=$D/cache
+
+if [ ! -e "$B/bin-unpatched/libllama.so" ]; then
+    step "build ($MODE)"
+    flags=()
+    [ "$MODE" = cuda ] && flags=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}")
+    cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$(command -v $PY)" \
+        -DENGRAM_LLAMA_SOURCE="$D/llama" -DENGRAM_UNPATCHED_SOURCE="$D/llama-unpatched" "${flags[@]}" \
+        > "$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
+    cmake --build "$B" -j "$(nproc)" > "$OUT/build.log" 2>&1 || { grep -m5 -A5 "error" "$OUT/build.log"; exit 1; }
+    # the unpatched libllama beside the same ggml libraries
+    for f in "$B"/bin/libggml*.so*; do ln -sf "$f" "$B/bin-unpatched/"; done
+fi
+export ENGRAM_LLAMA_LIB_DIR=$B/bin
+ngl=0; [ "$MODE" = cuda ] && ngl=99
+[ "$MODE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+step "hook tests, models on the GPU (background)"
+ENGRAM_TEST_N_GPU_LAYERS=$ngl $PY -m pytest -q -p no:cacheprovider tests/test_hook_numeric.py tests/test_hook_api.py \
+    > "$OUT/tests.log" 2>&1 &
+tests=$!
+
+model=${BENCH_MODEL:-qwen35-2b}
+step "model $model (Q8_0)"
+$PY -c "import engram_llama; from engram_llama import synth; print(synth.cached_model('$model', quant='q8_0'))" \
+    > "$OUT/model.log" 2>&1 || { tail -5 "$OUT/model.log"; exit 1; }
+wait $tests; trc=$?
+step "tests exit $trc: $(tail -1 "$OUT/tests.log")"
+
+step "bench"
+$PY scripts/bench_hook.py --model "synth:$model:q8_0" --ctx "${BENCH_CTX:-8192}" --gen 16 --reps "${BENCH_REPS:-3}" \
+    --inner 3 --n-gpu-layers $ngl --unpatched-lib "$B/bin-unpatched" > "$OUT/bench.md" 2> "$OUT/bench.log"
+brc=$?
+cat "$OUT/bench.md"; tail -3 "$OUT/bench.log"
+step "done (tests $trc, bench $brc)"
+exit $(( trc || brc ))
