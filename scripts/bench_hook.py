@@ -135,7 +135,8 @@ def main():
                                       str(args.n_gpu_layers), str(args.inner)],
                                      env=env, capture_output=True, text=True)
                 if out.returncode != 0:
-                    sys.exit(f"bench child {v} failed ({out.returncode}): {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+                    tail = "\n".join(out.stderr.strip().splitlines()[-25:]) or "no output"
+                    sys.exit(f"bench child {v} failed ({out.returncode}):\n{tail}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 for k, val in r.items():
                     res.setdefault((fa, v, k), []).append(val)

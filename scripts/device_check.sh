@@ -8,7 +8,7 @@
 # Steps already done on the same machine (build, model) are skipped, so a rerun continues.
 # Results (logs, the bench table) go to $OUT (default .device/out).
 set -uo pipefail
-export PATH=$PATH:/usr/local/cuda/bin
+export PATH=$PATH:/usr/local/cuda/bin PYTHONFAULTHANDLER=1
 cd "$(dirname "$0")/.."
 D=$PWD/.device
 MODE=${1:-cuda}
@@ -19,42 +19,73 @@ B=$D/build-$MODE
 step() { echo "[$(date +%T)] $*" | tee -a "$OUT/steps.log"; }
 
 [ -d "$D/llama" ] || { echo "device_check: no .device/llama here; run scripts/device_prepare.sh first" >&2; exit 1; }
+L=$D/logs; mkdir -p "$L"   # long logs; $OUT keeps the few files worth bringing back
 step "python packages"
 $PY -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$D/site" "$D"/whl/*.whl \
-    > "$OUT/pip.log" 2>&1 || { tail -3 "$OUT/pip.log"; exit 1; }
+    > "$L/pip.log" 2>&1 || { tail -3 "$L/pip.log"; exit 1; }
 export PYTHONPATH=$D/site:$D/py:$PWD/python:$PWD/tests
 export ENGRAM_LLAMA_CACHE=$D/cache
 
 if [ ! -e "$B/bin-unpatched/libllama.so" ]; then
     step "build ($MODE)"
     flags=()
-    [ "$MODE" = cuda ] && flags=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}")
+    # GGML_CUDA_NO_VMM: plain cudaMalloc for ggml's pool, no virtual-memory-management calls
+    # (sandboxed GPU machines); both libllamas share these ggml libraries, so the comparison holds
+    [ "$MODE" = cuda ] && flags=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" -DGGML_CUDA_NO_VMM=ON)
     cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$(command -v $PY)" \
         -DENGRAM_LLAMA_SOURCE="$D/llama" -DENGRAM_UNPATCHED_SOURCE="$D/llama-unpatched" "${flags[@]}" \
-        > "$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
-    cmake --build "$B" -j "$(nproc)" > "$OUT/build.log" 2>&1 || { grep -m5 -A5 "error" "$OUT/build.log"; exit 1; }
+        > "$L/configure.log" 2>&1 || { tail -20 "$L/configure.log"; exit 1; }
+    cmake --build "$B" -j "$(nproc)" > "$L/build.log" 2>&1 || { grep -m5 -A5 "error" "$L/build.log"; exit 1; }
     # the unpatched libllama beside the same ggml libraries
     for f in "$B"/bin/libggml*.so*; do ln -sf "$f" "$B/bin-unpatched/"; done
 fi
 export ENGRAM_LLAMA_LIB_DIR=$B/bin
 ngl=0; [ "$MODE" = cuda ] && ngl=99
-[ "$MODE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-
-step "hook tests, models on the GPU (background)"
-ENGRAM_TEST_N_GPU_LAYERS=$ngl $PY -m pytest -q -p no:cacheprovider tests/test_hook_numeric.py tests/test_hook_api.py \
-    > "$OUT/tests.log" 2>&1 &
-tests=$!
 
 model=${BENCH_MODEL:-qwen35-2b}
-step "model $model (Q8_0)"
+step "model $model (Q8_0, background)"
 $PY -c "import engram_llama; from engram_llama import synth; print(synth.cached_model('$model', quant='q8_0'))" \
-    > "$OUT/model.log" 2>&1 || { tail -5 "$OUT/model.log"; exit 1; }
+    > "$L/model.log" 2>&1 &
+mk=$!
+
+# one decode on the GPU first, under the environments that may be needed, keeping the first that works
+{
+    [ "$MODE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    ldd "$B/bin/libggml-cuda.so" 2>/dev/null | grep -iE "cublas|cudart|libcuda|stdc"
+    for l in "$B"/bin/libllama.so "$B"/bin-unpatched/libllama.so; do echo "$l needs:"; readelf -d "$l" | grep NEEDED; done
+    # 2026-11-26 (H200): model loading crashed in llama_model::print_info, inside an ostream
+    # insert that the backtrace placed in libggml-cuda.so: does it export libstdc++ code?
+    echo "std:: symbols exported by libggml-cuda: $(nm -D --defined-only "$B/bin/libggml-cuda.so" | c++filt | grep -c ' std::')"
+    nm -D --defined-only "$B/bin/libggml-cuda.so" | c++filt | grep ' std::' | grep -E "_M_insert|num_put" | head -5
+} > "$OUT/smoke.log" 2>&1
+ok=""
+stdcxx=$(g++ -print-file-name=libstdc++.so.6 2>/dev/null)
+for env in "" "LD_PRELOAD=$stdcxx" "LD_PRELOAD=$stdcxx GGML_CUDA_DISABLE_GRAPHS=1"; do
+    step "smoke: env [$env]"
+    echo "== env [$env]" >> "$OUT/smoke.log"
+    if env $env ENGRAM_TEST_N_GPU_LAYERS=$ngl timeout 90 $PY -X faulthandler -m pytest -x -q -p no:cacheprovider \
+        "tests/test_hook_numeric.py::test_zero_and_cleared_bias_are_bit_identical" >> "$OUT/smoke.log" 2>&1; then
+        ok=1; break
+    fi
+done
+[ -n "$ok" ] || { step "no environment ran a decode on the GPU; see smoke.log"; tail -40 "$OUT/smoke.log"; exit 1; }
+[ -n "$env" ] && export $env
+step "using env [$env]"
+
+step "hook tests, models on the GPU (background)"
+ENGRAM_TEST_N_GPU_LAYERS=$ngl $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/test_hook_numeric.py \
+    tests/test_hook_api.py > "$OUT/tests.log" 2>&1 &
+tests=$!
+wait $mk || { tail -5 "$L/model.log"; exit 1; }
+step "model: $(tail -1 "$L/model.log")"
 wait $tests; trc=$?
 step "tests exit $trc: $(tail -1 "$OUT/tests.log")"
 
 step "bench"
-$PY scripts/bench_hook.py --model "synth:$model:q8_0" --ctx "${BENCH_CTX:-8192}" --gen 16 --reps "${BENCH_REPS:-3}" \
-    --inner 3 --n-gpu-layers $ngl --unpatched-lib "$B/bin-unpatched" > "$OUT/bench.md" 2> "$OUT/bench.log"
+$PY -X faulthandler scripts/bench_hook.py --model "synth:$model:q8_0" --ctx "${BENCH_CTX:-8192}" --gen 16 \
+    --reps "${BENCH_REPS:-3}" --inner 3 --n-gpu-layers $ngl --unpatched-lib "$B/bin-unpatched" \
+    > "$OUT/bench.md" 2> "$OUT/bench.log"
 brc=$?
 cat "$OUT/bench.md"; tail -3 "$OUT/bench.log"
 step "done (tests $trc, bench $brc)"
