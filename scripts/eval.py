@@ -166,6 +166,34 @@ def report(path, against="vanilla"):
             print(f"| {c} | {s} | {n} | {100 * k / max(n, 1):.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {wr} | {rf} | {vs} | {p} |")
 
 
+def pooled(paths, condition, against, slot="first", exclude=()):
+    """One condition against another over several files (models, lengths), paired by file and item
+    at one slot: the test across runs that each alone are too small. `exclude`: result files whose
+    items are left out (where a setting was chosen, so the rest is its held-out test)."""
+    skip = {r["id"] for f in exclude for r in load_rows(f)}
+    print(f"{condition} against {against}, slot {slot}" + (f", leaving out the {len(skip)} items of "
+                                                           f"{', '.join(exclude)}" if skip else "") + "\n")
+    print(f"| file | n | {against} | {condition} | +/- | McNemar p |")
+    print("|---|---|---|---|---|---|")
+    tot = [0, 0, 0, 0, 0]  # n, base correct, cond correct, gained, lost
+    for path in paths:
+        res = {}
+        for r in load_rows(path):
+            if r["slot"] == slot and r["condition"] in (condition, against) and r["id"] not in skip:
+                res.setdefault(r["condition"], {})[r["id"]] = r["judge"] == "correct"
+        a, c = res.get(against, {}), res.get(condition, {})
+        ids = [i for i in c if i in a]
+        row = [len(ids), sum(a[i] for i in ids), sum(c[i] for i in ids),
+               sum(c[i] and not a[i] for i in ids), sum(a[i] and not c[i] for i in ids)]
+        tot = [x + y for x, y in zip(tot, row)]
+        n = max(row[0], 1)
+        print(f"| {Path(path).name} | {row[0]} | {100 * row[1] / n:.0f}% | {100 * row[2] / n:.0f}% | "
+              f"+{row[3]}/-{row[4]} | {mcnemar(row[3], row[4]):.3f} |")
+    n = max(tot[0], 1)
+    print(f"| **all** | {tot[0]} | {100 * tot[1] / n:.0f}% | {100 * tot[2] / n:.0f}% | +{tot[3]}/-{tot[4]} | "
+          f"{mcnemar(tot[3], tot[4]):.3f} |")
+
+
 def plot(path, out_png, conds=("vanilla", "engram", "oracle", "reorder")):
     """Accuracy against gold position, one line per condition, Wilson 95% bars."""
     import matplotlib
@@ -221,12 +249,21 @@ def main():
     p = sub.add_parser("report")
     p.add_argument("path")
     p.add_argument("--against", default="vanilla", help="the condition the paired test compares with")
+    po = sub.add_parser("pooled", help="one condition against another over several result files, paired")
+    po.add_argument("paths", nargs="+")
+    po.add_argument("--condition", required=True)
+    po.add_argument("--against", required=True)
+    po.add_argument("--slot", default="first")
+    po.add_argument("--exclude", nargs="*", default=[], help="result files whose items are left out")
     g = sub.add_parser("plot")
     g.add_argument("path")
     g.add_argument("-o", "--out", required=True)
     args = ap.parse_args()
     if args.cmd == "report":
         report(args.path, args.against)
+        return 0
+    if args.cmd == "pooled":
+        pooled(args.paths, args.condition, args.against, args.slot, args.exclude)
         return 0
     if args.cmd == "session-report":
         session_report(args.path)

@@ -40,6 +40,9 @@ fi
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset select --out $R/nq-gemma3-270m-30p.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 40 --passages 30 -c 6144 --preset edges --out $R/nq-gemma3-270m-30p-r2.jsonl
 $PY run --n 40 --passages 30 -c 6144 --preset edges --out $R/nq-smollm2-30p-r2.jsonl
+# the same at ~8K (58 passages)
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 40 --passages 58 -c 8192 --preset edges --out $R/nq-gemma3-270m-58p-r2.jsonl
+$PY run --n 40 --passages 58 -c 8192 --preset edges --out $R/nq-smollm2-58p-r2.jsonl
 .venv/bin/python scripts/eval_relevance.py --dataset nq --passages 30 --n 100
 .venv/bin/python scripts/eval_relevance.py --dataset domain --passages 36 --n 40
 # key-value retrieval (~4K tokens, 42 records) and the generated domain set (~4K)
