@@ -202,7 +202,8 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         if c.relevance == "none":
             eng.hook.clear()
             return 0.0
-        sel = ([(next(s for s in scored if s.chunk.id == gold_id), 1.0)] if c.relevance == "oracle"
+        # the oracle biases the gold, unless the prompt had no room for it (then nothing)
+        sel = ([(s, 1.0) for s in scored if s.chunk.id == gold_id] if c.relevance == "oracle"
                else relevance.select(scored, c.top_k, c.margin))
         strength = c.strength or auto_strength(len(prompt.tokens))
         b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near)
@@ -251,8 +252,9 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                     prompt, pm, scored, dropped = eng.prepare(it.question, chunks, 16)
                     if dropped:
                         log(f"{it.id}: {len(dropped)} passages did not fit")
-                    rank = next(r for r, s in enumerate(scored) if s.chunk.id == k)
-                    pos = prompt.chunk_order.index(k)
+                    # -1: the pipeline ranked the gold so low that it was dropped to fit the context
+                    rank = next((r for r, s in enumerate(scored) if s.chunk.id == k), -1)
+                    pos = prompt.chunk_order.index(k) if k in prompt.chunk_order else -1
                     key = tuple(prompt.tokens)
                     need = [c for c in conds if (key, c.name) not in cache]
                     t_prefill = 0.0
