@@ -175,23 +175,35 @@ def pooled(paths, condition, against, slot="first", exclude=()):
                                                            f"{', '.join(exclude)}" if skip else "") + "\n")
     print(f"| file | n | {against} | {condition} | +/- | McNemar p |")
     print("|---|---|---|---|---|---|")
-    tot = [0, 0, 0, 0, 0]  # n, base correct, cond correct, gained, lost
+    def tally(ids, a, c):  # n, base correct, cond correct, gained, lost
+        return [len(ids), sum(a[i] for i in ids), sum(c[i] for i in ids),
+                sum(c[i] and not a[i] for i in ids), sum(a[i] and not c[i] for i in ids)]
+
+    def line(name, t):
+        n = max(t[0], 1)
+        p = mcnemar(t[3], t[4])
+        ptxt = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+        print(f"| {name} | {t[0]} | {100 * t[1] / n:.0f}% | {100 * t[2] / n:.0f}% | +{t[3]}/-{t[4]} | {ptxt} |")
+
+    tot, first, lower = [0] * 5, [0] * 5, [0] * 5
     for path in paths:
-        res = {}
+        res, top = {}, {}
         for r in load_rows(path):
             if r["slot"] == slot and r["condition"] in (condition, against) and r["id"] not in skip:
                 res.setdefault(r["condition"], {})[r["id"]] = r["judge"] == "correct"
+                if r["condition"] == against:
+                    top[r["id"]] = r.get("gold_rank") == 0
         a, c = res.get(against, {}), res.get(condition, {})
         ids = [i for i in c if i in a]
-        row = [len(ids), sum(a[i] for i in ids), sum(c[i] for i in ids),
-               sum(c[i] and not a[i] for i in ids), sum(a[i] and not c[i] for i in ids)]
+        row = tally(ids, a, c)
         tot = [x + y for x, y in zip(tot, row)]
-        n = max(row[0], 1)
-        print(f"| {Path(path).name} | {row[0]} | {100 * row[1] / n:.0f}% | {100 * row[2] / n:.0f}% | "
-              f"+{row[3]}/-{row[4]} | {mcnemar(row[3], row[4]):.3f} |")
-    n = max(tot[0], 1)
-    print(f"| **all** | {tot[0]} | {100 * tot[1] / n:.0f}% | {100 * tot[2] / n:.0f}% | +{tot[3]}/-{tot[4]} | "
-          f"{mcnemar(tot[3], tot[4]):.3f} |")
+        first = [x + y for x, y in zip(first, tally([i for i in ids if top[i]], a, c))]
+        lower = [x + y for x, y in zip(lower, tally([i for i in ids if not top[i]], a, c))]
+        line(Path(path).name, row)
+    line("**all**", tot)
+    # where the difference comes from: prompts whose gold the pipeline ranked first, or lower
+    line("all, gold ranked first", first)
+    line("all, gold ranked lower", lower)
 
 
 def plot(path, out_png, conds=("vanilla", "engram", "oracle", "reorder")):
