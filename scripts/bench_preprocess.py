@@ -25,6 +25,7 @@ import engram_llama  # noqa: E402,F401
 from engram_llama import align, bias as bias_mod, datasets, pointer_map, relevance  # noqa: E402
 from engram_llama.chunks import Chunk  # noqa: E402
 from engram_llama.extract import Extractor  # noqa: E402
+from engram_llama.runtime import TOP_K  # noqa: E402
 
 
 def stages(eng, ex, question, chunks):
@@ -45,7 +46,7 @@ def stages(eng, ex, question, chunks):
     prompt = align.align(text, toks, pieces, n_prefix, spans, q_char, [c.id for c in chunks])
     t["render+tokenize+align"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bias_mod.build(prompt, relevance.select(scored, 3), 4.0, "chunk", pm, question)
+    bias_mod.build(prompt, relevance.select(scored, TOP_K), 4.0, "chunk", pm, question)
     t["bias"] = time.perf_counter() - t0
     t["total"] = sum(t.values())
     return t, prompt
