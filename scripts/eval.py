@@ -60,6 +60,14 @@ PRESETS["edges"] = [Condition("reorder", "none", order="edges"),
                     Condition("reorder+engram s2 top1", strength=2.0, top_k=1, order="edges"),
                     Condition("reorder+engram s1", strength=1.0, order="edges")]
 PRESETS["full"] = PRESETS["main"] + PRESETS["reorder"] + PRESETS["near"] + PRESETS["probe"]
+# the target's own table (vanilla, the defaults in both orders, the oracle, reordering) and, for
+# sets where relevance is near perfect (the domain set, KV), which part of the default misses:
+# strength (+2 vs the length's), the chunks it spreads over (top-1, margin weights), near-question ramp
+PRESETS["target"] = PRESETS["main"] + [
+    Condition("reorder", "none", order="edges"), Condition("reorder+engram s1 top1", strength=1.0, top_k=1, order="edges"),
+    Condition("engram s2", strength=2.0), Condition("oracle s2", "oracle", strength=2.0),
+    Condition("engram top1", strength=0, top_k=1), Condition("engram top1 s2", strength=2.0, top_k=1),
+    Condition("engram margin", strength=0, margin=0.1), Condition("engram near2", strength=0, near=2.0)]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),
@@ -206,6 +214,29 @@ def pooled(paths, condition, against, slot="first", exclude=()):
     line("all, gold ranked lower", lower)
 
 
+def agree(paths, a, b):
+    """Do two conditions give the same judgement on the same prompt, split by whether the pipeline
+    ranked the gold first? (The pipeline's top-1 and the oracle bias the same chunk exactly when
+    it did, so any gap between them has to come from the other prompts.)"""
+    print(f"{a} against {b}, same prompt (item and slot), same strength\n")
+    print("| file | gold ranked | prompts | same judgement | both correct | only " + a + " | only " + b + " |")
+    print("|---|---|---|---|---|---|---|")
+    for path in paths:
+        rows = {(r["id"], r["slot"], r["condition"]): r for r in load_rows(path)}
+        for first in (True, False):
+            t = [0] * 5
+            for (i, s, c), ra in rows.items():
+                rb = rows.get((i, s, b))
+                if c != a or rb is None or ra.get("strength") != rb.get("strength") or \
+                        (ra.get("gold_rank") == 0) != first:
+                    continue
+                ca, cb = ra["judge"] == "correct", rb["judge"] == "correct"
+                t = [t[0] + 1, t[1] + (ra["judge"] == rb["judge"]), t[2] + (ca and cb), t[3] + (ca and not cb),
+                     t[4] + (cb and not ca)]
+            if t[0]:
+                print(f"| {Path(path).name} | {'first' if first else 'lower'} | " + " | ".join(map(str, t)) + " |")
+
+
 def plot(path, out_png, conds=("vanilla", "engram", "oracle", "reorder")):
     """Accuracy against gold position, one line per condition, Wilson 95% bars."""
     import matplotlib
@@ -267,6 +298,10 @@ def main():
     po.add_argument("--against", required=True)
     po.add_argument("--slot", default="first")
     po.add_argument("--exclude", nargs="*", default=[], help="result files whose items are left out")
+    ag = sub.add_parser("agree", help="two conditions' judgements on the same prompts, by gold rank")
+    ag.add_argument("paths", nargs="+")
+    ag.add_argument("--a", required=True)
+    ag.add_argument("--b", required=True)
     g = sub.add_parser("plot")
     g.add_argument("path")
     g.add_argument("-o", "--out", required=True)
@@ -276,6 +311,9 @@ def main():
         return 0
     if args.cmd == "pooled":
         pooled(args.paths, args.condition, args.against, args.slot, args.exclude)
+        return 0
+    if args.cmd == "agree":
+        agree(args.paths, args.a, args.b)
         return 0
     if args.cmd == "session-report":
         session_report(args.path)

@@ -46,9 +46,9 @@ $PY run --n 40 --passages 58 -c 8192 --preset edges --out $R/nq-smollm2-58p-r2.j
 .venv/bin/python scripts/eval_relevance.py --dataset nq --passages 30 --n 100
 .venv/bin/python scripts/eval_relevance.py --dataset domain --passages 36 --n 40
 # key-value retrieval (~4K tokens, 42 records) and the generated domain set (~4K)
-$PY run --dataset kv --n 10 --passages 42 -c 6144 --preset full --out $R/kv-smollm2-42r.jsonl
-[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset full --out $R/domain-gemma3-270m-36p.jsonl
-$PY run --dataset domain --n 12 --passages 36 -c 6144 --preset full --out $R/domain-smollm2-36p.jsonl
+$PY run --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-smollm2-36p.jsonl
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-gemma3-270m-36p.jsonl
+$PY run --dataset kv --n 8 --passages 42 -c 6144 --preset target --out $R/kv-smollm2-42r.jsonl
 # SmolLM2 at ~8K (58 passages)
 $PY run --n 12 --passages 58 -c 8192 --preset full --out $R/nq-smollm2-58p.jsonl
 $PY run --n 12 --passages 58 -c 8192 --preset long --out $R/nq-smollm2-58p.jsonl

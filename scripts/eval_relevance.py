@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where relevance ranks the gold passage, without a model: the ranking that the bias and the
 reordering both follow. Compares BM25 over the chunk text alone or with its source label (the
-title the model reads in "Document [k] (TITLE)"), and the weight of the entity score.
+title the model reads in "Document [k] (TITLE)"), stemmed or not, and the weight of the entity score.
 
     .venv/bin/python scripts/eval_relevance.py --dataset nq --passages 30 --n 100
     .venv/bin/python scripts/eval_relevance.py --dataset domain --passages 36 --n 40
@@ -27,15 +27,24 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=30)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--items", default=None, metavar="A-B",
+                    help="items A..B-1 in file order instead of --n drawn at random (e.g. 500-1000: none "
+                         "of them is in an accuracy run)")
     a = ap.parse_args()
     data = a.data or {"nq": "../shared/data/nq-open-dev.jsonl.gz",
                       "kv": "../shared/data/kv-retrieval-75-dev.jsonl.gz"}.get(a.dataset)
     items = datasets.load(a.dataset, a.passages, data, n_items=max(a.n, 200), seed=a.seed)
     rng = np.random.default_rng(a.seed)
+    if a.items:
+        lo, hi = (int(x) for x in a.items.split("-"))
+        pick = np.arange(lo, min(hi, len(items)))
+    else:
+        pick = rng.permutation(len(items))[:a.n]
     table = default_table()
     ex = Extractor(table=table)
-    ranks: dict[tuple[bool, float], list[int]] = {}
-    for idx in rng.permutation(len(items))[:a.n]:
+    ranks: dict[tuple[bool, bool, float], list[int]] = {}
+    variants = [(False, False, 0.25)] + [(True, stem, w) for stem in (False, True) for w in (0.0, 0.25, 0.5)]
+    for idx in pick:
         it = items[idx]
         passages = list(it.distractors[:a.passages - 1])
         g = min(int(rng.integers(0, a.passages)), len(passages))
@@ -43,18 +52,23 @@ def main() -> None:
         chunks = [Chunk(k, t, x) for k, (t, x) in enumerate(passages)]
         ents = ex([it.question] + [c.text for c in chunks])
         pm = pointer_map.build(ents[0], chunks, ents[1:], table)
-        for source in (False, True):
-            for w in (0.0, 0.25, 0.5):
-                sc = relevance.score(it.question, chunks, pm, entity_weight=w, with_source=source)
-                ranks.setdefault((source, w), []).append(next(r for r, s in enumerate(sc) if s.chunk.id == g))
-    print(f"{a.dataset}, {a.passages} passages, {a.n} items: where the gold passage ranks\n")
-    print("| BM25 over | entity weight | top-1 | top-3 | mean rank |")
-    print("|---|---|---|---|---|")
-    for (source, w), v in ranks.items():
+        for source, stem, w in variants:
+            sc = relevance.score(it.question, chunks, pm, entity_weight=w, with_source=source, stem=stem)
+            ranks.setdefault((source, stem, w), []).append(next(r for r, s in enumerate(sc) if s.chunk.id == g))
+    print(f"{a.dataset}, {a.passages} passages, {len(pick)} items"
+          f"{f' ({a.items})' if a.items else ''}: where the gold passage ranks\n")
+    print("| BM25 over | stemmed | entity weight | top-1 | top-3 | mean rank |")
+    print("|---|---|---|---|---|---|")
+    for (source, stem, w), v in ranks.items():
         v = np.array(v)
-        print(f"| {'source + text' if source else 'text'} | {w} | {100 * (v == 0).mean():.0f}% | "
+        print(f"| {'source + text' if source else 'text'} | {'yes' if stem else 'no'} | {w} | {100 * (v == 0).mean():.0f}% | "
               f"{100 * (v < 3).mean():.0f}% | {v.mean():.1f} |")
+    # the shipped ranking against the previous one, paired per prompt
+    r2, r3 = np.array(ranks[(True, False, 0.25)]), np.array(ranks[(True, True, 0.25)])
+    print(f"\nstemmed (r3) against unstemmed (r2), entity weight 0.25, gold first: "
+          f"+{int(((r3 == 0) & (r2 != 0)).sum())}/-{int(((r2 == 0) & (r3 != 0)).sum())} of {len(r2)} prompts")
 
 
 if __name__ == "__main__":
     main()
+

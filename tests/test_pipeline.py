@@ -229,3 +229,18 @@ def test_chunk_strength_ramps_from_the_question():
     # dist = (1000 - end) / 1000; strength = 2 + 2 * min(1, dist / 0.25)
     assert got == pytest.approx([2.0, 3.0, 4.0, 4.0])
     assert bias.chunk_strength(p, 0, 4.0, None) == 4.0
+
+
+def test_bm25_stems_so_inflected_words_match():
+    # NQ: "who is the guy who walked across the twin towers" against "Petit ... walk between the
+    # towers": without stemming neither "walked" nor "towers" matches, and the distractor that
+    # repeats "guy" wins
+    chunks = [Chunk(0, "Philippe Petit", "A high-wire artist, famous for his walk between the tower tops."),
+              Chunk(1, "Guy Fawkes", "Guy Fawkes took part in a plot in 1605."),
+              Chunk(2, "Winter", "Snow falls in the hills and the roads close for a week.")]
+    q = "who is the guy who walked across the twin towers"
+    plain = relevance.bm25_scores(q, chunks, stem=False)
+    stemmed = relevance.bm25_scores(q, chunks)
+    assert int(np.argmax(plain)) == 1 and plain[0] == 0.0
+    assert int(np.argmax(stemmed)) == 0 and stemmed[0] > stemmed[1] > 0.0
+    assert plain[1] == pytest.approx(stemmed[1])   # "guy" needs no stemming: same score

@@ -278,7 +278,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                                "judge": judge(cache[(key, c.name)]["answer"], it.answers), "answers": it.answers,
                                "gold_rank": rank,
                                "gold_pos": pos, "n_passages": len(prompt.chunk_order), "n_tokens": len(prompt.tokens),
-                               "table": n_table}
+                               "table": n_table, "ranking": relevance.RANKING}
                         f.write(json.dumps(rec) + "\n")
                         f.flush()
                     eng.settings.order = "keep"
