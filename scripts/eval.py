@@ -67,7 +67,8 @@ PRESETS["target"] = PRESETS["main"] + [
     Condition("reorder", "none", order="edges"), Condition("reorder+engram s1 top1", strength=1.0, top_k=1, order="edges"),
     Condition("engram s2", strength=2.0), Condition("oracle s2", "oracle", strength=2.0),
     Condition("engram top1", strength=0, top_k=1), Condition("engram top1 s2", strength=2.0, top_k=1),
-    Condition("engram margin", strength=0, margin=0.1), Condition("engram near2", strength=0, near=2.0)]
+    Condition("engram margin", strength=0, margin=0.1), Condition("engram near2", strength=0, near=2.0),
+    Condition("engram top1 near2", strength=0, top_k=1, near=2.0)]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),
@@ -281,6 +282,7 @@ def main():
     r.add_argument("-c", "--ctx-size", type=int, default=4096)
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
     r.add_argument("--dataset", choices=["nq", "kv", "domain"], default="nq")
+    r.add_argument("--slots", default="first,middle,last", help="gold slots to run, comma-separated")
     se = sub.add_parser("session", help="several questions on one fixed context: cached documents vs reordering")
     se.add_argument("--model", default=None)
     se.add_argument("--out", required=True)
@@ -329,12 +331,15 @@ def main():
         session(args.model or default_model(), args.out, n_questions=args.n, n_ctx=args.ctx_size,
                 chat=not args.no_chat, log=log)
         return 0
+    slots = tuple(args.slots.split(","))
+    if not slots or any(x not in ("first", "middle", "last") for x in slots):
+        ap.error(f"--slots {args.slots!r}: comma-separated first, middle, last")
     data = args.data
     if args.dataset == "kv" and data.endswith("nq-open-dev.jsonl.gz"):
         data = str(ROOT.parent / "shared" / "data" / "kv-retrieval-75-dev.jsonl.gz")
     run(args.model or default_model(), args.out, n_items=args.n, n_passages=args.passages,
         conditions=PRESETS[args.preset], data=data, n_ctx=args.ctx_size, chat=not args.no_chat,
-        log=log, dataset=args.dataset)
+        log=log, dataset=args.dataset, slots=slots)
     return 0
 
 
