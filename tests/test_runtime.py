@@ -64,9 +64,30 @@ def test_reordered_prompts_get_plus_one_on_the_best_chunk_alone(chunks):
     best = a.scored[0].chunk.id
     assert pos[best] == len(chunks)
     assert [(s.chunk_id, s.value) for s in a.spans] == [(best, pytest.approx(1.0))]
-    assert chunk_choice(Settings(order="edges"), 4096) == (1.0, 1)
-    assert chunk_choice(Settings(), 4096) == (4.0, 3)  # the given order: the length's strength, top 3
+    assert chunk_choice(Settings(order="edges"), 4096) == (1.0, 1, None)
+    assert chunk_choice(Settings(), 4096) == (4.0, 3, None)  # the given order: the length's strength, top 3
+    assert chunk_choice(Settings(near=2.0, top_k=1), 4096) == (4.0, 1, 2.0)
     eng.settings = Settings(order="edges", strength=2.5, top_k=2)
     b = eng.ask(q, chunks, max_tokens=4)
     assert len(b.citations) == 2 and b.spans[0].value == pytest.approx(2.5)
     eng.close()
+
+
+def test_near_lowers_the_bias_of_chunks_next_to_the_question(chunks):
+    # with --near the chunk that ends at the question gets `near`, chunks a quarter of the prompt
+    # or more away the full strength, linear in between; each times its relevance weight
+    q = "Which district has its headquarters at Kakkanad?"
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2,
+                      settings=Settings(strength=4.0, near=2.0, top_k=len(chunks)))
+    a = eng.ask(q, chunks, max_tokens=2)
+    prompt, *_ = eng.prepare(q, chunks, 2)
+    eng.close()
+    smax = a.scored[0].score
+    weight = {s.chunk.id: s.score / smax for s in a.scored}
+    q0 = prompt.question_token
+    seen_near = False
+    for sp in a.spans:
+        dist = (q0 - prompt.chunk_tokens[sp.chunk_id][1]) / q0
+        seen_near |= dist < 0.25
+        assert sp.value == pytest.approx(weight[sp.chunk_id] * (2.0 + 2.0 * min(1.0, dist / 0.25)), rel=1e-6)
+    assert seen_near and len(a.spans) >= 3

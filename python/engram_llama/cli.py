@@ -146,6 +146,8 @@ def cmd_run(args) -> int:
         raise UsageError("no question: give it after the options, or use -i")
     if args.strength is not None and not (args.strength == args.strength and abs(args.strength) < 1e6):
         raise UsageError(f"invalid --strength {args.strength}")
+    if args.near is not None and not (args.near == args.near and abs(args.near) < 1e6):
+        raise UsageError(f"invalid --near {args.near}")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"invalid --top-k {args.top_k}: at least 1")
     layers = parse_layers(args.layers)
@@ -161,7 +163,7 @@ def cmd_run(args) -> int:
         print(f"engram-llama: note: {n}", file=sys.stderr)
 
     table = _open_table(args.table)
-    settings = Settings(strength=args.strength, top_k=args.top_k,
+    settings = Settings(strength=args.strength, top_k=args.top_k, near=args.near,
                         granularity=args.granularity, gate=not args.no_gate, order=args.order,
                         engram=not args.no_engram)
     try:
@@ -362,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layers", help="layers to bias: 15-29, 3,7,11, all (default: per model family)")
     r.add_argument("--strength", type=float, default=None,
                    help="bias strength (default: 2 up to 2K prompt tokens, rising to 4 at 4K and beyond)")
+    r.add_argument("--near", type=float, default=None,
+                   help="strength for a chunk next to the question, rising to --strength a quarter of the "
+                        "prompt away (default: the same strength everywhere)")
     r.add_argument("--top-k", type=int, default=None,
                    help="chunks biased, scaled by relevance (default 3; 1 with --order edges)")
     r.add_argument("--granularity", choices=["chunk", "sentence", "entity"], default="chunk")

@@ -22,7 +22,8 @@ from .lowlevel import quiet_logs, token_piece
 class Settings:
     layers: list[int] | None = None   # None: the default of the model's family (default_layers)
     strength: float | None = None     # None: by prompt length (auto_strength)
-    top_k: int | None = None          # None: 3 in the given order, 1 when reordered (EDGES_TOP_K)
+    top_k: int | None = None          # None: TOP_K in the given order, 1 when reordered (EDGES_TOP_K)
+    near: float | None = None         # strength next to the question (bias.chunk_strength); None: NEAR
     granularity: str = "chunk"        # "chunk", "sentence" or "entity"
     gate: bool = True                 # bias only the question's and the answer's queries
     order: str = "keep"               # "keep" the given order or put the best chunks at the "edges"
@@ -66,10 +67,11 @@ def auto_strength(n_tokens: int) -> float:
 
 
 TOP_K = 3
+NEAR = None  # in the given order: the strength next to the question; None: the same everywhere
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 
 
-def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int]:
+def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int, float | None]:
     """Strength and top-k for a prompt of n_tokens under these settings.
 
     In the given order: the length's strength (auto_strength) on the top 3 chunks. Reordered (best
@@ -79,9 +81,9 @@ def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int]:
     (docs/EVAL.md, "Against reordering")."""
     if s.order == "edges":
         return (s.strength if s.strength is not None else EDGES_STRENGTH,
-                s.top_k if s.top_k is not None else EDGES_TOP_K)
+                s.top_k if s.top_k is not None else EDGES_TOP_K, s.near)
     return (s.strength if s.strength is not None else auto_strength(n_tokens),
-            s.top_k if s.top_k is not None else TOP_K)
+            s.top_k if s.top_k is not None else TOP_K, s.near if s.near is not None else NEAR)
 
 
 def default_layers(kinds: list[LayerKind]) -> list[int]:
@@ -167,9 +169,9 @@ class EngramLlama:
             on_token: Callable[[str], None] | None = None) -> Answer:
         s = self.settings
         prompt, pm, scored, dropped = self.prepare(question, chunks, max_tokens)
-        strength, top_k = chunk_choice(s, len(prompt.tokens))
+        strength, top_k, near = chunk_choice(s, len(prompt.tokens))
         selected = relevance.select(scored, top_k)
-        b, spans = bias_mod.build(prompt, selected, strength, s.granularity, pm, question)
+        b, spans = bias_mod.build(prompt, selected, strength, s.granularity, pm, question, near=near)
         layers = self.layers()
         gate = prompt.question_token if s.gate else 0
         if s.engram and selected:
