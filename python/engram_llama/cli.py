@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strength for a chunk next to the question, rising to --strength a quarter of the "
                         "prompt away (default: the same strength everywhere)")
     r.add_argument("--top-k", type=int, default=None,
-                   help="chunks biased, scaled by relevance (default 3; 1 with --order edges)")
+                   help="chunks biased, scaled by relevance (default 1: the best chunk alone)")
     r.add_argument("--granularity", choices=["chunk", "sentence", "entity"], default="chunk")
     r.add_argument("--order", choices=["keep", "edges"], default="keep",
                    help="chunk order: keep yours, or edges (best last, next to the question; then +1 on that chunk alone "

@@ -22,7 +22,7 @@ from .lowlevel import quiet_logs, token_piece
 class Settings:
     layers: list[int] | None = None   # None: the default of the model's family (default_layers)
     strength: float | None = None     # None: by prompt length (auto_strength)
-    top_k: int | None = None          # None: TOP_K in the given order, 1 when reordered (EDGES_TOP_K)
+    top_k: int | None = None          # None: TOP_K in the given order, EDGES_TOP_K when reordered
     near: float | None = None         # strength next to the question (bias.chunk_strength); None: NEAR
     granularity: str = "chunk"        # "chunk", "sentence" or "entity"
     gate: bool = True                 # bias only the question's and the answer's queries
@@ -66,15 +66,18 @@ def auto_strength(n_tokens: int) -> float:
     return float(np.clip(2.0 + 2.0 * np.log2(max(n_tokens, 1) / 2048.0), 2.0, 4.0))
 
 
-TOP_K = 3
+# the best chunk alone: against the top 3 (weights s_i / s_max) it gained 16 answers and lost 5 over
+# NQ ~2K (SmolLM2), NQ ~4K (Gemma-3-270M) and the domain set (SmolLM2, ~4.6K), where near-duplicate
+# distractors took the top-3 bias (docs/EVAL.md, "Top-1 or top-3")
+TOP_K = 1
 NEAR = None  # in the given order: the strength next to the question; None: the same everywhere
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 
 
 def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int, float | None]:
-    """Strength and top-k for a prompt of n_tokens under these settings.
+    """Strength, top-k and near-question strength for a prompt of n_tokens under these settings.
 
-    In the given order: the length's strength (auto_strength) on the top 3 chunks. Reordered (best
+    In the given order: the length's strength (auto_strength) on the top-1 chunk. Reordered (best
     chunk last, next to the question): +1 on that best chunk alone. On NQ at ~4K and ~8K with hard
     distractors that beat reordering alone on SmolLM2 and Gemma-3-270M (n = 40 each, pooled +28/-5
     over 160 pairs), while the length's strength on the top 3 matched or cost answers at ~4K
