@@ -65,7 +65,7 @@ def test_reordered_prompts_get_plus_one_on_the_best_chunk_alone(chunks):
     assert pos[best] == len(chunks)
     assert [(s.chunk_id, s.value) for s in a.spans] == [(best, pytest.approx(1.0))]
     assert chunk_choice(Settings(order="edges"), 4096) == (1.0, 1, None)
-    assert chunk_choice(Settings(), 4096) == (4.0, 1, None)  # the given order: the length's strength, top-1
+    assert chunk_choice(Settings(), 4096) == (4.0, 1, 2.0)  # the given order: the length's strength, top-1, +2 near
     assert chunk_choice(Settings(near=2.0, top_k=1), 4096) == (4.0, 1, 2.0)
     eng.settings = Settings(order="edges", strength=2.5, top_k=2)
     b = eng.ask(q, chunks, max_tokens=4)

@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bias strength (default: 2 up to 2K prompt tokens, rising to 4 at 4K and beyond)")
     r.add_argument("--near", type=float, default=None,
                    help="strength for a chunk next to the question, rising to --strength a quarter of the "
-                        "prompt away (default: the same strength everywhere)")
+                        "prompt away (default 2 in the given order; none with --order edges)")
     r.add_argument("--top-k", type=int, default=None,
                    help="chunks biased, scaled by relevance (default 1: the best chunk alone)")
     r.add_argument("--granularity", choices=["chunk", "sentence", "entity"], default="chunk")

@@ -70,14 +70,19 @@ def auto_strength(n_tokens: int) -> float:
 # NQ ~2K (SmolLM2), NQ ~4K (Gemma-3-270M) and the domain set (SmolLM2, ~4.6K), where near-duplicate
 # distractors took the top-3 bias (docs/EVAL.md, "Top-1 or top-3")
 TOP_K = 1
-NEAR = None  # in the given order: the strength next to the question; None: the same everywhere
+# in the given order, the strength for a chunk next to the question (rising to the length's strength
+# a quarter of the prompt away): small models already read that chunk, and +4 there makes them copy
+# it instead of answering (domain set, gold last, top-1: SmolLM2 42% -> 75%, Gemma-3-270M 67% -> 75%;
+# docs/EVAL.md, "The domain set"); +2 is the strength measured best at the last slot at ~2K
+NEAR = 2.0
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 
 
 def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int, float | None]:
     """Strength, top-k and near-question strength for a prompt of n_tokens under these settings.
 
-    In the given order: the length's strength (auto_strength) on the top-1 chunk. Reordered (best
+    In the given order: the length's strength (auto_strength) on the top-1 chunk, NEAR next to the
+    question. Reordered (best
     chunk last, next to the question): +1 on that best chunk alone. On NQ at ~4K and ~8K with hard
     distractors that beat reordering alone on SmolLM2 and Gemma-3-270M (n = 40 each, pooled +28/-5
     over 160 pairs), while the length's strength on the top 3 matched or cost answers at ~4K
