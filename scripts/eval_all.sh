@@ -44,11 +44,21 @@ $PY run --n 40 --passages 30 -c 6144 --preset edges --out $R/nq-smollm2-30p-r2.j
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 40 --passages 58 -c 8192 --preset edges --out $R/nq-gemma3-270m-58p-r2.jsonl
 $PY run --n 40 --passages 58 -c 8192 --preset edges --out $R/nq-smollm2-58p-r2.jsonl
 .venv/bin/python scripts/eval_relevance.py --dataset nq --passages 30 --n 100
+# stemming (ranking r3): random items, then r3 against r2 on items no accuracy run uses, and on 0-199
+for p in 30 58; do
+  .venv/bin/python scripts/eval_relevance.py --dataset nq --passages $p --n 200
+  .venv/bin/python scripts/eval_relevance.py --dataset nq --passages $p --items 500-1000
+  .venv/bin/python scripts/eval_relevance.py --dataset nq --passages $p --items 0-200
+done
 .venv/bin/python scripts/eval_relevance.py --dataset domain --passages 36 --n 40
 # key-value retrieval (~4K tokens, 42 records) and the generated domain set (~4K)
 $PY run --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-smollm2-36p.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-gemma3-270m-36p.jsonl
 $PY run --dataset kv --n 8 --passages 42 -c 6144 --preset target --out $R/kv-smollm2-42r.jsonl
+# the shipped defaults (ranking r3, top-1, +2 next to the question) against vanilla per slot and
+# against reordering, NQ at ~4K
+$PY run --n 12 --passages 30 -c 6144 --preset target --out $R/nq-smollm2-30p-r3.jsonl
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset target --out $R/nq-gemma3-270m-30p-r3.jsonl
 # SmolLM2 at ~8K (58 passages)
 $PY run --n 12 --passages 58 -c 8192 --preset full --out $R/nq-smollm2-58p.jsonl
 $PY run --n 12 --passages 58 -c 8192 --preset long --out $R/nq-smollm2-58p.jsonl
