@@ -32,8 +32,9 @@ def bm25_scores(question: str, chunks: list[Chunk], with_source: bool = True, st
     """BM25 of each chunk against the question. with_source: over the chunk's source label (a
     title or file name, which the prompt shows the model) and its text: on NQ with hard
     distractors that ranks the gold first in 84-86% of prompts against 71-77% for the text alone.
-    stem: Snowball-stemmed words, so "walked" finds "walk" and "towers" "tower": 84-86% -> 91-92%
-    on the items the accuracy runs use, +3 points on 500 others (docs/EVAL.md, "Relevance")."""
+    stem: Snowball-stemmed words, so "walked" finds "walk" and "towers" "tower": 84% -> 91-92%
+    on the items the accuracy runs use, +1 point on 500 others (+34/-20 prompts over both
+    lengths; docs/EVAL.md, "Relevance")."""
     import bm25s
 
     stemmer = _stemmer() if stem else None
@@ -52,7 +53,9 @@ def bm25_scores(question: str, chunks: list[Chunk], with_source: bool = True, st
 # what evaluation rows record as their ranking: "r3" = stemmed BM25 over source + text, entity
 # weight 0.25 (rows without the field: r2, the same unstemmed; files without "-r2": r1, docs/EVAL.md)
 RANKING = "r3"
-ENTITY_WEIGHT = 0.25  # NQ: 0.5 ranked the gold first in 77% of prompts, 0.25 in 84%; domain set: 0 in 97%, 0.25 in 100%
+# ranked first with r3 (docs/EVAL.md, "Stemming"): NQ 0 in 88%, 0.25 in 86-87%, 0.5 in 78%; the
+# domain set's near-ties need the entities: 0 in 98%, 0.25 in 100%
+ENTITY_WEIGHT = 0.25
 
 
 def score(question: str, chunks: list[Chunk], pm: PointerMap, entity_weight: float = ENTITY_WEIGHT,

@@ -82,11 +82,10 @@ def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int, float | None]:
     """Strength, top-k and near-question strength for a prompt of n_tokens under these settings.
 
     In the given order: the length's strength (auto_strength) on the top-1 chunk, NEAR next to the
-    question. Reordered (best
-    chunk last, next to the question): +1 on that best chunk alone. On NQ at ~4K and ~8K with hard
-    distractors that beat reordering alone on SmolLM2 and Gemma-3-270M (n = 40 each, pooled +28/-5
-    over 160 pairs), while the length's strength on the top 3 matched or cost answers at ~4K
-    (docs/EVAL.md, "Against reordering")."""
+    question. Reordered (best chunk last, next to the question): +1 on that best chunk alone. On
+    NQ at ~4K and ~8K with hard distractors that beat reordering alone on SmolLM2 and Gemma-3-270M
+    (n = 40 each, pooled +28/-5 over 160 pairs), while the length's strength on the top 3 matched
+    or cost answers at ~4K (docs/EVAL.md, "Against reordering")."""
     if s.order == "edges":
         return (s.strength if s.strength is not None else EDGES_STRENGTH,
                 s.top_k if s.top_k is not None else EDGES_TOP_K, s.near)
