@@ -73,7 +73,7 @@ TOP_K = 1
 # in the given order, the strength for a chunk next to the question (rising to the length's strength
 # a quarter of the prompt away): small models already read that chunk, and +4 there makes them copy
 # it instead of answering (domain set, gold last, top-1: SmolLM2 42% -> 75%, Gemma-3-270M 67% -> 75%;
-# docs/EVAL.md, "The domain set"); +2 is the strength measured best at the last slot at ~2K
+# docs/EVAL.md, "The domain set"); at ~2K on NQ too, +3/+4 lost the last slot where +2 held it
 NEAR = 2.0
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 
