@@ -36,7 +36,10 @@ def main() -> None:
     items = datasets.load(a.dataset, a.passages, data, n_items=max(a.n, 200), seed=a.seed)
     rng = np.random.default_rng(a.seed)
     if a.items:
-        lo, hi = (int(x) for x in a.items.split("-"))
+        try:
+            lo, hi = (int(x) for x in a.items.split("-"))
+        except ValueError:
+            ap.error(f"--items {a.items!r}: give A-B, e.g. 500-1000")
         pick = np.arange(lo, min(hi, len(items)))
     else:
         pick = rng.permutation(len(items))[:a.n]

@@ -233,8 +233,8 @@ def test_chunk_strength_ramps_from_the_question():
 
 def test_bm25_stems_so_inflected_words_match():
     # NQ: "who is the guy who walked across the twin towers" against "Petit ... walk between the
-    # towers": without stemming neither "walked" nor "towers" matches, and the distractor that
-    # repeats "guy" wins
+    # towers": without stemming neither "walked" nor "towers" matches, and the distractor named
+    # "Guy" wins
     chunks = [Chunk(0, "Philippe Petit", "A high-wire artist, famous for his walk between the tower tops."),
               Chunk(1, "Guy Fawkes", "Guy Fawkes took part in a plot in 1605."),
               Chunk(2, "Winter", "Snow falls in the hills and the roads close for a week.")]
