@@ -69,6 +69,15 @@ PRESETS["target"] = PRESETS["main"] + [
     Condition("engram top1", strength=0, top_k=1), Condition("engram top1 s2", strength=2.0, top_k=1),
     Condition("engram margin", strength=0, margin=0.1), Condition("engram near2", strength=0, near=2.0),
     Condition("engram top1 near2", strength=0, top_k=1, near=2.0)]
+# ~8K: the shipped default against vanilla and reordering, its ceiling with perfect relevance
+# (the oracle with the same ramp), and a strength that keeps rising to +6 at the prompt's start
+# (the ~4K trough moved to the first slot, farthest from the question)
+PRESETS["far"] = [Condition("vanilla", "none"), Condition("engram top1 near2", strength=0, top_k=1, near=2.0),
+                  Condition("oracle near2", "oracle", strength=0, near=2.0),
+                  Condition("engram top1 near2 far6", strength=0, top_k=1, near=2.0, far=6.0),
+                  Condition("oracle near2 far6", "oracle", strength=0, near=2.0, far=6.0),
+                  Condition("reorder", "none", order="edges"),
+                  Condition("reorder+engram s1 top1", strength=1.0, top_k=1, order="edges")]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),

@@ -59,6 +59,10 @@ $PY run --dataset kv --n 8 --passages 42 -c 6144 --preset target --out $R/kv-smo
 # against reordering, NQ at ~4K
 $PY run --n 12 --passages 30 -c 6144 --preset target --out $R/nq-smollm2-30p-r3.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset target --out $R/nq-gemma3-270m-30p-r3.jsonl
+# the shipped defaults at ~8K (58 passages), their ceiling (oracle, same ramp), a strength rising
+# to +6 at the prompt's start, and reordering
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset far --out $R/nq-gemma3-270m-58p-r3.jsonl
+$PY run --n 8 --passages 58 -c 8192 --preset far --out $R/nq-smollm2-58p-r3.jsonl
 # SmolLM2 at ~8K (58 passages)
 $PY run --n 12 --passages 58 -c 8192 --preset full --out $R/nq-smollm2-58p.jsonl
 $PY run --n 12 --passages 58 -c 8192 --preset long --out $R/nq-smollm2-58p.jsonl

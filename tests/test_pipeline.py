@@ -229,6 +229,11 @@ def test_chunk_strength_ramps_from_the_question():
     # dist = (1000 - end) / 1000; strength = 2 + 2 * min(1, dist / 0.25)
     assert got == pytest.approx([2.0, 3.0, 4.0, 4.0])
     assert bias.chunk_strength(p, 0, 4.0, None) == 4.0
+    # with far = 6, beyond the ramp it rises on: 4 + 2 * (dist - 0.25) / 0.75, so dist 0.5 -> 4.6667
+    # and dist 0.99 -> 5.9733; inside the ramp it is unchanged
+    got = [bias.chunk_strength(p, c, 4.0, 2.0, far=6.0) for c in range(4)]
+    assert got == pytest.approx([2.0, 3.0, 4.0 + 2.0 * 0.25 / 0.75, 4.0 + 2.0 * 0.74 / 0.75])
+    assert bias.chunk_strength(p, 3, 4.0, None, far=6.0) == pytest.approx(5.973333, rel=1e-6)
 
 
 def test_bm25_stems_so_inflected_words_match():

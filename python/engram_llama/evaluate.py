@@ -89,6 +89,7 @@ class Condition:
     order: str = "keep"           # "keep" the slot order, or "edges": best chunks at the ends (reordering)
     gate: bool = True             # False: the documents' queries are biased too (needs its own prefill)
     near: float | None = None     # strength next to the question (bias.chunk_strength); None: flat
+    far: float | None = None      # strength at the prompt's first token, rising beyond the ramp (bias.chunk_strength)
     margin: float | None = None   # chunk weights exp(-(s_max - s_i)/margin) (relevance.select); None: s_i/s_max
 
 
@@ -209,7 +210,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         sel = ([(s, 1.0) for s in scored if s.chunk.id == gold_id] if c.relevance == "oracle"
                else relevance.select(scored, c.top_k, c.margin))
         strength = c.strength or auto_strength(len(prompt.tokens))
-        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near)
+        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=c.far)
         eng.hook.set_layers(parse_layers(c.layers, dflt, softmax), 1.0)
         eng.hook.set_bias(b, gate=prompt.question_token if c.gate else 0)
         return strength
