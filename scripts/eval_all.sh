@@ -54,7 +54,7 @@ done
 # key-value retrieval (~4K tokens, 42 records) and the generated domain set (~4K)
 $PY run --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-smollm2-36p.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-gemma3-270m-36p.jsonl
-$PY run --dataset kv --n 8 --passages 42 -c 6144 --preset target --out $R/kv-smollm2-42r.jsonl
+$PY run --dataset kv --n 8 --passages 42 -c 6144 --preset far --out $R/kv-smollm2-42r.jsonl
 # the shipped defaults (ranking r3, top-1, +2 next to the question) against vanilla per slot and
 # against reordering, NQ at ~4K
 $PY run --n 12 --passages 30 -c 6144 --preset target --out $R/nq-smollm2-30p-r3.jsonl
