@@ -81,7 +81,9 @@ PRESETS["far"] = [Condition("vanilla", "none"), Condition("engram top1 near2", s
                   # the base Gemma-3-270M at ~8K copies the biased passage's opening at +4: lighter
                   # (+2, +1 flat) and narrower (the sentences that share words with the question)
                   Condition("engram top1 s2", strength=2.0, top_k=1), Condition("engram top1 s1", strength=1.0, top_k=1),
-                  Condition("engram top1 sentence near2", strength=0, top_k=1, near=2.0, granularity="sentence")]
+                  Condition("engram top1 sentence near2", strength=0, top_k=1, near=2.0, granularity="sentence"),
+                  # or the question's queries only: the bias lifted once the prompt is read
+                  Condition("engram top1 near2 lift", strength=0, top_k=1, near=2.0, lift=True)]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),

@@ -91,3 +91,44 @@ def test_near_lowers_the_bias_of_chunks_next_to_the_question(chunks):
         seen_near |= dist < 0.25
         assert sp.value == pytest.approx(weight[sp.chunk_id] * (2.0 + 2.0 * min(1.0, dist / 0.25)), rel=1e-6)
     assert seen_near and len(a.spans) >= 3
+
+
+def test_lifted_bias_steers_the_question_and_not_the_answer(chunks):
+    # lift=True: the question's queries (and so the first answer token) see the bias, the answer's
+    # own queries do not. Reference: the same steps written out with the hook set and cleared by hand
+    from engram_llama.evaluate import Runner
+
+    q = "Which district has its headquarters at Kakkanad?"
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
+    runner = Runner(eng, max_new=6)
+    prompt, *_ = eng.prepare(q, chunks[:6], 6)
+    q0 = prompt.question_token
+    b = np.zeros(len(prompt.tokens), dtype=np.float32)
+    a0, a1 = prompt.chunk_tokens[prompt.chunk_order[0]]
+    b[a0:a1] = 8.0  # strong enough to move the answer
+    eng.hook.set_layers(default_layers(eng.hook.kinds), 1.0)
+
+    def with_bias(**kw):
+        runner.prefill_docs(prompt.tokens, q0)
+        eng.hook.set_bias(b, gate=q0)
+        return runner.answer(prompt.tokens, q0, **kw)
+
+    kept, lifted = with_bias(), with_bias(lift=True)
+    assert not eng.hook.active
+    runner.prefill_docs(prompt.tokens, q0)
+    eng.hook.set_bias(b, gate=q0)
+    logits = runner.decode(prompt.tokens[q0:], q0, True)
+    eng.hook.clear()
+    out, pos = [], len(prompt.tokens)
+    for _ in range(6):
+        t = int(np.argmax(logits))
+        if t in runner.stop_ids:
+            break
+        out.append(t)
+        logits = runner.decode([t], pos, True)
+        pos += 1
+    want = eng.llm.detokenize(out).decode("utf-8", "ignore").split("\n")[0].strip()
+    eng.close()
+    assert lifted == want
+    # here the answer's own queries matter: with the bias kept on them the answer differs
+    assert kept != lifted

@@ -90,6 +90,7 @@ class Condition:
     gate: bool = True             # False: the documents' queries are biased too (needs its own prefill)
     near: float | None = None     # strength next to the question (bias.chunk_strength); None: flat
     far: float | None = None      # strength at the prompt's first token, rising beyond the ramp (bias.chunk_strength)
+    lift: bool = False            # True: no bias on the answer's own queries (Runner.answer)
     margin: float | None = None   # chunk weights exp(-(s_max - s_i)/margin) (relevance.select); None: s_i/s_max
 
 
@@ -156,8 +157,12 @@ class Runner:
         self.lc.llama_memory_clear(self.mem, True)
         self.decode(tokens[:q0], 0, False)
 
-    def answer(self, tokens: list[int], q0: int) -> str:
+    def answer(self, tokens: list[int], q0: int, lift: bool = False) -> str:
+        """Greedy answer after the documents' KV. lift: clear the bias once the prompt is read, so
+        only the question's queries (and the first answer token's choice) are steered."""
         logits = self.decode(tokens[q0:], q0, True)
+        if lift:
+            self.eng.hook.clear()
         out: list[int] = []
         pos = len(tokens)
         for _ in range(self.max_new):
@@ -273,7 +278,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                         if (key, c.name) not in cache:
                             t1 = time.perf_counter()
                             strength = apply(c, prompt, pm, scored, k, it.question)
-                            ans = runner.answer(prompt.tokens, prompt.question_token)
+                            ans = runner.answer(prompt.tokens, prompt.question_token, lift=c.lift)
                             eng.hook.clear()
                             cache[(key, c.name)] = {"answer": ans, "strength": round(strength, 2),
                                                     "prefill_s": round(t_prefill, 2),
