@@ -83,7 +83,10 @@ PRESETS["far"] = [Condition("vanilla", "none"), Condition("engram top1 near2", s
                   Condition("engram top1 s2", strength=2.0, top_k=1), Condition("engram top1 s1", strength=1.0, top_k=1),
                   Condition("engram top1 sentence near2", strength=0, top_k=1, near=2.0, granularity="sentence"),
                   # or the question's queries only: the bias lifted once the prompt is read
-                  Condition("engram top1 near2 lift", strength=0, top_k=1, near=2.0, lift=True)]
+                  Condition("engram top1 near2 lift", strength=0, top_k=1, near=2.0, lift=True),
+                  # or not on the default's last layer (Gemma-3-270M: global layers 5, 11, 17 of 18)
+                  Condition("engram top1 near2 early", strength=0, top_k=1, near=2.0, layers="early"),
+                  Condition("engram top1 near2 last", strength=0, top_k=1, near=2.0, layers="last")]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),

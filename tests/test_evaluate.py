@@ -95,3 +95,14 @@ def test_kv_items(tmp_path):
     assert it.gold == ("record", '"k05-aaaa": "v05-bbbb"')
     # the other records in their order, the asked one left out, cut to n - 1
     assert [d[1] for d in it.distractors] == [f'"k{i:02d}-aaaa": "v{i:02d}-bbbb"' for i in range(12) if i != 5][:9]
+
+
+def test_parse_layers_specs():
+    from engram_llama.evaluate import parse_layers
+
+    gemma_soft, gemma_global = list(range(18)), [5, 11, 17]  # Gemma-3-270M: every layer softmax, 3 global
+    assert parse_layers("default", gemma_global, gemma_soft) == [5, 11, 17]
+    assert parse_layers("early", gemma_global, gemma_soft) == [5, 11]
+    assert parse_layers("last", gemma_global, gemma_soft) == [17]
+    assert parse_layers("local", gemma_global, gemma_soft) == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16]
+    assert parse_layers("3-6", gemma_global, gemma_soft) == [3, 4, 5, 6]

@@ -83,7 +83,7 @@ class Condition:
     name: str
     relevance: str = "pipeline"   # "none", "pipeline" (BM25 + entities), "oracle" (the gold chunk)
     strength: float = 2.0         # 0: by prompt length (runtime.auto_strength)
-    layers: str = "default"       # "default", "all", "global", "local", or "a-b"
+    layers: str = "default"       # "default", "early", "last", "all", "global", "local", or "a-b"
     top_k: int = 3
     granularity: str = "chunk"
     order: str = "keep"           # "keep" the slot order, or "edges": best chunks at the ends (reordering)
@@ -99,6 +99,10 @@ def parse_layers(spec: str, default: list[int], softmax: list[int]) -> list[int]
         return default
     if spec == "all":
         return softmax
+    if spec == "early":  # the default layers but the last (Gemma 3: its last global layer is the model's last)
+        return default[:-1]
+    if spec == "last":
+        return default[-1:]
     if spec in ("global", "local"):  # sliding-window models: full-attention vs sliding layers
         return [il for il in softmax if (il in default) == (spec == "global")]
     a, b = spec.split("-")
