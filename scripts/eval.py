@@ -87,6 +87,9 @@ PRESETS["far"] = [Condition("vanilla", "none"), Condition("engram top1 near2", s
                   # or not on the default's last layer (Gemma-3-270M: global layers 5, 11, 17 of 18)
                   Condition("engram top1 near2 early", strength=0, top_k=1, near=2.0, layers="early"),
                   Condition("engram top1 near2 last", strength=0, top_k=1, near=2.0, layers="last")]
+# the target's core conditions alone (the default, its oracle, reordering), for slow sets
+PRESETS["core"] = [c for c in PRESETS["far"] if c.name in (
+    "vanilla", "engram top1 near2", "oracle near2", "reorder", "reorder+engram s1 top1")]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),

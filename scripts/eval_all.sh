@@ -54,7 +54,7 @@ done
 # key-value retrieval (~4K tokens, 42 records) and the generated domain set (~4K)
 $PY run --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-smollm2-36p.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-gemma3-270m-36p.jsonl
-$PY run --dataset kv --n 8 --passages 42 -c 6144 --preset far --out $R/kv-smollm2-42r.jsonl
+$PY run --dataset kv --n 6 --passages 42 -c 6144 --preset core --out $R/kv-smollm2-42r.jsonl
 # the shipped defaults (ranking r3, top-1, +2 next to the question) against vanilla per slot and
 # against reordering, NQ at ~4K
 $PY run --n 12 --passages 30 -c 6144 --preset target --out $R/nq-smollm2-30p-r3.jsonl
@@ -62,7 +62,7 @@ $PY run --n 12 --passages 30 -c 6144 --preset target --out $R/nq-smollm2-30p-r3.
 # the shipped defaults at ~8K (58 passages), their ceiling (oracle, same ramp), a strength rising
 # to +6 at the prompt's start, and reordering
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset far --out $R/nq-gemma3-270m-58p-r3.jsonl
-$PY run --n 8 --passages 58 -c 8192 --preset far --out $R/nq-smollm2-58p-r3.jsonl
+$PY run --n 6 --passages 58 -c 8192 --preset far --out $R/nq-smollm2-58p-r3.jsonl
 # SmolLM2 at ~8K (58 passages)
 $PY run --n 12 --passages 58 -c 8192 --preset full --out $R/nq-smollm2-58p.jsonl
 $PY run --n 12 --passages 58 -c 8192 --preset long --out $R/nq-smollm2-58p.jsonl
