@@ -87,6 +87,10 @@ PRESETS["far"] = [Condition("vanilla", "none"), Condition("engram top1 near2", s
                   # or not on the default's last layer (Gemma-3-270M: global layers 5, 11, 17 of 18)
                   Condition("engram top1 near2 early", strength=0, top_k=1, near=2.0, layers="early"),
                   Condition("engram top1 near2 last", strength=0, top_k=1, near=2.0, layers="last")]
+# the passage's opening left unbiased (bias.build "body"): do the models stop reciting it?
+PRESETS["body"] = [Condition("vanilla", "none"), Condition("engram top1 near2", strength=0, top_k=1, near=2.0),
+                   Condition("engram top1 near2 body", strength=0, top_k=1, near=2.0, granularity="body"),
+                   Condition("oracle near2 body", "oracle", strength=0, near=2.0, granularity="body")]
 # the target's core conditions alone (the default, its oracle, reordering), for slow sets
 PRESETS["core"] = [c for c in PRESETS["far"] if c.name in (
     "vanilla", "engram top1 near2", "oracle near2", "reorder", "reorder+engram s1 top1")]

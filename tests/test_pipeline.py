@@ -190,6 +190,14 @@ def test_sentence_spans_and_sentence_granularity():
     first = (c2b[sp[0][0]], c2b[sp[0][1]])
     assert [s.tokens for s in spans] == [first]
     assert b[first[0]:first[1]].min() == 2.0 and b[first[1]:].max() == 0.0
+    # body: everything after the first sentence; "PM-KISAN pays ₹6,000 a year." is 28 characters,
+    # 30 bytes (₹ is 3 bytes), so the bias starts at byte 30 (one token per byte here)
+    b, spans = bias.build(prompt, sel, 2.0, "body")
+    assert [s.tokens for s in spans] == [(30, len(offsets) - 1)]
+    assert b[:30].max() == 0.0 and b[30:].min() == 2.0
+    one = Chunk(0, "a", "One sentence only")  # nothing after the first sentence: the whole chunk
+    b, spans = bias.build(prompt, [(relevance.Scored(one, 1.0, 0.0, 1.0), 1.0)], 2.0, "body")
+    assert [s.tokens for s in spans] == [(0, len(offsets) - 1)]
 
 
 def test_extractor_without_spacy_model_warns_once_and_falls_back(capsys):

@@ -10,7 +10,7 @@ from .align import Prompt, char_to_byte, token_span
 from .pointer_map import PointerMap
 from .relevance import Scored
 
-GRANULARITIES = ("chunk", "sentence", "entity")
+GRANULARITIES = ("chunk", "sentence", "entity", "body")
 
 _STOP = set("the a an of in on at to for and or is are was were be been by with from as that this what which who "
             "whom when where why how does do did has have had it its into per under each".split())
@@ -67,7 +67,8 @@ def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
 
     chunk: the whole chunk; sentence: the chunk's sentences that share the most content words
     or entities with the question (the whole chunk when none does); entity: only the
-    question's entities where they occur in the chunk.
+    question's entities where they occur in the chunk; body: the chunk after its first sentence
+    (an evaluation probe: biased whole, small models recite a passage from its opening).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
@@ -80,6 +81,15 @@ def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
         if granularity == "chunk":
             a, b = prompt.chunk_tokens[cid]
             spans.append(BiasSpan(cid, (a, b), value, "chunk"))
+        elif granularity == "body":
+            sents = sentences(s.chunk.text)
+            if len(sents) < 2:
+                spans.append(BiasSpan(cid, prompt.chunk_tokens[cid], value, "chunk"))
+            else:
+                c2b = c2b or char_to_byte(prompt.text)
+                base = prompt.chunk_chars[cid][0]
+                a, b = token_span(prompt.offsets, prompt.n_prefix, c2b[base + sents[1][0]], c2b[base + len(s.chunk.text)])
+                spans.append(BiasSpan(cid, (a, b), value, "body"))
         elif granularity == "sentence":
             c2b = c2b or char_to_byte(prompt.text)
             base = prompt.chunk_chars[cid][0]
