@@ -63,6 +63,8 @@ $PY run --n 12 --passages 30 -c 6144 --preset target --out $R/nq-smollm2-30p-r3.
 # to +6 at the prompt's start, and reordering
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset far --out $R/nq-gemma3-270m-58p-r3.jsonl
 $PY run --n 6 --passages 58 -c 8192 --preset far --out $R/nq-smollm2-58p-r3.jsonl
+# the passages' openings left unbiased (granularity "body"): against the recitation seen above
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset body --out $R/nq-gemma3-270m-58p-r3.jsonl
 # SmolLM2 at ~8K (58 passages)
 $PY run --n 12 --passages 58 -c 8192 --preset full --out $R/nq-smollm2-58p.jsonl
 $PY run --n 12 --passages 58 -c 8192 --preset long --out $R/nq-smollm2-58p.jsonl
