@@ -308,12 +308,15 @@ def main():
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
     r.add_argument("--dataset", choices=["nq", "kv", "domain"], default="nq")
     r.add_argument("--slots", default="first,middle,last", help="gold slots to run, comma-separated")
+    r.add_argument("--rerank", type=int, default=None, metavar="K",
+                   help="chunks reread for the question's likelihood (default: the runtime's; 0: ranking r3)")
     se = sub.add_parser("session", help="several questions on one fixed context: cached documents vs reordering")
     se.add_argument("--model", default=None)
     se.add_argument("--out", required=True)
     se.add_argument("--n", type=int, default=8)
     se.add_argument("-c", "--ctx-size", type=int, default=8192)
     se.add_argument("--no-chat", action="store_true")
+    se.add_argument("--rerank", type=int, default=None, metavar="K")
     sr = sub.add_parser("session-report")
     sr.add_argument("path")
     p = sub.add_parser("report")
@@ -354,7 +357,7 @@ def main():
     if args.cmd == "session":
         from engram_llama.evaluate import session
         session(args.model or default_model(), args.out, n_questions=args.n, n_ctx=args.ctx_size,
-                chat=not args.no_chat, log=log)
+                chat=not args.no_chat, log=log, rerank=args.rerank)
         return 0
     slots = tuple(args.slots.split(","))
     if not slots or any(x not in ("first", "middle", "last") for x in slots):
@@ -364,7 +367,7 @@ def main():
         data = str(ROOT.parent / "shared" / "data" / "kv-retrieval-75-dev.jsonl.gz")
     run(args.model or default_model(), args.out, n_items=args.n, n_passages=args.passages,
         conditions=PRESETS[args.preset], data=data, n_ctx=args.ctx_size, chat=not args.no_chat,
-        log=log, dataset=args.dataset, slots=slots)
+        log=log, dataset=args.dataset, slots=slots, rerank=args.rerank)
     return 0
 
 

@@ -16,20 +16,22 @@ if [ "${1:-}" = quick ]; then
   exit 0
 fi
 
+# Every run up to the rerank (ranking r4) ranks as it did then: --rerank 0 (ranking r3; r1/r2 rows
+# were written before it, see the NOTE below)
 # SmolLM2-135M-Instruct, NQ, ~2K tokens (15 passages): main conditions and ablations (fixed +2)
-$PY run --n 24 --passages 15 -c 4096 --preset all --out $R/nq-smollm2-15p.jsonl
+$PY run --rerank 0 --n 24 --passages 15 -c 4096 --preset all --out $R/nq-smollm2-15p.jsonl
 # ~4K (30 passages): fixed +2 main, strength sweep, then reordering (defaults: +4 at this length)
-$PY run --n 12 --passages 30 -c 6144 --preset main --out $R/nq-smollm2-30p.jsonl
-$PY run --n 12 --passages 30 -c 6144 --preset strength --out $R/nq-smollm2-30p.jsonl
-$PY run --n 12 --passages 30 -c 6144 --preset reorder --out $R/nq-smollm2-30p.jsonl
+$PY run --rerank 0 --n 12 --passages 30 -c 6144 --preset main --out $R/nq-smollm2-30p.jsonl
+$PY run --rerank 0 --n 12 --passages 30 -c 6144 --preset strength --out $R/nq-smollm2-30p.jsonl
+$PY run --rerank 0 --n 12 --passages 30 -c 6144 --preset reorder --out $R/nq-smollm2-30p.jsonl
 # a session of questions on one 8K context: cached documents + bias vs reordering per question
-$PY session --n 8 -c 8192 --out $R/session-smollm2-8k.jsonl
+$PY session --rerank 0 --n 8 -c 8192 --out $R/session-smollm2-8k.jsonl
 # Gemma-3-270M (base model: plain prompt): global vs local layers at ~2K, then ~4K and ~8K
 if [ -f "$GEMMA" ]; then
-  $PY run --model "$GEMMA" --no-chat --n 16 --passages 15 -c 4096 --preset swa --out $R/nq-gemma3-270m-15p.jsonl
-  $PY run --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset full --out $R/nq-gemma3-270m-30p.jsonl
-  $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset full --out $R/nq-gemma3-270m-58p.jsonl
-  $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset long --out $R/nq-gemma3-270m-58p.jsonl
+  $PY run --rerank 0 --model "$GEMMA" --no-chat --n 16 --passages 15 -c 4096 --preset swa --out $R/nq-gemma3-270m-15p.jsonl
+  $PY run --rerank 0 --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset full --out $R/nq-gemma3-270m-30p.jsonl
+  $PY run --rerank 0 --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset full --out $R/nq-gemma3-270m-58p.jsonl
+  $PY run --rerank 0 --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset long --out $R/nq-gemma3-270m-58p.jsonl
 else
   echo "eval_all: Gemma-3-270M not found at $GEMMA (set GEMMA=...); skipped" >&2
 fi
@@ -37,12 +39,12 @@ fi
 # item). NOTE: relevance changed after the files above were written (BM25 over source + text,
 # entity weight 0.25); rows added to them now use the new ranking, so the new ranking's runs go to
 # their own -r2 files
-[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset select --out $R/nq-gemma3-270m-30p.jsonl
-[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 40 --passages 30 -c 6144 --preset edges --out $R/nq-gemma3-270m-30p-r2.jsonl
-$PY run --n 40 --passages 30 -c 6144 --preset edges --out $R/nq-smollm2-30p-r2.jsonl
+[ -f "$GEMMA" ] && $PY run --rerank 0 --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset select --out $R/nq-gemma3-270m-30p.jsonl
+[ -f "$GEMMA" ] && $PY run --rerank 0 --model "$GEMMA" --no-chat --n 40 --passages 30 -c 6144 --preset edges --out $R/nq-gemma3-270m-30p-r2.jsonl
+$PY run --rerank 0 --n 40 --passages 30 -c 6144 --preset edges --out $R/nq-smollm2-30p-r2.jsonl
 # the same at ~8K (58 passages)
-[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 40 --passages 58 -c 8192 --preset edges --out $R/nq-gemma3-270m-58p-r2.jsonl
-$PY run --n 40 --passages 58 -c 8192 --preset edges --out $R/nq-smollm2-58p-r2.jsonl
+[ -f "$GEMMA" ] && $PY run --rerank 0 --model "$GEMMA" --no-chat --n 40 --passages 58 -c 8192 --preset edges --out $R/nq-gemma3-270m-58p-r2.jsonl
+$PY run --rerank 0 --n 40 --passages 58 -c 8192 --preset edges --out $R/nq-smollm2-58p-r2.jsonl
 .venv/bin/python scripts/eval_relevance.py --dataset nq --passages 30 --n 100
 # stemming (ranking r3): random items, then r3 against r2 on items no accuracy run uses, and on 0-199
 for p in 30 58; do
@@ -52,21 +54,29 @@ for p in 30 58; do
 done
 .venv/bin/python scripts/eval_relevance.py --dataset domain --passages 36 --n 40
 # key-value retrieval (~4K tokens, 42 records) and the generated domain set (~4K)
-$PY run --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-smollm2-36p.jsonl
-[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-gemma3-270m-36p.jsonl
-$PY run --dataset kv --n 6 --passages 42 -c 6144 --preset core --out $R/kv-smollm2-42r.jsonl
+$PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-smollm2-36p.jsonl
+[ -f "$GEMMA" ] && $PY run --rerank 0 --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset target --out $R/domain-gemma3-270m-36p.jsonl
+$PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset core --out $R/kv-smollm2-42r.jsonl
 # the shipped defaults (ranking r3, top-1, +2 next to the question) against vanilla per slot and
 # against reordering, NQ at ~4K
-$PY run --n 12 --passages 30 -c 6144 --preset target --out $R/nq-smollm2-30p-r3.jsonl
-[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset target --out $R/nq-gemma3-270m-30p-r3.jsonl
+$PY run --rerank 0 --n 12 --passages 30 -c 6144 --preset target --out $R/nq-smollm2-30p-r3.jsonl
+[ -f "$GEMMA" ] && $PY run --rerank 0 --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset target --out $R/nq-gemma3-270m-30p-r3.jsonl
 # the shipped defaults at ~8K (58 passages), their ceiling (oracle, same ramp), a strength rising
 # to +6 at the prompt's start, and reordering
-[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset far --out $R/nq-gemma3-270m-58p-r3.jsonl
-$PY run --n 6 --passages 58 -c 8192 --preset far --out $R/nq-smollm2-58p-r3.jsonl
+[ -f "$GEMMA" ] && $PY run --rerank 0 --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset far --out $R/nq-gemma3-270m-58p-r3.jsonl
+$PY run --rerank 0 --n 6 --passages 58 -c 8192 --preset far --out $R/nq-smollm2-58p-r3.jsonl
 # the passages' openings left unbiased (granularity "body"): against the recitation seen above
-[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset body --out $R/nq-gemma3-270m-58p-r3.jsonl
+[ -f "$GEMMA" ] && $PY run --rerank 0 --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset body --out $R/nq-gemma3-270m-58p-r3.jsonl
 # SmolLM2 at ~8K (58 passages)
-$PY run --n 12 --passages 58 -c 8192 --preset full --out $R/nq-smollm2-58p.jsonl
-$PY run --n 12 --passages 58 -c 8192 --preset long --out $R/nq-smollm2-58p.jsonl
+$PY run --rerank 0 --n 12 --passages 58 -c 8192 --preset full --out $R/nq-smollm2-58p.jsonl
+$PY run --rerank 0 --n 12 --passages 58 -c 8192 --preset long --out $R/nq-smollm2-58p.jsonl
 # the gate ablation at ~2K
-$PY run --n 24 --passages 15 -c 4096 --preset gate --out $R/nq-smollm2-15p.jsonl
+$PY run --rerank 0 --n 24 --passages 15 -c 4096 --preset gate --out $R/nq-smollm2-15p.jsonl
+# ranking r4: the best 8 chunks reranked by the question's likelihood (the default since r4)
+for p in 30 58; do
+  .venv/bin/python scripts/eval_relevance.py --dataset nq --passages $p --items 500-650 --model "$GEMMA"
+done
+.venv/bin/python scripts/eval_relevance.py --dataset domain --passages 36 --n 40 --model "$GEMMA"
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset core --out $R/nq-gemma3-270m-58p-r4.jsonl
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 30 -c 6144 --preset core --out $R/nq-gemma3-270m-30p-r4.jsonl
+$PY run --n 12 --passages 30 -c 6144 --preset core --out $R/nq-smollm2-30p-r4.jsonl

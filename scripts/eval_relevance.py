@@ -5,6 +5,10 @@ title the model reads in "Document [k] (TITLE)"), stemmed or not, and the weight
 
     .venv/bin/python scripts/eval_relevance.py --dataset nq --passages 30 --n 100
     .venv/bin/python scripts/eval_relevance.py --dataset domain --passages 36 --n 40
+    .venv/bin/python scripts/eval_relevance.py --dataset nq --passages 58 --items 500-650 --model GEMMA.gguf
+
+--model adds the shipped ranking (r4): the best RERANK_K chunks reranked by the question's
+likelihood under that model (likelihood.py), against r3 paired per prompt.
 
 The gold is put at a random slot (ties are broken by chunk order, so a fixed slot would flatter
 or punish it). Results: docs/EVAL.md, "Relevance".
@@ -27,6 +31,8 @@ def main() -> None:
     ap.add_argument("--passages", type=int, default=30)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, help="GGUF model for the rerank by question likelihood (r4)")
+    ap.add_argument("--rerank", type=int, default=relevance.RERANK_K, help="chunks reread (default RERANK_K)")
     ap.add_argument("--items", default=None, metavar="A-B",
                     help="items A..B-1 in file order instead of --n drawn at random (e.g. 500-1000: none "
                          "of them is in an accuracy run)")
@@ -45,6 +51,14 @@ def main() -> None:
         pick = rng.permutation(len(items))[:a.n]
     table = default_table()
     ex = Extractor(table=table)
+    scorer = None
+    if a.model:
+        from engram_llama.likelihood import QueryLikelihood
+        from engram_llama.lowlevel import Model
+
+        model = Model(a.model)
+        scorer = QueryLikelihood(model.ptr, n_seq=a.rerank)
+    r4: list[int] = []
     ranks: dict[tuple[bool, bool, float], list[int]] = {}
     variants = [(False, False, 0.25)] + [(True, stem, w) for stem in (False, True) for w in (0.0, 0.25, 0.5)]
     for idx in pick:
@@ -58,6 +72,10 @@ def main() -> None:
         for source, stem, w in variants:
             sc = relevance.score(it.question, chunks, pm, entity_weight=w, with_source=source, stem=stem)
             ranks.setdefault((source, stem, w), []).append(next(r for r, s in enumerate(sc) if s.chunk.id == g))
+            if scorer is not None and (source, stem, w) == (True, True, relevance.ENTITY_WEIGHT):
+                head = [s.chunk for s in sc[:a.rerank]]
+                rr = relevance.rerank(sc, scorer(it.question, head))
+                r4.append(next(r for r, s in enumerate(rr) if s.chunk.id == g))
     print(f"{a.dataset}, {a.passages} passages, {len(pick)} items"
           f"{f' ({a.items})' if a.items else ''}: where the gold passage ranks\n")
     print("| BM25 over | stemmed | entity weight | top-1 | top-3 | mean rank |")
@@ -68,8 +86,16 @@ def main() -> None:
               f"{100 * (v < 3).mean():.0f}% | {v.mean():.1f} |")
     # the shipped ranking against the previous one, paired per prompt
     r2, r3 = np.array(ranks[(True, False, 0.25)]), np.array(ranks[(True, True, 0.25)])
+    if r4:
+        v = np.array(r4)
+        print(f"| r3 reranked by question likelihood, top {a.rerank} (r4) | yes | {relevance.ENTITY_WEIGHT} | "
+              f"{100 * (v == 0).mean():.0f}% | {100 * (v < 3).mean():.0f}% | {v.mean():.1f} |")
     print(f"\nstemmed (r3) against unstemmed (r2), entity weight 0.25, gold first: "
           f"+{int(((r3 == 0) & (r2 != 0)).sum())}/-{int(((r2 == 0) & (r3 != 0)).sum())} of {len(r2)} prompts")
+    if r4:
+        v = np.array(r4)
+        print(f"reranked (r4) against r3, gold first: +{int(((v == 0) & (r3 != 0)).sum())}/"
+              f"-{int(((r3 == 0) & (v != 0)).sum())} of {len(v)} prompts")
 
 
 if __name__ == "__main__":

@@ -257,3 +257,19 @@ def test_bm25_stems_so_inflected_words_match():
     assert int(np.argmax(plain)) == 1 and plain[0] == 0.0
     assert int(np.argmax(stemmed)) == 0 and stemmed[0] > stemmed[1] > 0.0
     assert plain[1] == pytest.approx(stemmed[1])   # "guy" needs no stemming: same score
+
+
+def test_rerank_fuses_score_and_question_likelihood():
+    mk = lambda i, s: relevance.Scored(Chunk(i, "t", "x"), 0.0, 0.0, s)
+    scored = [mk(5, 1.0), mk(2, 0.8), mk(7, 0.5), mk(9, 0.2)]
+    # fused = score + 2 * lm: 1 - 6 = -5.0, 0.8 - 5 = -4.2, 0.5 - 8 = -7.5; the fourth is not reread
+    out = relevance.rerank(scored, np.array([-3.0, -2.5, -4.0]), weight=2.0)
+    assert [s.chunk.id for s in out] == [2, 5, 7, 9]
+    assert [s.score for s in out[:3]] == pytest.approx([1.0, np.exp(-0.8), np.exp(-3.3)])
+    assert [s.lm for s in out] == [-2.5, -3.0, -4.0, None]
+    assert out[3].score == pytest.approx(0.2 * np.exp(-3.3))  # below every reread chunk
+    # the top-1 that select hands the bias follows the fused order
+    assert relevance.select(out, 1)[0][0].chunk.id == 2
+    # weight 0 keeps the order (stable ties), and one chunk is nothing to rerank
+    assert [s.chunk.id for s in relevance.rerank(scored, np.zeros(4), weight=0.0)] == [5, 2, 7, 9]
+    assert relevance.rerank(scored[:1], np.array([-1.0])) == scored[:1]

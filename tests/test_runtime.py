@@ -132,3 +132,33 @@ def test_lifted_bias_steers_the_question_and_not_the_answer(chunks):
     assert lifted == want
     # here the answer's own queries matter: with the bias kept on them the answer differs
     assert kept != lifted
+
+
+def test_rerank_reads_each_chunk_once_per_question(chunks):
+    """prepare reranks the best RERANK_K chunks by the question's likelihood; the same chunks in
+    another order are not reread, and rerank=0 keeps the BM25 + entity order."""
+    from engram_llama import relevance
+
+    q = "How much money does a farmer family get each year under PM-KISAN?"
+    eng = EngramLlama(default_model(), n_ctx=4096, n_threads=2)
+    calls = []
+    try:
+        _, _, scored, _ = eng.prepare(q, chunks, 12)
+        real = eng._likelihood.__call__
+        eng._likelihood = type("Spy", (), {"__call__": lambda self, qq, cs: calls.append(len(cs)) or real(qq, cs),
+                                            "close": lambda self: None})()
+        _, _, again, _ = eng.prepare(q, chunks[::-1], 12)
+        k = min(relevance.RERANK_K, len(chunks))
+        assert calls == []  # every score came from the first call
+        assert [s.lm for s in scored[:k]] == [s.lm for s in again[:k]] and all(s.lm is not None for s in scored[:k])
+        assert all(s.lm is None for s in scored[k:])
+        # the order is the fused one: score before rerank + LM_WEIGHT * lm, recomputed here
+        eng.settings.rerank = 0
+        _, _, plain, _ = eng.prepare(q, chunks, 12)
+        assert all(s.lm is None for s in plain)
+        lm = {s.chunk.id: s.lm for s in scored[:k]}
+        fused = {s.chunk.id: s.score + relevance.LM_WEIGHT * lm[s.chunk.id] for s in plain[:k]}
+        assert [s.chunk.id for s in scored[:k]] == sorted(fused, key=lambda i: -fused[i])
+        assert scored[0].chunk.source == "pm-kisan.md"
+    finally:
+        eng.close()

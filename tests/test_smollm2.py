@@ -125,3 +125,37 @@ def test_real_model_probabilities_match_numpy(smol_path):
     s0, s1 = spans[ASK]
     assert p[..., q0:, s0:s1].sum(-1).mean() > 0.05
     m.close()
+
+
+def test_question_likelihood_finds_the_passage_bm25_misses(smol_path):
+    """NQ item 1747 with two of its hard distractors: BM25 puts the House of Representatives of
+    Nigeria and the drinking age above the Constitution's "Article One" (it cannot read "article
+    1" as "Article One"); the model's question likelihood puts the gold first, and rerank follows."""
+    from engram_llama import likelihood, pointer_map, relevance
+    from engram_llama.chunks import Chunk
+
+    q = "under article 1 what is the minimum age required to serve in the house of representatives"
+    chunks = [
+        Chunk(0, "House of Representatives (Nigeria)", "The current House of Representatives, formed following "
+              "elections held in April 2015, has a total of 360 members who are elected in single-member "
+              "constituencies using the simple majority system. Members serve four-year terms."),
+        Chunk(1, "U.S. history of alcohol minimum purchase age by state", "In 1984, Congress passed the National "
+              "Minimum Drinking Age Act, which required states to raise their ages for purchase and public "
+              "possession to 21 by October 1986 or lose 10% of their federal highway funds."),
+        Chunk(2, "Article One of the United States Constitution", "The Constitution provides three requirements "
+              "for Representatives: A Representative must be at least 25 years old, must be an inhabitant of the "
+              "state in which he or she is elected, and must have been a citizen of the United States for the "
+              "previous seven years."),
+    ]
+    pm = pointer_map.build([], chunks, [[] for _ in chunks], None)
+    scored = relevance.score(q, chunks, pm)
+    assert scored[0].chunk.id != 2
+    m = Model(smol_path)
+    scorer = likelihood.QueryLikelihood(m.ptr, n_seq=4)
+    try:
+        lm = scorer(q, [s.chunk for s in scored])
+    finally:
+        scorer.close()
+        m.close()
+    assert [s.chunk for s in scored][int(np.argmax(lm))].id == 2
+    assert relevance.rerank(scored, lm)[0].chunk.id == 2

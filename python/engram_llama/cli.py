@@ -150,6 +150,8 @@ def cmd_run(args) -> int:
         raise UsageError(f"invalid --near {args.near}")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"invalid --top-k {args.top_k}: at least 1")
+    if args.rerank is not None and not 0 <= args.rerank <= 64:
+        raise UsageError(f"invalid --rerank {args.rerank}: 0 (off) to 64")
     layers = parse_layers(args.layers)
 
     from .gguf_check import check_gguf
@@ -165,7 +167,7 @@ def cmd_run(args) -> int:
     table = _open_table(args.table)
     settings = Settings(strength=args.strength, top_k=args.top_k, near=args.near,
                         granularity=args.granularity, gate=not args.no_gate, order=args.order,
-                        engram=not args.no_engram)
+                        engram=not args.no_engram, rerank=args.rerank)
     try:
         eng = EngramLlama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                           seed=args.seed, settings=settings, table=table, chat=not args.no_chat)
@@ -237,10 +239,13 @@ def _answer_json(q, ans) -> dict:
 
 def _explain(ans, n_chunks: int) -> str:
     lines = [f"explain: {ans.n_prompt_tokens} prompt tokens, {n_chunks} chunks"]
-    lines.append("  relevance (BM25 + entity overlap), best first:")
+    reread = any(sc.lm is not None for sc in ans.scored)
+    lines.append("  relevance (BM25 + entity overlap" + (", then the question's log-probability per token after "
+                                                          "the best chunks" if reread else "") + "), best first:")
     for sc in ans.scored[:6]:
         snippet = sc.chunk.text.replace("\n", " ")[:60]
-        lines.append(f"    {sc.score:5.2f}  bm25 {sc.bm25:5.2f}  entities {sc.entity:4.2f}  {sc.chunk.source}: {snippet}...")
+        lm = f"  question {sc.lm:6.2f}" if sc.lm is not None else ""
+        lines.append(f"    {sc.score:5.2f}  bm25 {sc.bm25:5.2f}  entities {sc.entity:4.2f}{lm}  {sc.chunk.source}: {snippet}...")
     if ans.layers:
         lines.append(f"  bias on layers {_ranges(ans.layers)}, from token {ans.gate} on (the question and the answer)")
         for s in ans.spans:
@@ -369,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt away (default 2 in the given order; none with --order edges)")
     r.add_argument("--top-k", type=int, default=None,
                    help="chunks biased, scaled by relevance (default 1: the best chunk alone)")
+    r.add_argument("--rerank", type=int, default=None, metavar="K",
+                   help="reread the K best chunks and rank them by how likely the model finds the question "
+                        "after each (default 8; 0: BM25 and entities only)")
     r.add_argument("--granularity", choices=["chunk", "sentence", "entity"], default="chunk")
     r.add_argument("--order", choices=["keep", "edges"], default="keep",
                    help="chunk order: keep yours, or edges (best last, next to the question; then +1 on that chunk alone "

@@ -186,7 +186,8 @@ class Runner:
 def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slots=("first", "middle", "last"),
         conditions: list[Condition] | None = None, data: str = "../shared/data/nq-open-dev.jsonl.gz",
         n_ctx: int = 4096, answerable_only: bool = True, seed: int = 0, chat: bool = True, log=print,
-        dataset: str = "nq", max_new: int | None = None) -> None:
+        dataset: str = "nq", max_new: int | None = None, rerank: int | None = None) -> None:
+    """rerank: chunks reread for the question's likelihood (Settings.rerank); 0 ranks as r3 did."""
     from . import datasets
     from .runtime import EngramLlama, Settings, auto_strength, default_layers
 
@@ -201,8 +202,9 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
             if r["slot"] == "gold-only" and r["judge"] != "correct":
                 unanswerable.add(r["id"])
     table = default_table()
-    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings(), chat=chat, table=table)
+    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings(rerank=rerank), chat=chat, table=table)
     n_table = len(table) if table is not None else 0
+    ranking = "r3" if rerank == 0 else relevance.RANKING
     # answers are a few words (NQ), a sentence (domain), or a restated key and a UUID (KV)
     runner = Runner(eng, max_new or MAX_NEW.get(dataset, 16))
     softmax = eng.hook.softmax_layers()
@@ -291,7 +293,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                                "judge": judge(cache[(key, c.name)]["answer"], it.answers), "answers": it.answers,
                                "gold_rank": rank,
                                "gold_pos": pos, "n_passages": len(prompt.chunk_order), "n_tokens": len(prompt.tokens),
-                               "table": n_table, "ranking": relevance.RANKING}
+                               "table": n_table, "ranking": ranking}
                         f.write(json.dumps(rec) + "\n")
                         f.flush()
                     eng.settings.order = "keep"
@@ -302,7 +304,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
 
 
 def session(model: str, out_path: str, n_questions: int = 8, n_ctx: int = 8192,
-            data: str = "../shared/data/nq-open-dev.jsonl.gz", seed: int = 0, chat: bool = True, log=print) -> None:
+            data: str = "../shared/data/nq-open-dev.jsonl.gz", seed: int = 0, chat: bool = True, log=print, rerank: int | None = None) -> None:
     """Several questions on one fixed context, as in a chat over the same documents.
 
     Fixed order: the documents are prefilled once and every question (vanilla or Engram, gated)
@@ -314,7 +316,8 @@ def session(model: str, out_path: str, n_questions: int = 8, n_ctx: int = 8192,
     from .runtime import EngramLlama, Settings, auto_strength, default_layers
 
     items = datasets.nq(data, 15)
-    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings(), chat=chat, table=default_table())
+    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings(rerank=rerank), chat=chat,
+                      table=default_table())
     runner = Runner(eng)
     layers = default_layers(eng.hook.kinds)
     rng = np.random.default_rng(seed)

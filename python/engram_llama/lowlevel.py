@@ -148,6 +148,28 @@ class Context:
 
     def decode(self, tokens: Sequence[Token]) -> np.ndarray:
         """Decode the tokens in one llama_batch; returns the logits of the tokens that asked for them."""
+        self._decode(tokens)
+        return np.array([self._row(i).copy() for i, t in enumerate(tokens) if t.logits])
+
+    def logprobs(self, tokens: Sequence[Token], targets: Sequence[int]) -> np.ndarray:
+        """Decode, then log p(targets[j]) under the j-th row of logits asked for, without keeping
+        the rows (a 262K vocabulary makes each 1 MB)."""
+        self._decode(tokens)
+        rows = [i for i, t in enumerate(tokens) if t.logits]
+        if len(rows) != len(targets):
+            raise ValueError(f"{len(targets)} targets for {len(rows)} rows of logits")
+        out = np.empty(len(rows))
+        for j, i in enumerate(rows):
+            z = self._row(i).astype(np.float64)
+            m = z.max()
+            out[j] = z[targets[j]] - m - np.log(np.exp(z - m).sum())
+        return out
+
+    def _row(self, i: int) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def _decode(self, tokens: Sequence[Token]) -> None:
         self.captured = {}
         n = len(tokens)
         batch = llama_cpp.llama_batch_init(n, 0, self.n_seq_max)
@@ -164,12 +186,6 @@ class Context:
                 raise RuntimeError(f"llama_decode failed ({rc})")
         finally:
             llama_cpp.llama_batch_free(batch)
-        out = []
-        for i, t in enumerate(tokens):
-            if t.logits:
-                ptr = llama_cpp.llama_get_logits_ith(self.ptr, i)
-                out.append(np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy())
-        return np.array(out)
 
     def decode_seq(self, ids: Iterable[int], start: int = 0, seq: int = 0, all_logits: bool = True) -> np.ndarray:
         ids = list(ids)

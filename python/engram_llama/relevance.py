@@ -20,6 +20,7 @@ class Scored:
     bm25: float
     entity: float
     score: float  # combined, in [0, 1]
+    lm: float | None = None  # the question's mean log-probability per token after the chunk, if reread
 
 
 def _stemmer():
@@ -50,9 +51,10 @@ def bm25_scores(question: str, chunks: list[Chunk], with_source: bool = True, st
     return np.asarray(retriever.get_scores(q), dtype=np.float64)
 
 
-# what evaluation rows record as their ranking: "r3" = stemmed BM25 over source + text, entity
-# weight 0.25 (rows without the field: r2, the same unstemmed; files without "-r2": r1, docs/EVAL.md)
-RANKING = "r3"
+# what evaluation rows record as their ranking: "r4" = r3 reranked by the question's likelihood
+# (rerank, RERANK_K); "r3" = stemmed BM25 over source + text, entity weight 0.25 (rows without
+# the field: r2, the same unstemmed; files without "-r2": r1, docs/EVAL.md)
+RANKING = "r4"
 # ranked first with r3 (docs/EVAL.md, "Stemming"): NQ 0 in 88%, 0.25 in 86-87%, 0.5 in 78%; the
 # domain set's near-ties need the entities: 0 in 98%, 0.25 in 100%
 ENTITY_WEIGHT = 0.25
@@ -69,6 +71,31 @@ def score(question: str, chunks: list[Chunk], pm: PointerMap, entity_weight: flo
     comb = (1 - w) * bn + w * en
     order = np.argsort(-comb, kind="stable")
     return [Scored(chunks[i], float(b[i]), float(e[i]), float(comb[i])) for i in order]
+
+
+# how many of the best chunks the model rereads for their question likelihood, and the weight of
+# that mean log-probability per token against the [0, 1] score (docs/EVAL.md, "Reranking")
+RERANK_K = 8
+LM_WEIGHT = 2.0
+
+
+def rerank(scored: list[Scored], lm: np.ndarray, weight: float = LM_WEIGHT) -> list[Scored]:
+    """The first len(lm) chunks reordered by score + weight * lm (lm: the question's mean
+    log-probability per token after each chunk, likelihood.QueryLikelihood), the rest after them.
+
+    The reordered chunks' scores become exp(fused - best fused), so the best is 1 and select's
+    weights follow the fused order; the others keep their order below the lowest of those."""
+    k = len(lm)
+    if k < 2:
+        return list(scored)
+    head = scored[:k]
+    fused = np.array([s.score for s in head]) + weight * np.asarray(lm, dtype=np.float64)
+    order = np.argsort(-fused, kind="stable")
+    new = np.exp(fused - fused.max())
+    out = [Scored(head[i].chunk, head[i].bm25, head[i].entity, float(new[i]), float(lm[i])) for i in order]
+    floor = float(new.min())
+    out += [Scored(s.chunk, s.bm25, s.entity, s.score * floor, None) for s in scored[k:]]
+    return out
 
 
 MIN_WEIGHT = 0.05  # below this a chunk's bias is noise: it is not selected

@@ -28,6 +28,7 @@ class Settings:
     gate: bool = True                 # bias only the question's and the answer's queries
     order: str = "keep"               # "keep" the given order or put the best chunks at the "edges"
     engram: bool = True               # False: vanilla, the same prompt without bias
+    rerank: int | None = None         # chunks reread for the question's likelihood; None: RERANK_K, 0: off
 
 
 @dataclass
@@ -130,6 +131,9 @@ class EngramLlama:
         self._eos = vocab.token_get_text(self._eos_id) if self._eos_id >= 0 else ""
         # llama.cpp may round the context up; llama-cpp-python sizes its buffers by the request
         self.n_ctx = min(self.llm.n_ctx(), n_ctx)
+        self._n_threads = n_threads or os.cpu_count()
+        self._likelihood = None  # made on first use: a small second context on the same weights
+        self._lm_cache: dict[tuple[str, str, str], float] = {}
 
     # prompt ---------------------------------------------------------------------------------
 
@@ -146,7 +150,7 @@ class EngramLlama:
         s = self.settings
         ents = self.extract([question] + [c.text for c in chunks])
         pm = pointer_map.build(ents[0], chunks, ents[1:], self.table)
-        scored = relevance.score(question, chunks, pm)
+        scored = self.rerank(question, relevance.score(question, chunks, pm))
         rank = {sc.chunk.id: k for k, sc in enumerate(scored)}
         keep = [c.id for c in chunks]
         dropped: list[Chunk] = []
@@ -166,6 +170,27 @@ class EngramLlama:
         kept_ids = set(keep)
         kept = [sc for sc in scored if sc.chunk.id in kept_ids]
         return prompt, pm, kept, dropped
+
+    def rerank(self, question: str, scored: list[relevance.Scored]) -> list[relevance.Scored]:
+        """The best chunks reordered by score and the question's likelihood after each."""
+        k = self.settings.rerank if self.settings.rerank is not None else relevance.RERANK_K
+        head = [sc.chunk for sc in scored[:k]]
+        if len(head) < 2:
+            return scored
+        if self._likelihood is None:
+            from .likelihood import QueryLikelihood
+
+            self._likelihood = QueryLikelihood(self.llm.model, n_seq=k, n_threads=self._n_threads)
+        # a score depends on the question and the chunk's text only: the same chunks in another
+        # order (reordering, another slot) are not reread
+        keys = [(question, c.source, c.text) for c in head]
+        todo = [c for c, key in zip(head, keys) if key not in self._lm_cache]
+        if todo:
+            if len(self._lm_cache) > 4096:
+                self._lm_cache.clear()
+            for c, v in zip(todo, self._likelihood(question, todo)):
+                self._lm_cache[(question, c.source, c.text)] = float(v)
+        return relevance.rerank(scored, np.array([self._lm_cache[key] for key in keys]))
 
     # answering -------------------------------------------------------------------------------
 
@@ -240,4 +265,7 @@ class EngramLlama:
             yield piece
 
     def close(self) -> None:
+        if self._likelihood is not None:
+            self._likelihood.close()
+            self._likelihood = None
         self.llm.close()

@@ -1,0 +1,84 @@
+"""How likely the model finds the question after each chunk: a relevance signal that reads meaning,
+not shared words.
+
+BM25 ranks hard distractors (passages picked for sharing the question's words) close to the gold,
+and it cannot tell "Article One" from "article 1" or a continent from Australia. The model that
+answers can: log p(question | chunk), read as "which passage would make someone ask this", is
+zero-shot passage reranking (UPR, Sachan et al. 2022). Each candidate is its own short sequence
+in one batch on a small second context, so it costs a few hundred tokens per chunk and never
+touches the long context's KV cache or its bias (the hook is per context).
+"""
+from __future__ import annotations
+
+import types
+from typing import Sequence
+
+import numpy as np
+
+from . import llama_cpp
+from .chunks import Chunk
+from .lowlevel import Context, Token
+
+# tokens of a chunk read for its score: NQ passages (~100 words) and the CLI's chunks (<= 800
+# characters) fit; a longer chunk is judged on its opening
+MAX_CHUNK_TOKENS = 256
+MAX_QUESTION_TOKENS = 64
+
+
+def _question(q: str) -> str:
+    q = q.strip()
+    q = q[:1].upper() + q[1:]
+    return q if q.endswith("?") else q + "?"
+
+
+class QueryLikelihood:
+    """Mean log-probability per token of the question, written after each chunk, under the model.
+
+    model: a llama_model pointer (llama_cpp.Llama.model); n_seq: how many chunks one call scores.
+    """
+
+    def __init__(self, model_ptr, n_seq: int = 8, n_threads: int = 2):
+        vocab = llama_cpp.llama_model_get_vocab(model_ptr)
+        self.vocab = vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.n_seq = n_seq
+        n_ctx = n_seq * (MAX_CHUNK_TOKENS + MAX_QUESTION_TOKENS + 8)
+        shim = types.SimpleNamespace(ptr=model_ptr, n_vocab=self.n_vocab)
+        # one unified KV buffer shared by the sequences; the whole batch in one decode call
+        self.ctx = Context(shim, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=512, n_seq_max=n_seq,
+                           n_threads=n_threads, kv_unified=True)
+
+    def tokenize(self, text: str, bos: bool) -> list[int]:
+        data = text.encode("utf-8")
+        buf = (llama_cpp.llama_token * (len(data) + 8))()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, len(buf), bos and self.add_bos, False)
+        return list(buf[:n])
+
+    def prefix(self, chunk: Chunk) -> list[int]:
+        """The tokens before the question: the chunk (source label and text, as the prompt shows
+        it), cut to MAX_CHUNK_TOKENS, then the question's cue."""
+        text = f"{chunk.source}. {chunk.text}" if chunk.source else chunk.text
+        body = self.tokenize(text, bos=True)[:MAX_CHUNK_TOKENS]
+        return body + self.tokenize("\n\nQuestion:", bos=False)
+
+    def __call__(self, question: str, chunks: Sequence[Chunk]) -> np.ndarray:
+        q = self.tokenize(" " + _question(question), bos=False)[:MAX_QUESTION_TOKENS]
+        out = np.zeros(len(chunks))
+        if not q:
+            return out
+        for a in range(0, len(chunks), self.n_seq):
+            part = chunks[a:a + self.n_seq]
+            batch = []
+            for s, c in enumerate(part):
+                ids = self.prefix(c) + q
+                n_p = len(ids) - len(q)
+                # the logits at position n_p-1+j predict question token j
+                batch += [Token(t, i, s, n_p - 1 <= i < len(ids) - 1) for i, t in enumerate(ids)]
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx.ptr), True)
+            lp = self.ctx.logprobs(batch, q * len(part))
+            out[a:a + len(part)] = lp.reshape(len(part), len(q)).mean(axis=1)
+        return out
+
+    def close(self) -> None:
+        self.ctx.close()

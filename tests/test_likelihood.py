@@ -1,0 +1,45 @@
+"""The question-likelihood reranker against a second code path: each chunk decoded alone on its
+own context, full logits copied out and log-softmaxed in numpy."""
+import numpy as np
+import pytest
+
+from engram_llama import likelihood
+from engram_llama.chunks import Chunk
+from engram_llama.lowlevel import Context
+
+
+def reference(model, scorer, question, chunk):
+    q = scorer.tokenize(" " + likelihood._question(question), bos=False)
+    ids = scorer.prefix(chunk) + q
+    with Context(model, n_ctx=512, n_batch=512) as ctx:
+        logits = ctx.decode_seq(ids).astype(np.float64)
+    rows = logits[len(ids) - len(q) - 1:len(ids) - 1]
+    m = rows.max(axis=1, keepdims=True)
+    logp = rows - m - np.log(np.exp(rows - m).sum(axis=1, keepdims=True))
+    return logp[np.arange(len(q)), q].mean()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen35"])
+def test_batched_scores_match_one_chunk_at_a_time(models, arch):
+    model = models[arch]
+    chunks = [Chunk(0, "Kerala floods", "The Kerala floods of 2018 displaced a million people."),
+              Chunk(1, "", "PM-KISAN pays Rs 6,000 a year to farmers in three instalments."),
+              Chunk(2, "notes.md", "A long chunk. " * 200)]  # cut at MAX_CHUNK_TOKENS
+    # two sequences per batch, so three chunks take two batches and reuse the cleared context
+    scorer = likelihood.QueryLikelihood(model.ptr, n_seq=2)
+    try:
+        got = scorer("how much does pm-kisan pay farmers", chunks)
+        want = [reference(model, scorer, "how much does pm-kisan pay farmers", c) for c in chunks]
+        assert len(scorer.prefix(chunks[2])) == likelihood.MAX_CHUNK_TOKENS + len(scorer.tokenize("\n\nQuestion:", False))
+    finally:
+        scorer.close()
+    assert got == pytest.approx(want, abs=1e-6)
+    # random weights make the scores close to -log(n_vocab), but the chunk still moves them (by
+    # ~1e-5 here, ten times the tolerance above), so a mix-up of sequences would show
+    assert np.all(got < 0)
+    assert np.min(np.abs(np.diff(got))) > 5e-6
+
+
+def test_question_is_written_as_a_question():
+    assert likelihood._question(" who wrote gitanjali ") == "Who wrote gitanjali?"
+    assert likelihood._question("Where is Pune?") == "Where is Pune?"
