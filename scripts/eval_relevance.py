@@ -59,6 +59,7 @@ def main() -> None:
         model = Model(a.model)
         scorer = QueryLikelihood(model.ptr, n_seq=a.rerank)
     r4: list[int] = []
+    sweep: dict[tuple[int, float], list[bool]] = {}
     ranks: dict[tuple[bool, bool, float], list[int]] = {}
     variants = [(False, False, 0.25)] + [(True, stem, w) for stem in (False, True) for w in (0.0, 0.25, 0.5)]
     for idx in pick:
@@ -74,8 +75,14 @@ def main() -> None:
             ranks.setdefault((source, stem, w), []).append(next(r for r, s in enumerate(sc) if s.chunk.id == g))
             if scorer is not None and (source, stem, w) == (True, True, relevance.ENTITY_WEIGHT):
                 head = [s.chunk for s in sc[:a.rerank]]
-                rr = relevance.rerank(sc, scorer(it.question, head))
+                lm = scorer(it.question, head)
+                rr = relevance.rerank(sc, lm)
                 r4.append(next(r for r, s in enumerate(rr) if s.chunk.id == g))
+                # the choice of K and weight: the same scores, fewer chunks reread or another weight
+                for k in sorted({3, 5, a.rerank}):
+                    for lw in (0.5, 1.0, 2.0, 3.0, 5.0):
+                        top = relevance.rerank(sc, lm[:k], weight=lw)[0].chunk.id
+                        sweep.setdefault((k, lw), []).append(top == g)
     print(f"{a.dataset}, {a.passages} passages, {len(pick)} items"
           f"{f' ({a.items})' if a.items else ''}: where the gold passage ranks\n")
     print("| BM25 over | stemmed | entity weight | top-1 | top-3 | mean rank |")
@@ -96,6 +103,13 @@ def main() -> None:
         v = np.array(r4)
         print(f"reranked (r4) against r3, gold first: +{int(((v == 0) & (r3 != 0)).sum())}/"
               f"-{int(((r3 == 0) & (v != 0)).sum())} of {len(v)} prompts")
+        print(f"gold among the {a.rerank} reread (the ceiling of the rerank): {100 * (r3 < a.rerank).mean():.0f}%")
+        print("\ngold first, by chunks reread (rows) and weight of the question's likelihood (columns):\n")
+        ws = sorted({lw for _, lw in sweep})
+        print("| reread | " + " | ".join(f"{lw:g}" for lw in ws) + " |")
+        print("|---|" + "---|" * len(ws))
+        for k in sorted({k for k, _ in sweep}):
+            print(f"| {k} | " + " | ".join(f"{100 * np.mean(sweep[(k, lw)]):.0f}%" for lw in ws) + " |")
 
 
 if __name__ == "__main__":
