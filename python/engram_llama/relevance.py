@@ -1,4 +1,5 @@
-"""How much each chunk matters to the question: BM25 combined with entity overlap.
+"""How much each chunk matters to the question: BM25 combined with entity overlap, the best
+chunks then reranked by the question's likelihood under the model (rerank; likelihood.py).
 
 Prototypes (pipeline issue) found that biasing only the tokens that match the question does not
 help, while biasing whole relevant passages does, spread over the top few by score rather than
