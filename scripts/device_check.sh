@@ -54,9 +54,11 @@ mk=$!
     echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
     ldd "$B/bin/libggml-cuda.so" 2>/dev/null | grep -iE "cublas|cudart|libcuda|stdc"
     for l in "$B"/bin/libllama.so "$B"/bin-unpatched/libllama.so; do echo "$l needs:"; readelf -d "$l" | grep NEEDED; done
-    # 2026-11-26 (H200): model loading crashed in llama_model::print_info, inside an ostream
-    # insert that the backtrace placed in libggml-cuda.so: does it export libstdc++ code?
+    # an H200 session: model loading crashed in llama_model::print_info, inside an ostream insert
+    # that the backtrace placed in libggml-cuda.so; CMakeLists.txt now keeps that library's
+    # runtime copies private (cmake/ggml-backend-exports.map): both counts should be 0
     echo "std:: symbols exported by libggml-cuda: $(nm -D --defined-only "$B/bin/libggml-cuda.so" | c++filt | grep -c ' std::')"
+    echo "non-ggml_ symbols exported by libggml-cuda: $(nm -D --defined-only "$B/bin/libggml-cuda.so" | grep -vc ' ggml_')"
     nm -D --defined-only "$B/bin/libggml-cuda.so" | c++filt | grep ' std::' | grep -E "_M_insert|num_put" | head -5
 } > "$OUT/smoke.log" 2>&1
 ok=""
