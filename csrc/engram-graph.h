@@ -7,8 +7,8 @@ struct ggml_tensor;
 struct llama_engram;
 struct llm_graph_context;
 
-// the mask to use at layer il: kq_mask itself when the layer is not biased, otherwise a new input
-// tensor of the same shape and type that is filled with mask + scale*bias at set_input time
+// the mask to use at layer il: kq_mask itself when the layer is not biased, otherwise a tensor of
+// the same shape and type computed in the graph as kq_mask + scale*bias
 ggml_tensor * llama_engram_build_mask(const llm_graph_context & gctx, ggml_tensor * kq_mask, int il);
 
 // identifies the graph topology that the bias needs; 0 when no bias is active (unpatched graph)

@@ -52,6 +52,8 @@ import ctypes, json, os, sys, time
 import numpy as np
 variant, model, n_ctx, n_prompt, n_gen, fa = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
 ngl, inner = int(sys.argv[7]), int(sys.argv[8])
+if sys.platform.startswith("linux"):  # as engram_llama._lib does, for every variant alike
+    ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL)
 import llama_cpp as lc
 _quiet = lc.llama_log_callback(lambda *a: None)  # kept referenced: llama.cpp calls it later
 lc.llama_log_set(_quiet, ctypes.c_void_p(0))

@@ -59,6 +59,11 @@ mk=$!
     # runtime copies private (cmake/ggml-backend-exports.map): both counts should be 0
     echo "std:: symbols exported by libggml-cuda: $(nm -D --defined-only "$B/bin/libggml-cuda.so" | c++filt | grep -c ' std::')"
     echo "non-ggml_ symbols exported by libggml-cuda: $(nm -D --defined-only "$B/bin/libggml-cuda.so" | grep -vc ' ggml_')"
+    echo "LDFLAGS=${LDFLAGS:-} CXXFLAGS=${CXXFLAGS:-} CFLAGS=${CFLAGS:-} CUDAFLAGS=${CUDAFLAGS:-}"
+    for l in "$B"/bin/lib*.so "$B"/bin-unpatched/libllama.so; do
+        echo "$l: $(nm -D --defined-only "$l" | c++filt | grep -c ' std::') std:: symbols defined"
+    done
+    grep -E "CMAKE_(CXX|SHARED_LINKER)_FLAGS:|CMAKE_CXX_COMPILER:" "$B/CMakeCache.txt"
     nm -D --defined-only "$B/bin/libggml-cuda.so" | c++filt | grep ' std::' | grep -E "_M_insert|num_put" | head -5
 } > "$OUT/smoke.log" 2>&1
 ok=""

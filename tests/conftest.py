@@ -13,6 +13,10 @@ ARCHS = ["llama", "gemma3", "qwen35"]
 # layers of the generated models offloaded to a GPU (scripts/device_check.sh runs the hook's
 # numeric tests with 99 on a CUDA build); 0, the CPU, everywhere else
 N_GPU_LAYERS = int(os.environ.get("ENGRAM_TEST_N_GPU_LAYERS", "0"))
+# outputs of one model with one bias run through different batch shapes agree to this: exactly up
+# to float reordering on the CPU; on CUDA the kernels themselves change with the batch shape (a
+# vector kernel for one token, GEMM for many), and on an H100 such runs differed by up to 4.6e-4
+KERNEL_ATOL = 1e-4 if N_GPU_LAYERS == 0 else 2e-3
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 from engram_llama import LayerKind
 from engram_llama.lowlevel import Token
 
-from conftest import ARCHS, make_ctx, tokens
+from conftest import ARCHS, KERNEL_ATOL, make_ctx, tokens
 
 N = 48  # prompt length of the tests
 
@@ -155,7 +155,7 @@ def test_ubatch_1_and_512_agree(models, arch):
             c.hook.set_layers(c.hook.softmax_layers(), 2.0)
             c.hook.set_bias(bias, gate=10)
             out[ub] = c.decode_seq(ids)
-    np.testing.assert_allclose(out[1], out[512], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(out[1], out[512], rtol=0, atol=KERNEL_ATOL)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -185,7 +185,7 @@ def test_two_sequences_in_one_batch_match_their_single_runs(models, arch, unifie
         logits = c.decode(batch)
     got = [logits[[k for k, t in enumerate(batch) if t.seq == s]] for s in range(2)]
     for s in range(2):
-        np.testing.assert_allclose(got[s], single[s], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got[s], single[s], rtol=0, atol=KERNEL_ATOL)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -236,7 +236,7 @@ def test_cached_documents_plus_gated_question_equal_one_pass(models, arch):
         c.decode_seq(ids[:g])
         c.hook.set_bias(bias, gate=g)  # ...the question sees it
         two = c.decode_seq(ids[g:], start=g)
-    np.testing.assert_allclose(two, one[g:], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(two, one[g:], rtol=0, atol=KERNEL_ATOL)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -261,7 +261,7 @@ def test_kv_reuse_across_bias_settings(models, arch):
         for b, want in zip(settings, fresh):
             c.hook.set_bias(b, gate=g)
             got = c.decode_seq(ids[g:], start=g)
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+            np.testing.assert_allclose(got, want, rtol=0, atol=KERNEL_ATOL)
             assert lc.llama_memory_seq_rm(lc.llama_get_memory(c.ptr), 0, g, -1)
 
 

@@ -7,6 +7,7 @@ handed to the other's functions, so an unpatched one already loaded is refused.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from pathlib import Path
@@ -42,6 +43,22 @@ def _loaded_libllamas() -> set[str]:
     return found
 
 
+def _cxx_runtime_first() -> None:
+    """Make the shared libstdc++ the first definition of every C++ runtime symbol (Linux).
+
+    On the CUDA build (CUDA 13, an H100 and an H200 machine) libllama's C++ runtime references
+    bound to copies carried inside the ggml libraries, and loading any model crashed in an ostream
+    insert; with libstdc++ first in the global scope, as LD_PRELOAD would put it, the same build
+    ran (scripts/device_check.sh, docs/PERFORMANCE.md). Promoting it is harmless elsewhere.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL)
+    except OSError:
+        pass  # a C++ runtime under another name: nothing to promote
+
+
 def load_llama_cpp():
     """Import llama_cpp bound to the patched libllama, or raise EngramImportError with one line."""
     ours = lib_path()
@@ -61,6 +78,7 @@ def load_llama_cpp():
             "engram_llama: an unpatched libllama is already loaded (" + ", ".join(sorted(others)) +
             "); import engram_llama before llama_cpp, only one libllama may be loaded per process")
 
+    _cxx_runtime_first()
     os.environ["LLAMA_CPP_LIB_PATH"] = str(ours.parent)
     import llama_cpp  # noqa: E402  (must follow the environment variable)
 
