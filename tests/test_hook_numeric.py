@@ -16,6 +16,14 @@ from conftest import ARCHS, KERNEL_ATOL, make_ctx, tokens
 N = 48  # prompt length of the tests
 
 
+@pytest.fixture(autouse=True, params=["host", "graph"])
+def mask_path(request, monkeypatch):
+    """Every test here runs on both ways of building the biased mask (csrc/engram-graph.cpp):
+    filled on the host (the CPU's default) and computed in the graph (a GPU's default)."""
+    monkeypatch.setenv("ENGRAM_LLAMA_MASK", request.param)
+    return request.param
+
+
 def softmax(x):
     x = x - x.max(axis=-1, keepdims=True)
     e = np.exp(x)

@@ -46,10 +46,11 @@ def _loaded_libllamas() -> set[str]:
 def _cxx_runtime_first() -> None:
     """Make the shared libstdc++ the first definition of every C++ runtime symbol (Linux).
 
-    On the CUDA build (CUDA 13, an H100 and an H200 machine) libllama's C++ runtime references
-    bound to copies carried inside the ggml libraries, and loading any model crashed in an ostream
-    insert; with libstdc++ first in the global scope, as LD_PRELOAD would put it, the same build
-    ran (scripts/device_check.sh, docs/PERFORMANCE.md). Promoting it is harmless elsewhere.
+    On the lent GPU machines' CUDA build (CUDA 13, their /opt/gcc compiler) libllama needs no
+    libstdc++ of its own (its C++ references resolve against the ggml libraries), and making or
+    loading any model crashed (an H200 backtrace: an ostream insert in print_info); with the system
+    libstdc++ first in the global scope, as LD_PRELOAD puts it, the same build ran every test on an
+    H100 (scripts/device_check.sh, docs/PERFORMANCE.md). Promoting it is harmless elsewhere.
     """
     if not sys.platform.startswith("linux"):
         return
