@@ -40,6 +40,37 @@ def test_batched_scores_match_one_chunk_at_a_time(models, arch):
     assert np.min(np.abs(np.diff(got))) > 5e-6
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen35"])
+def test_follow_up_question_restores_chunk_states(models, arch):
+    """A second question over the same chunks decodes only the last chunk token and the question
+    per chunk (the chunks' states are restored, recurrent layers included) and scores the same as
+    the one-chunk reference."""
+    model = models[arch]
+    chunks = [Chunk(0, "Kerala floods", "The Kerala floods of 2018 displaced a million people."),
+              Chunk(1, "", "PM-KISAN pays Rs 6,000 a year to farmers in three instalments."),
+              Chunk(2, "notes.md", "Pune is a city in Maharashtra. " * 12)]
+    scorer = likelihood.QueryLikelihood(model.ptr, n_seq=2)
+    decoded = []
+    real = scorer.ctx._decode
+    scorer.ctx._decode = lambda toks: (decoded.append(len(toks)), real(toks))[1]
+    try:
+        scorer("how much does pm-kisan pay farmers", chunks)
+        first = sum(decoded)
+        decoded.clear()
+        q2 = "where is pune"
+        got = scorer(q2, chunks[::-1])  # another order: states are found by chunk, not by slot
+        want = [reference(model, scorer, q2, c) for c in chunks[::-1]]
+        n_q = len(scorer.tokenize(" " + likelihood._question(q2), bos=False))
+    finally:
+        scorer.close()
+    assert sum(decoded) == 3 * (1 + n_q)
+    assert first > sum(len(scorer.prefix(c)) for c in chunks)
+    assert got == pytest.approx(want, abs=1e-6)
+    # the chunks move the scores by far more than the tolerance, so a state restored into the
+    # wrong sequence would show
+    assert np.ptp(want) > 10e-6
+
+
 def test_question_is_written_as_a_question():
     assert likelihood._question(" who wrote gitanjali ") == "Who wrote gitanjali?"
     assert likelihood._question("Where is Pune?") == "Where is Pune?"

@@ -7,10 +7,16 @@ answers can: log p(question | chunk), read as "which passage would make someone 
 zero-shot passage reranking (UPR, Sachan et al. 2022). Each candidate is its own short sequence
 in one batch on a small second context, so it costs a few hundred tokens per chunk and never
 touches the long context's KV cache or its bias (the hook is per context).
+
+A chunk's state after its text does not depend on the question, so it is kept (a per-sequence
+state snapshot, which covers recurrent layers too, where a KV cache cannot be cut back): a follow-up
+question over the same chunks decodes only its own tokens.
 """
 from __future__ import annotations
 
+import ctypes
 import types
+from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -23,6 +29,8 @@ from .lowlevel import Context, Token
 # characters) fit; a longer chunk is judged on its opening
 MAX_CHUNK_TOKENS = 256
 MAX_QUESTION_TOKENS = 64
+# chunk states kept for follow-up questions (SmolLM2: ~23 KB per token, ~6 MB per 256-token chunk)
+STATE_CACHE_BYTES = 256 << 20
 
 
 def _question(q: str) -> str:
@@ -48,6 +56,8 @@ class QueryLikelihood:
         # one unified KV buffer shared by the sequences; the whole batch in one decode call
         self.ctx = Context(shim, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=512, n_seq_max=n_seq,
                            n_threads=n_threads, kv_unified=True)
+        self._states: OrderedDict[tuple[str, str], ctypes.Array] = OrderedDict()
+        self._bytes = 0
 
     def tokenize(self, text: str, bos: bool) -> list[int]:
         data = text.encode("utf-8")
@@ -69,16 +79,55 @@ class QueryLikelihood:
             return out
         for a in range(0, len(chunks), self.n_seq):
             part = chunks[a:a + self.n_seq]
+            prefixes = [self.prefix(c) for c in part]
+            mem = llama_cpp.llama_get_memory(self.ctx.ptr)
+            llama_cpp.llama_memory_clear(mem, True)
+            # every chunk's text but its last token: restored from a snapshot, or decoded (no
+            # logits) and then kept
+            fresh = []
+            for s, (c, ids) in enumerate(zip(part, prefixes)):
+                state = self._states.get(self._key(c))
+                if state is not None and self._restore(state, s):
+                    self._states.move_to_end(self._key(c))
+                else:
+                    fresh.append(s)
+            if fresh:
+                self.ctx._decode([Token(t, i, s, False) for s in fresh for i, t in enumerate(prefixes[s][:-1])])
+                for s in fresh:
+                    self._keep(self._key(part[s]), s)
+            # then the last token and the question: the logits at the last token and at each
+            # question token but the last predict question tokens 0..n-1
             batch = []
-            for s, c in enumerate(part):
-                ids = self.prefix(c) + q
-                n_p = len(ids) - len(q)
-                # the logits at position n_p-1+j predict question token j
-                batch += [Token(t, i, s, n_p - 1 <= i < len(ids) - 1) for i, t in enumerate(ids)]
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx.ptr), True)
+            for s, ids in enumerate(prefixes):
+                n_p = len(ids)
+                tail = [ids[-1]] + q
+                batch += [Token(t, n_p - 1 + i, s, i < len(q)) for i, t in enumerate(tail)]
             lp = self.ctx.logprobs(batch, q * len(part))
             out[a:a + len(part)] = lp.reshape(len(part), len(q)).mean(axis=1)
         return out
+
+    @staticmethod
+    def _key(chunk: Chunk) -> tuple[str, str]:
+        return (chunk.source, chunk.text)
+
+    def _keep(self, key, seq: int) -> None:
+        n = llama_cpp.llama_state_seq_get_size(self.ctx.ptr, seq)
+        buf = (ctypes.c_uint8 * n)()
+        if llama_cpp.llama_state_seq_get_data(self.ctx.ptr, buf, n, seq) != n:
+            return
+        self._states[key] = buf
+        self._bytes += n
+        while self._bytes > STATE_CACHE_BYTES and len(self._states) > 1:
+            _, old = self._states.popitem(last=False)
+            self._bytes -= len(old)
+
+    def _restore(self, buf, seq: int) -> bool:
+        return llama_cpp.llama_state_seq_set_data(self.ctx.ptr, buf, len(buf), seq) == len(buf)
+
+    def forget(self) -> None:
+        """Drop the kept chunk states (benchmarks time the reading itself)."""
+        self._states.clear()
+        self._bytes = 0
 
     def close(self) -> None:
         self.ctx.close()
