@@ -58,6 +58,8 @@ class QueryLikelihood:
                            n_threads=n_threads, kv_unified=True)
         self._states: OrderedDict[tuple[str, str], ctypes.Array] = OrderedDict()
         self._bytes = 0
+        self.restored = 0  # chunks whose state was restored / read afresh (benchmarks report them)
+        self.read = 0
 
     def tokenize(self, text: str, bos: bool) -> list[int]:
         data = text.encode("utf-8")
@@ -89,8 +91,10 @@ class QueryLikelihood:
                 state = self._states.get(self._key(c))
                 if state is not None and self._restore(state, s):
                     self._states.move_to_end(self._key(c))
+                    self.restored += 1
                 else:
                     fresh.append(s)
+            self.read += len(fresh)
             if fresh:
                 self.ctx._decode([Token(t, i, s, False) for s in fresh for i, t in enumerate(prefixes[s][:-1])])
                 for s in fresh:
