@@ -62,7 +62,11 @@ void llama_engram::update_key() {
     }
     key = (any_layer && !seqs.empty()) ? (h | 1) : 0;
 
-    if (key != 0 && key_built != 0 && key != key_built) {
+    // any change of topology, from or to none included, re-plans the context's worst-case graph
+    // (as llama.cpp does for its own graph-changing settings): ggml-alloc sizes its buffers from
+    // that plan, and a graph it does not cover is re-planned, and its buffers reallocated, on every
+    // ubatch whose KV view has grown (each ubatch of a prefill)
+    if (key != key_built) {
         llama_engram_access::request_reserve(ctx);
     }
 }

@@ -31,9 +31,10 @@ struct llama_engram {
     // cached llama_engram_graph_key(); recomputed on every change
     uint64_t key = 0;
 
-    // key of the last graph built (set while building). Two graphs with different biased layers
-    // can have the same node and leaf counts, which is all ggml-alloc checks before reusing its
-    // allocation plan; so a change between two active topologies asks the context to re-plan.
+    // key of the last graph built (set while building). A change of key asks the context to re-plan
+    // its worst-case graph (update_key): two graphs with different biased layers can have the same
+    // node and leaf counts, which is all ggml-alloc checks before reusing its allocation plan, and
+    // a plan made without the bias would be redone on every growing ubatch.
     mutable uint64_t key_built = 0;
 
     void update_key();

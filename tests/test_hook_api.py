@@ -185,3 +185,39 @@ def test_import_refuses_a_foreign_libllama(tmp_path):
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert "EngramImportError" in last and "unpatched libllama is already loaded" in last and str(fake) in last
+
+
+def test_topology_changes_re_plan_the_context_once(models):
+    """Turning the bias on, changing its layers, or turning it off re-plans the context's
+    worst-case graph once (llama.cpp's sched_reserve, which logs "reserving"); new bias values or
+    more ubatches do not. Without the re-plan, ggml-alloc re-planned and reallocated its buffers on
+    every ubatch of a prefill whose graph the plan did not cover (docs/PERFORMANCE.md, GPU)."""
+    import ctypes
+
+    from engram_llama import lowlevel, llama_cpp
+
+    m = models["qwen35"]
+    seen = []
+    cb = llama_cpp.llama_log_callback(lambda level, text, ud: seen.append(text.decode(errors="replace")))
+    llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
+    try:
+        with make_ctx(m, n_ctx=512, n_batch=256, n_ubatch=64) as c:
+            ids = [(7 * i) % 200 + 1 for i in range(256)]
+            layers = c.hook.softmax_layers()
+
+            def plans(step):
+                seen.clear()
+                step()
+                c.clear_kv()
+                c.decode_seq(ids, all_logits=False)  # 4 ubatches, the KV view growing
+                return sum("reserving ..." in s for s in seen)
+
+            assert plans(lambda: None) == 0
+            assert plans(lambda: (c.hook.set_layers(layers[:1], 2.0), c.hook.set_bias(np.ones(256, np.float32)))) == 1
+            assert plans(lambda: c.hook.set_bias(np.full(256, 3.0, np.float32))) == 0  # same graph
+            assert plans(lambda: c.hook.set_layers(layers, 2.0)) == 1
+            assert plans(lambda: c.hook.clear()) == 1
+            assert plans(lambda: None) == 0
+    finally:
+        lowlevel._quiet_cb = None
+        lowlevel.quiet_logs()
