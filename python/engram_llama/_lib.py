@@ -49,7 +49,7 @@ def _cxx_runtime_first() -> None:
     On the lent GPU machines' CUDA build (CUDA 13, their /opt/gcc compiler) libllama needs no
     libstdc++ of its own (its C++ references resolve against the ggml libraries), and making or
     loading any model crashed (an H200 backtrace: an ostream insert in print_info); with the system
-    libstdc++ first in the global scope, as LD_PRELOAD puts it, the same build ran every test on an
+    libstdc++ first in the global scope, as LD_PRELOAD puts it, the same build ran the hook tests on an
     H100 (scripts/device_check.sh, docs/PERFORMANCE.md). Promoting it is harmless elsewhere.
     """
     if not sys.platform.startswith("linux"):

@@ -119,8 +119,9 @@ class QueryLikelihood:
         buf = (ctypes.c_uint8 * n)()
         if llama_cpp.llama_state_seq_get_data(self.ctx.ptr, buf, n, seq) != n:
             return
+        old = self._states.pop(key, None)  # the same chunk twice in one call
+        self._bytes += n - (len(old) if old is not None else 0)
         self._states[key] = buf
-        self._bytes += n
         while self._bytes > STATE_CACHE_BYTES and len(self._states) > 1:
             _, old = self._states.popitem(last=False)
             self._bytes -= len(old)
