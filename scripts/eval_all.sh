@@ -80,3 +80,4 @@ done
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset core --out $R/nq-gemma3-270m-58p-r4.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 30 -c 6144 --preset core --out $R/nq-gemma3-270m-30p-r4.jsonl
 $PY run --n 24 --passages 30 -c 6144 --preset core --out $R/nq-smollm2-30p-r4.jsonl
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset core --out $R/domain-gemma3-270m-36p-r4.jsonl
