@@ -7,7 +7,8 @@
 // - graph (the KV cache is on a discrete GPU): mask + out_prod(B, G), from two small inputs,
 //   B [n_kv, n_seq] (scale*bias of each cell, one column per sequence) and G [n_tokens, n_seq]
 //   (1 where a query belongs to the sequence and is past its gate). Uploading a host-built mask
-//   per ubatch cost an H100 more than computing it there (docs/PERFORMANCE.md, GPU).
+//   per ubatch cost an H100 more than computing it there (docs/PERFORMANCE.md, GPU; both
+//   measured before the hook re-planned on activation, engram-bias.cpp).
 //
 // Both use only standard ggml ops and inputs, so every backend runs them, and flash attention
 // (which consumes the mask) sees the bias too. ENGRAM_LLAMA_MASK=host|graph forces one (tests).
@@ -103,6 +104,12 @@ public:
     ggml_tensor * g = nullptr; // graph path: [n_tokens, n_seq] input shared by its entries
 
 private:
+    // the bias of query i's sequence when that query is biased (a bias set, past its gate)
+    const llama_engram_seq * biased_seq(const llama_ubatch * ubatch, uint32_t i) const {
+        const llama_engram_seq * sb = eg->seq(ubatch->seq_id[i][0]);
+        return sb != nullptr && !sb->bias.empty() && ubatch->pos[i] >= sb->gate ? sb : nullptr;
+    }
+
     // G: which queries of which sequence are biased; `live` marks the sequences that have any
     void fill_gate(const llama_ubatch * ubatch, std::vector<bool> & live) const {
         GGML_ASSERT(ggml_backend_buffer_is_host(g->buffer));
@@ -115,8 +122,7 @@ private:
         live.assign(n_seq, false);
         for (uint32_t i = 0; i < n_tokens; ++i) {
             const llama_seq_id seq_id = ubatch->seq_id[i][0];
-            const llama_engram_seq * sb = eg->seq(seq_id);
-            if (seq_id < 0 || seq_id >= n_seq || sb == nullptr || sb->bias.empty() || ubatch->pos[i] < sb->gate) {
+            if (seq_id < 0 || seq_id >= n_seq || biased_seq(ubatch, i) == nullptr) {
                 continue;
             }
             gd[(int64_t) seq_id*n_tokens + i] = 1.0f;
@@ -166,8 +172,8 @@ private:
 
         for (uint32_t i = 0; i < n_tokens; ++i) {
             const llama_seq_id seq_id = ubatch->seq_id[i][0];
-            const llama_engram_seq * sb = eg->seq(seq_id);
-            if (sb == nullptr || sb->bias.empty() || ubatch->pos[i] < sb->gate) {
+            const llama_engram_seq * sb = biased_seq(ubatch, i);
+            if (sb == nullptr) {
                 continue;
             }
 
