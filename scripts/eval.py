@@ -94,6 +94,9 @@ PRESETS["body"] = [Condition("vanilla", "none"), Condition("engram top1 near2", 
 # the target's core conditions alone (the default, its oracle, reordering), for slow sets
 PRESETS["core"] = [c for c in PRESETS["far"] if c.name in (
     "vanilla", "engram top1 near2", "oracle near2", "reorder", "reorder+engram s1 top1")]
+# the strength set per layer from the attention the top chunk already gets (probe.py): a target
+# share of the question's attention instead of a logit offset (recitation: near chunks over-steered)
+PRESETS["mass"] = [Condition(f"engram top1 mass{t}", strength=0, top_k=1, target=t / 100) for t in (15, 20, 30)]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bias as bias_mod, relevance
+from .probe import strength_for
 from .chunks import Chunk
 
 REFUSAL = re.compile(r"\b(i (do not|don't|cannot|can't) (know|find|answer|tell)|not (mentioned|provided|stated|specified|"
@@ -92,6 +93,7 @@ class Condition:
     far: float | None = None      # strength at the prompt's first token, rising beyond the ramp (bias.chunk_strength)
     lift: bool = False            # True: no bias on the answer's own queries (Runner.answer)
     margin: float | None = None   # chunk weights exp(-(s_max - s_i)/margin) (relevance.select); None: s_i/s_max
+    target: float | None = None   # the top chunk's share of the question's attention to reach, per layer (probe.py)
 
 
 def parse_layers(spec: str, default: list[int], softmax: list[int]) -> list[int]:
@@ -202,7 +204,8 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
             if r["slot"] == "gold-only" and r["judge"] != "correct":
                 unanswerable.add(r["id"])
     table = default_table()
-    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings(rerank=rerank), chat=chat, table=table)
+    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings(rerank=rerank), chat=chat, table=table,
+                      probe=any(c.target for c in conditions))
     n_table = len(table) if table is not None else 0
     ranking = "r3" if rerank == 0 else relevance.RANKING
     # answers are a few words (NQ), a sentence (domain), or a restated key and a UUID (KV)
@@ -213,6 +216,8 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
     order = rng.permutation(len(items))
     used = 0
 
+    probed: dict[str, float] = {}  # condition -> the top chunk's unbiased share (target conditions)
+
     def apply(c: Condition, prompt, pm, scored, gold_id, question) -> float:
         if c.relevance == "none":
             eng.hook.clear()
@@ -220,11 +225,33 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         # the oracle biases the gold, unless the prompt had no room for it (then nothing)
         sel = ([(s, 1.0) for s in scored if s.chunk.id == gold_id] if c.relevance == "oracle"
                else relevance.select(scored, c.top_k, c.margin))
+        if c.target:
+            return apply_target(c, prompt, pm, sel, question)
         strength = c.strength or auto_strength(len(prompt.tokens))
         b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=c.far)
         eng.hook.set_layers(parse_layers(c.layers, dflt, softmax), 1.0)
         eng.hook.set_bias(b, gate=prompt.question_token if c.gate else 0)
         return strength
+
+    def apply_target(c: Condition, prompt, pm, sel, question) -> float:
+        """Per layer, the strength that gives the top chunk the target share of the question's
+        attention, read from an unbiased decode of the question (removed again from the cache)."""
+        if not sel:
+            eng.hook.clear()
+            return 0.0
+        layers = parse_layers(c.layers, dflt, softmax)
+        q0 = prompt.question_token
+        eng.hook.clear()
+        with eng.probe.reading(layers):
+            runner.decode(prompt.tokens[q0:], q0, False)
+        runner.lc.llama_memory_seq_rm(runner.mem, 0, q0, -1)
+        m0 = eng.probe.share(prompt.chunk_tokens[sel[0][0].chunk.id])
+        scales = {il: strength_for(m0[il], c.target) for il in layers}
+        b, _ = bias_mod.build(prompt, sel[:1], 1.0, c.granularity, pm, question)
+        eng.hook.set_layers(scales)
+        eng.hook.set_bias(b, gate=q0)
+        probed[c.name] = round(float(np.mean(list(m0.values()))), 5)
+        return float(np.mean(list(scales.values())))
 
     with open(out, "a") as f:
         for idx in order:
@@ -287,6 +314,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                             ans = runner.answer(prompt.tokens, prompt.question_token, lift=c.lift)
                             eng.hook.clear()
                             cache[(key, c.name)] = {"answer": ans, "strength": round(strength, 2),
+                                                    **({"m0": probed.pop(c.name)} if c.name in probed else {}),
                                                     "prefill_s": round(t_prefill, 2),
                                                     "answer_s": round(time.perf_counter() - t1, 2)}
                         rec = {"id": it.id, "slot": slot, "condition": c.name, **cache[(key, c.name)],

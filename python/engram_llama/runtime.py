@@ -4,6 +4,7 @@ decode.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from ._hook import Hook, LayerKind
 from .chunks import Chunk
 from .extract import Extractor
 from .lowlevel import quiet_logs, token_piece
+from .probe import AttentionProbe, installed
 
 
 @dataclass
@@ -112,12 +114,17 @@ def default_layers(kinds: list[LayerKind]) -> list[int]:
 class EngramLlama:
     def __init__(self, model_path: str, n_ctx: int = 4096, n_threads: int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, settings: Settings | None = None,
-                 extractor: Extractor | None = None, table=None, chat: bool = True, verbose: bool = False):
+                 extractor: Extractor | None = None, table=None, chat: bool = True, verbose: bool = False,
+                 probe: bool = False):
         from . import llama_cpp
 
         quiet_logs()
-        self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
-                                   n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose)
+        # probe: read the attention each chunk gets before biasing (probe.py); the callback lives
+        # as long as the context
+        self.probe = AttentionProbe() if probe else None
+        with installed(self.probe) if probe else contextlib.nullcontext():
+            self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
+                                       n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose)
         self.hook = Hook(self.llm)
         self.settings = settings or Settings()
         self.table = table

@@ -1,0 +1,102 @@
+"""The share of the question's attention each chunk already gets, read before biasing.
+
+A fixed logit offset moves a chunk's share of attention by an amount that depends on where it
+started: +4 lifts a chunk far from the question that gets 0.4% of it to about 20%, and makes one
+next to the question that already gets 5% take three quarters of it, which is when small models
+recite the chunk instead of answering. Reading the unbiased share m0 first lets the strength be
+set for a target share T instead: a query whose share is m0 gets m0 e^b / (m0 e^b + 1 - m0) after
+a bias b on the chunk, so b = log(T (1 - m0) / (m0 (1 - T))).
+
+The share is read through llama.cpp's eval callback, from the softmax of the biased layers
+("kq_soft_max-<layer>", present with flash attention off) while the question's tokens are decoded
+once without bias; the caller removes those tokens from the cache before decoding them again.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterable
+
+import numpy as np
+
+from . import llama_cpp
+from .lowlevel import GGML_TYPE_F32, _TensorHead, ggml_base
+
+# the most a target can ask for: beyond it a chunk with almost no attention would be pushed to
+# take all of it, which the fixed strengths never did (+6 was the most tried)
+MAX_STRENGTH = 8.0
+
+
+class AttentionProbe:
+    """An eval callback that keeps the softmax of the chosen layers while armed."""
+
+    def __init__(self):
+        self.layers: set[int] = set()
+        self.armed = False
+        self.rows: dict[int, list[np.ndarray]] = {}
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
+
+    def _layer(self, name: str) -> int | None:
+        if not name.startswith("kq_soft_max-"):
+            return None
+        il = int(name.rsplit("-", 1)[1])
+        return il if il in self.layers else None
+
+    def _on_eval(self, t, ask, _user_data):
+        ggml = ggml_base()
+        il = self._layer(ggml.ggml_get_name(t).decode()) if self.armed else None
+        if ask:
+            return il is not None
+        head = _TensorHead.from_address(t)
+        if il is None or head.type != GGML_TYPE_F32 or not ggml.ggml_is_contiguous(t):
+            return True
+        shape = tuple(reversed([head.ne[i] for i in range(4)]))  # (1, heads, queries, keys)
+        buf = np.empty(shape, dtype=np.float32)
+        ggml.ggml_backend_tensor_get(t, buf.ctypes.data, 0, ggml.ggml_nbytes(t))
+        self.rows.setdefault(il, []).append(buf)
+        return True
+
+    @contextlib.contextmanager
+    def reading(self, layers: Iterable[int]):
+        """Capture the softmax of these layers for the decodes inside the block."""
+        self.layers, self.rows, self.armed = set(layers), {}, True
+        try:
+            yield self
+        finally:
+            self.armed = False
+
+    def share(self, span: tuple[int, int]) -> dict[int, float]:
+        """Per layer: the attention the key cells [a, b) get, averaged over heads and queries.
+
+        Key cells are positions when the sequence was decoded from 0 into a cleared cache."""
+        a, b = span
+        out = {}
+        for il, parts in self.rows.items():
+            per = np.concatenate([p[..., a:b].sum(-1).ravel() for p in parts])
+            out[il] = float(per.mean())
+        return out
+
+
+@contextlib.contextmanager
+def installed(probe: AttentionProbe):
+    """Contexts made inside the block (llama_cpp.Llama builds its own parameters) report to the probe."""
+    import llama_cpp.llama_cpp as low
+
+    orig = low.llama_context_default_params
+
+    def params():
+        p = orig()
+        p.cb_eval = probe.callback
+        return p
+
+    low.llama_context_default_params = params
+    try:
+        yield probe
+    finally:
+        low.llama_context_default_params = orig
+
+
+def strength_for(m0: float, target: float, cap: float = MAX_STRENGTH) -> float:
+    """The bias that takes a share m0 to the target share (0 where it is already there)."""
+    m0 = min(max(m0, 1e-9), 1 - 1e-9)
+    return float(min(cap, max(0.0, math.log(target * (1 - m0) / (m0 * (1 - target))))))
