@@ -65,16 +65,17 @@ class AttentionProbe:
         finally:
             self.armed = False
 
-    def share(self, span: tuple[int, int]) -> dict[int, float]:
-        """Per layer: the attention the key cells [a, b) get, averaged over heads and queries.
-
-        Key cells are positions when the sequence was decoded from 0 into a cleared cache."""
+    def shares(self, span: tuple[int, int]) -> dict[int, np.ndarray]:
+        """Per layer: the attention the key cells [a, b) get, per head (rows) and query (columns,
+        in decode order). Key cells are positions when the sequence was decoded from 0 into a
+        cleared cache."""
         a, b = span
-        out = {}
-        for il, parts in self.rows.items():
-            per = np.concatenate([p[..., a:b].sum(-1).ravel() for p in parts])
-            out[il] = float(per.mean())
-        return out
+        return {il: np.concatenate([p[0, :, :, a:b].sum(-1) for p in parts], axis=1)
+                for il, parts in self.rows.items()}
+
+    def share(self, span: tuple[int, int]) -> dict[int, float]:
+        """Per layer: that attention averaged over heads and queries."""
+        return {il: float(x.mean()) for il, x in self.shares(span).items()}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,91 @@
+"""The attention probe: the share it reads is the share the hook's bias acts on.
+
+The reference is the softmax algebra, not the probe itself: adding b to the logits of a span whose
+share is m gives it m e^b / (m e^b + 1 - m), exactly, per head and query, at the first biased layer
+(whose queries and keys the bias cannot have changed). A probe reading the wrong tensor, layer or
+key cells, or a bias landing on other cells than the probe measured, breaks the identity.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from engram_llama import Hook, llama_cpp, synth
+from engram_llama.probe import MAX_STRENGTH, AttentionProbe, installed, strength_for
+from engram_llama.runtime import default_layers
+
+from conftest import ARCHS, tokens
+
+N_PREFIX, N_QUERY, SPAN = 48, 6, (20, 36)
+
+
+def test_strength_for_by_hand():
+    # log(T (1 - m) / (m (1 - T)))
+    assert strength_for(0.01, 0.2) == pytest.approx(math.log(0.2 * 0.99 / (0.01 * 0.8)), abs=1e-12)
+    assert strength_for(0.05, 0.35) == pytest.approx(math.log(0.35 * 0.95 / (0.05 * 0.65)), abs=1e-12)
+    assert strength_for(0.4, 0.2) == 0.0           # already above the target: no bias, never a negative one
+    assert strength_for(1e-12, 0.5) == MAX_STRENGTH
+    assert strength_for(0.0, 0.5, cap=3.0) == 3.0
+
+
+def _decode(llm, ids, pos0):
+    batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
+    try:
+        for i, t in enumerate(ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(t), pos0 + i, 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i == len(ids) - 1
+        batch.n_tokens = len(ids)
+        assert llama_cpp.llama_decode(llm.ctx, batch) == 0
+    finally:
+        llama_cpp.llama_batch_free(batch)
+
+
+def _read(llm, probe, layer, ids):
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    _decode(llm, ids[:N_PREFIX], 0)
+    with probe.reading([layer]):
+        _decode(llm, ids[N_PREFIX:], N_PREFIX)
+    return probe.shares(SPAN)[layer]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_biased_share_follows_the_softmax_identity(arch, models):
+    probe = AttentionProbe()
+    with installed(probe):
+        llm = llama_cpp.Llama(model_path=str(synth.cached_model(arch)), n_ctx=256, n_threads=2, verbose=False)
+    try:
+        hook = Hook(llm)
+        layer = default_layers(hook.kinds)[0]
+        ids = tokens(models[arch], N_PREFIX + N_QUERY, seed=3)
+        m0 = _read(llm, probe, layer, ids)
+        assert m0.shape[1] == N_QUERY and np.all((m0 > 0) & (m0 < 1))
+        # the strength that takes head 0's first query to 40%, on the span, at this layer alone
+        b = strength_for(float(m0[0, 0]), 0.4)
+        assert 0 < b < MAX_STRENGTH
+        vec = np.zeros(N_PREFIX, np.float32)
+        vec[SPAN[0]:SPAN[1]] = 1.0
+        hook.set_layers({layer: b})
+        hook.set_bias(vec, gate=N_PREFIX)
+        m1 = _read(llm, probe, layer, ids)
+        hook.clear()
+        expect = m0 * math.exp(b) / (m0 * math.exp(b) + 1 - m0)
+        np.testing.assert_allclose(m1, expect, atol=2e-5)
+        assert m1[0, 0] == pytest.approx(0.4, abs=2e-5)
+        # other layers are not read, and a disarmed probe reads nothing
+        assert set(probe.rows) == {layer}
+        _decode(llm, ids[-1:], N_PREFIX + N_QUERY)
+        assert set(probe.rows) == {layer} and sum(p.shape[2] for p in probe.rows[layer]) == N_QUERY
+    finally:
+        llm.close()
+
+
+def test_installed_restores_the_default_parameters():
+    import llama_cpp.llama_cpp as low
+
+    probe = AttentionProbe()
+    with pytest.raises(RuntimeError):
+        with installed(probe):
+            assert low.llama_context_default_params().cb_eval
+            raise RuntimeError("boom")
+    assert not low.llama_context_default_params().cb_eval
