@@ -81,3 +81,8 @@ done
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 30 -c 6144 --preset core --out $R/nq-gemma3-270m-30p-r4.jsonl
 $PY run --n 24 --passages 30 -c 6144 --preset core --out $R/nq-smollm2-30p-r4.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset core --out $R/domain-gemma3-270m-36p-r4.jsonl
+# SmolLM2 at ~8K with ranking r4 (the rows above at ~8K are r3)
+$PY run --n 12 --passages 58 -c 8192 --preset core --out $R/nq-smollm2-58p-r4.jsonl
+# the strength set per layer from the top chunk's unbiased share of the question's attention
+# (probe.py): target shares 15/20/30% against the default's length strength and near ramp
+$PY run --n 24 --passages 30 -c 6144 --preset mass --out $R/nq-smollm2-30p-r4.jsonl
