@@ -97,6 +97,10 @@ PRESETS["core"] = [c for c in PRESETS["far"] if c.name in (
 # the strength set per layer from the attention the top chunk already gets (probe.py): a target
 # share of the question's attention instead of a logit offset (recitation: near chunks over-steered)
 PRESETS["mass"] = [Condition(f"engram top1 mass{t}", strength=0, top_k=1, target=t / 100) for t in (15, 20, 30)]
+# per layer, the layers that already read the chunk get least (KV: first slot lost at the default's
+# mean strength): one strength for all layers, from the share averaged over them
+PRESETS["massavg"] = [Condition(f"engram top1 massavg{t}", strength=0, top_k=1, target=t / 100, per_layer=False)
+                      for t in (20, 40, 60)]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),

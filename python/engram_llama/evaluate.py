@@ -93,7 +93,8 @@ class Condition:
     far: float | None = None      # strength at the prompt's first token, rising beyond the ramp (bias.chunk_strength)
     lift: bool = False            # True: no bias on the answer's own queries (Runner.answer)
     margin: float | None = None   # chunk weights exp(-(s_max - s_i)/margin) (relevance.select); None: s_i/s_max
-    target: float | None = None   # the top chunk's share of the question's attention to reach, per layer (probe.py)
+    target: float | None = None   # the top chunk's share of the question's attention to reach (probe.py)
+    per_layer: bool = True        # with target: a strength per layer from its own share, or one from their mean
 
 
 def parse_layers(spec: str, default: list[int], softmax: list[int]) -> list[int]:
@@ -246,7 +247,10 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
             runner.decode(prompt.tokens[q0:], q0, False)
         runner.lc.llama_memory_seq_rm(runner.mem, 0, q0, -1)
         m0 = eng.probe.share(prompt.chunk_tokens[sel[0][0].chunk.id])
-        scales = {il: strength_for(m0[il], c.target) for il in layers}
+        if c.per_layer:
+            scales = {il: strength_for(m0[il], c.target) for il in layers}
+        else:
+            scales = dict.fromkeys(layers, strength_for(float(np.mean([m0[il] for il in layers])), c.target))
         b, _ = bias_mod.build(prompt, sel[:1], 1.0, c.granularity, pm, question)
         eng.hook.set_layers(scales)
         eng.hook.set_bias(b, gate=q0)
