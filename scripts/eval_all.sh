@@ -87,3 +87,6 @@ $PY run --n 12 --passages 58 -c 8192 --preset core --out $R/nq-smollm2-58p-r4.js
 # (probe.py): target shares 15/20/30% against the default's length strength and near ramp
 $PY run --n 24 --passages 30 -c 6144 --preset mass --out $R/nq-smollm2-30p-r4.jsonl
 $PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset mass --out $R/kv-smollm2-42r.jsonl
+# ... and one strength for all layers from the share averaged over them
+$PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset massavg --out $R/kv-smollm2-42r.jsonl
+$PY run --n 24 --passages 30 -c 6144 --preset massavg --out $R/nq-smollm2-30p-r4.jsonl
