@@ -162,3 +162,39 @@ def test_rerank_reads_each_chunk_once_per_question(chunks):
         assert scored[0].chunk.source == "pm-kisan.md"
     finally:
         eng.close()
+
+
+def test_target_share_sets_the_strength_the_probe_reads(chunks):
+    """A second path reads the share (the eval's decoder into a cleared cache) and must give the
+    same strength; the answer must equal a run with that strength set by hand on every chunk
+    position (near = strength), so the probe's unbiased question left nothing in the cache."""
+    from engram_llama.evaluate import Runner
+    from engram_llama.probe import strength_for
+
+    q = "Which district has its headquarters at Kakkanad?"
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(target=0.6))
+    a = eng.ask(q, chunks, max_tokens=8)
+    again = eng.ask(q, chunks, max_tokens=8)  # the cached documents, probed again
+    prompt, pm, scored, _ = eng.prepare(q, chunks, 8)
+    runner = Runner(eng, 1)
+    eng.hook.clear()
+    runner.prefill_docs(prompt.tokens, prompt.question_token)
+    with eng.probe.reading(eng.layers()):
+        runner.decode(prompt.tokens[prompt.question_token:], prompt.question_token, False)
+    share = eng.probe.share(prompt.chunk_tokens[a.citations[0].chunk.id])
+    # the probe's question is cut from the cache: it ends at the last document token
+    from engram_llama import llama_cpp
+
+    again_b = eng._strength_for_share(prompt, a.citations[0].chunk.id, eng.layers(), 0.6)
+    mem = llama_cpp.llama_get_memory(eng.llm.ctx)
+    assert eng.llm.n_tokens == prompt.question_token
+    assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == prompt.question_token - 1
+    eng.close()
+    assert again_b == pytest.approx(a.strength, abs=1e-4)
+    want = strength_for(float(np.mean(list(share.values()))), 0.6)
+    assert 0.5 < want < 8 and a.strength == pytest.approx(want, abs=1e-4) and again.strength == pytest.approx(want, abs=1e-4)
+    assert len(a.citations) == 1 and again.text == a.text
+    fixed = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(strength=want, near=want))
+    b = fixed.ask(q, chunks, max_tokens=8)
+    fixed.close()
+    assert b.text == a.text and b.spans == a.spans

@@ -148,6 +148,10 @@ def cmd_run(args) -> int:
         raise UsageError(f"invalid --strength {args.strength}")
     if args.near is not None and not (args.near == args.near and abs(args.near) < 1e6):
         raise UsageError(f"invalid --near {args.near}")
+    if args.target_share is not None and not 0 < args.target_share < 1:
+        raise UsageError(f"invalid --target-share {args.target_share}: between 0 and 1")
+    if args.target_share is not None and args.no_gate:
+        raise UsageError("--target-share reads the documents without bias: it cannot go with --no-gate")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"invalid --top-k {args.top_k}: at least 1")
     if args.rerank is not None and not 0 <= args.rerank <= 64:
@@ -167,7 +171,7 @@ def cmd_run(args) -> int:
     table = _open_table(args.table)
     settings = Settings(strength=args.strength, top_k=args.top_k, near=args.near,
                         granularity=args.granularity, gate=not args.no_gate, order=args.order,
-                        engram=not args.no_engram, rerank=args.rerank)
+                        engram=not args.no_engram, rerank=args.rerank, target=args.target_share)
     try:
         eng = EngramLlama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                           seed=args.seed, settings=settings, table=table, chat=not args.no_chat)
@@ -372,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--near", type=float, default=None,
                    help="strength for a chunk next to the question, rising to --strength a quarter of the "
                         "prompt away (default 2 in the given order; none with --order edges)")
+    r.add_argument("--target-share", type=float, default=None, metavar="T",
+                   help="experimental: one strength for the best chunk, set so that it gets the share T (0-1) of "
+                        "the question's attention, read before biasing; replaces --strength and --near")
     r.add_argument("--top-k", type=int, default=None,
                    help="chunks biased, scaled by relevance (default 1: the best chunk alone)")
     r.add_argument("--rerank", type=int, default=None, metavar="K",

@@ -5,6 +5,7 @@ decode.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ class Settings:
     order: str = "keep"               # "keep" the given order or put the best chunks at the "edges"
     engram: bool = True               # False: vanilla, the same prompt without bias
     rerank: int | None = None         # chunks reread for the question's likelihood; None: RERANK_K, 0: off
+    # the top chunk's share of the question's attention to reach (probe.py), read before biasing;
+    # replaces strength and near (an option, not the default: docs/EVAL.md, "A strength set from
+    # the attention the chunk already gets")
+    target: float | None = None
 
 
 @dataclass
@@ -121,6 +126,7 @@ class EngramLlama:
         quiet_logs()
         # probe: read the attention each chunk gets before biasing (probe.py); the callback lives
         # as long as the context
+        probe = probe or (settings is not None and settings.target is not None)
         self.probe = AttentionProbe() if probe else None
         with installed(self.probe) if probe else contextlib.nullcontext():
             self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
@@ -210,8 +216,11 @@ class EngramLlama:
         prompt, pm, scored, dropped = self.prepare(question, chunks, max_tokens)
         strength, top_k, near = chunk_choice(s, len(prompt.tokens))
         selected = relevance.select(scored, top_k)
-        b, spans = bias_mod.build(prompt, selected, strength, s.granularity, pm, question, near=near)
         layers = self.layers()
+        if s.engram and selected and s.target is not None:
+            selected = selected[:1]
+            strength, near = self._strength_for_share(prompt, selected[0][0].chunk.id, layers, s.target), None
+        b, spans = bias_mod.build(prompt, selected, strength, s.granularity, pm, question, near=near)
         gate = prompt.question_token if s.gate else 0
         if s.engram and selected:
             self.hook.set_layers(layers, 1.0)
@@ -228,6 +237,43 @@ class EngramLlama:
         steered = bool(s.engram and selected)
         return Answer(text.strip(), cites, spans if steered else [], layers if steered else [], strength,
                       gate if steered else None, len(prompt.tokens), dropped, scored, s.order)
+
+    def _strength_for_share(self, prompt, chunk_id: int, layers: list[int], target: float) -> float:
+        """One strength for all biased layers: the one that takes the chunk's share of the
+        question's attention, averaged over those layers, to the target. Per-layer strengths put
+        least on the layers that already read the chunk and lost KV retrieval's first slot."""
+        from . import llama_cpp
+        from .probe import strength_for
+
+        if self.probe is None:
+            raise ValueError("a target share needs EngramLlama(..., probe=True)")
+        if not self.settings.gate:
+            raise ValueError("a target share reads the documents without bias: it needs the query gate")
+        q0 = prompt.question_token
+        self.hook.clear()
+        self.prefill(prompt.tokens[:q0 + 1])  # the documents (reused when cached)
+        # recurrent state cannot be cut back to a position: keep the documents' state instead
+        recurrent = any(k == LayerKind.NONE for k in self.hook.kinds)
+        saved = None
+        if recurrent:
+            n = llama_cpp.llama_state_seq_get_size(self.llm.ctx, 0)
+            saved = (ctypes.c_uint8 * n)()
+            if llama_cpp.llama_state_seq_get_data(self.llm.ctx, saved, n, 0) != n:
+                raise RuntimeError("could not keep the documents' state for the attention probe")
+        with self.probe.reading(layers):
+            self.llm.eval(prompt.tokens[q0:])
+        if saved is not None:
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), 0, -1, -1)
+            ok = llama_cpp.llama_state_seq_set_data(self.llm.ctx, saved, len(saved), 0) == len(saved)
+        else:
+            ok = self.llm._ctx.kv_cache_seq_rm(-1, q0, -1)
+        if not ok:
+            self.llm.reset()
+            self.llm._ctx.kv_cache_clear()
+        else:
+            self.llm.n_tokens = q0
+        share = self.probe.share(prompt.chunk_tokens[chunk_id])
+        return strength_for(float(np.mean([share[il] for il in layers])), target)
 
     def prefill(self, tokens: list[int], progress: bool | None = None) -> int:
         """Decode all but the last prompt token, reusing the cached prefix (the documents, when a
