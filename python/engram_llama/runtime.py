@@ -273,6 +273,9 @@ class EngramLlama:
         else:
             self.llm.n_tokens = q0
         share = self.probe.share(prompt.chunk_tokens[chunk_id])
+        missing = [il for il in layers if il not in share]
+        if missing:  # flash attention fuses the softmax away
+            raise RuntimeError(f"the attention probe read no softmax at layers {missing}: it needs flash attention off")
         return strength_for(float(np.mean([share[il] for il in layers])), target)
 
     def prefill(self, tokens: list[int], progress: bool | None = None) -> int:
