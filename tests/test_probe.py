@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engram_llama import Hook, llama_cpp, synth
-from engram_llama.probe import MAX_STRENGTH, AttentionProbe, installed, strength_for
+from engram_llama.probe import MAX_STRENGTH, AttentionProbe, installed, strength_for, strengths
 from engram_llama.runtime import default_layers
 
 from conftest import ARCHS, tokens
@@ -26,6 +26,17 @@ def test_strength_for_by_hand():
     assert strength_for(0.4, 0.2) == 0.0           # already above the target: no bias, never a negative one
     assert strength_for(1e-12, 0.5) == MAX_STRENGTH
     assert strength_for(0.0, 0.5, cap=3.0) == 3.0
+
+
+def test_strengths_one_for_all_layers_or_each_its_own():
+    share = {3: 0.01, 7: 0.03, 11: 0.5}
+    # the mean share of layers 3 and 7 is 0.02: log(0.4 * 0.98 / (0.02 * 0.6))
+    one = math.log(0.4 * 0.98 / (0.02 * 0.6))
+    assert strengths(share, [3, 7], 0.4) == {3: pytest.approx(one, abs=1e-12), 7: pytest.approx(one, abs=1e-12)}
+    each = strengths(share, [3, 7, 11], 0.4, per_layer=True)
+    assert each[3] == pytest.approx(math.log(0.4 * 0.99 / (0.01 * 0.6)), abs=1e-12) and each[11] == 0.0
+    with pytest.raises(RuntimeError, match="flash attention"):
+        strengths(share, [3, 15], 0.4)
 
 
 def _decode(llm, ids, pos0):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bias as bias_mod, relevance
-from .probe import strength_for
+from .probe import strengths
 from .chunks import Chunk
 
 REFUSAL = re.compile(r"\b(i (do not|don't|cannot|can't) (know|find|answer|tell)|not (mentioned|provided|stated|specified|"
@@ -235,8 +235,10 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         return strength
 
     def apply_target(c: Condition, prompt, pm, sel, question) -> float:
-        """Per layer, the strength that gives the top chunk the target share of the question's
-        attention, read from an unbiased decode of the question (removed again from the cache)."""
+        """The strength that gives the top chunk the target share of the question's attention (per
+        layer, or one from their mean), read from an unbiased decode of the question (removed
+        again from the cache). The runtime's EngramLlama._strength_for_share does the same on
+        llama_cpp.Llama's cache bookkeeping; this runner decodes into its own."""
         if not sel:
             eng.hook.clear()
             return 0.0
@@ -247,10 +249,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
             runner.decode(prompt.tokens[q0:], q0, False)
         runner.lc.llama_memory_seq_rm(runner.mem, 0, q0, -1)
         m0 = eng.probe.share(prompt.chunk_tokens[sel[0][0].chunk.id])
-        if c.per_layer:
-            scales = {il: strength_for(m0[il], c.target) for il in layers}
-        else:
-            scales = dict.fromkeys(layers, strength_for(float(np.mean([m0[il] for il in layers])), c.target))
+        scales = strengths(m0, layers, c.target, c.per_layer)
         b, _ = bias_mod.build(prompt, sel[:1], 1.0, c.granularity, pm, question)
         eng.hook.set_layers(scales)
         eng.hook.set_bias(b, gate=q0)

@@ -101,3 +101,16 @@ def strength_for(m0: float, target: float, cap: float = MAX_STRENGTH) -> float:
     """The bias that takes a share m0 to the target share (0 where it is already there)."""
     m0 = min(max(m0, 1e-9), 1 - 1e-9)
     return float(min(cap, max(0.0, math.log(target * (1 - m0) / (m0 * (1 - target))))))
+
+
+def strengths(share: dict[int, float], layers: Iterable[int], target: float, per_layer: bool = False) -> dict[int, float]:
+    """The strength per biased layer: one for all from the share averaged over them, or each from
+    its own share (per_layer; it put least on the layers that already read the chunk and lost KV
+    retrieval's first slot, docs/EVAL.md)."""
+    layers = list(layers)
+    missing = [il for il in layers if il not in share]
+    if missing:  # flash attention fuses the softmax away
+        raise RuntimeError(f"the attention probe read no softmax at layers {missing}: it needs flash attention off")
+    if per_layer:
+        return {il: strength_for(share[il], target) for il in layers}
+    return dict.fromkeys(layers, strength_for(float(np.mean([share[il] for il in layers])), target))

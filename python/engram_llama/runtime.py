@@ -243,7 +243,7 @@ class EngramLlama:
         question's attention, averaged over those layers, to the target. Per-layer strengths put
         least on the layers that already read the chunk and lost KV retrieval's first slot."""
         from . import llama_cpp
-        from .probe import strength_for
+        from .probe import strengths
 
         if self.probe is None:
             raise ValueError("a target share needs EngramLlama(..., probe=True)")
@@ -272,11 +272,7 @@ class EngramLlama:
             self.llm._ctx.kv_cache_clear()
         else:
             self.llm.n_tokens = q0
-        share = self.probe.share(prompt.chunk_tokens[chunk_id])
-        missing = [il for il in layers if il not in share]
-        if missing:  # flash attention fuses the softmax away
-            raise RuntimeError(f"the attention probe read no softmax at layers {missing}: it needs flash attention off")
-        return strength_for(float(np.mean([share[il] for il in layers])), target)
+        return strengths(self.probe.share(prompt.chunk_tokens[chunk_id]), layers, target)[layers[0]]
 
     def prefill(self, tokens: list[int], progress: bool | None = None) -> int:
         """Decode all but the last prompt token, reusing the cached prefix (the documents, when a
