@@ -18,7 +18,7 @@ from ._hook import Hook, LayerKind
 from .chunks import Chunk
 from .extract import Extractor
 from .lowlevel import quiet_logs, token_piece
-from .probe import AttentionProbe, installed
+from .probe import AttentionProbe, installed, strengths
 
 
 @dataclass
@@ -243,7 +243,6 @@ class EngramLlama:
         question's attention, averaged over those layers, to the target. Per-layer strengths put
         least on the layers that already read the chunk and lost KV retrieval's first slot."""
         from . import llama_cpp
-        from .probe import strengths
 
         if self.probe is None:
             raise ValueError("a target share needs EngramLlama(..., probe=True)")
