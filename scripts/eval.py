@@ -14,6 +14,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 
 import engram_llama  # noqa: E402,F401  (binds the patched libllama)
@@ -101,6 +103,10 @@ PRESETS["mass"] = [Condition(f"engram top1 mass{t}", strength=0, top_k=1, target
 # mean strength): one strength for all layers, from the share averaged over them
 PRESETS["massavg"] = [Condition(f"engram top1 massavg{t}", strength=0, top_k=1, target=t / 100, per_layer=False)
                       for t in (20, 40, 60)]
+# the mean over heads hides the few heads that retrieve (no one target fit NQ and KV): the share
+# of the head that reads the chunk most, averaged over the layers, one strength for all layers
+PRESETS["masshead"] = [Condition(f"engram top1 masshead{t}", strength=0, top_k=1, target=t / 100, per_layer=False,
+                                 heads=1) for t in (30, 50, 70)]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),
@@ -205,6 +211,17 @@ def report(path, against="vanilla"):
             vs = f"+{b}/-{cc}" if c != against and base and not same_prompt else ""
             p = f"{mcnemar(b, cc):.3f}" if c != against and base and not same_prompt else ""
             print(f"| {c} | {s} | {n} | {100 * k / max(n, 1):.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {wr} | {rf} | {vs} | {p} |")
+    probed = [c for c in conds if any("m0" in r for r in rows if r["condition"] == c)]
+    if probed:
+        # what the attention probe read (the top chunk's unbiased share) and the strength it set
+        print("\n| condition | slot | share read (m0), median (range) | strength, median (range) |\n|---|---|---|---|")
+        for c in probed:
+            for s in slots[:-1]:
+                rs = [r for r in rows if r["condition"] == c and r["slot"] == s and "m0" in r]
+                if rs:
+                    m, st = (np.array([r[f] for r in rs], float) for f in ("m0", "strength"))
+                    print(f"| {c} | {s} | {100 * np.median(m):.2f}% ({100 * m.min():.2f}-{100 * m.max():.2f}%) | "
+                          f"{np.median(st):.2f} ({st.min():.2f}-{st.max():.2f}) |")
 
 
 def pooled(paths, condition, against, slot="first", exclude=()):

@@ -39,6 +39,22 @@ def test_strengths_one_for_all_layers_or_each_its_own():
         strengths(share, [3, 15], 0.4)
 
 
+def test_share_over_all_heads_or_the_ones_that_read_the_span_most():
+    probe = AttentionProbe()
+    # one layer, 3 heads, two decodes of 1 and 2 queries, 5 key cells; the span is cells [1, 3)
+    a = np.zeros((1, 3, 1, 5), np.float32)
+    a[0, :, 0, 1:3] = [[0.1, 0.1], [0.3, 0.2], [0.0, 0.05]]
+    b = np.zeros((1, 3, 2, 5), np.float32)
+    b[0, :, :, 1] = [[0.2, 0.4], [0.1, 0.1], [0.05, 0.05]]
+    probe.rows = {7: [a, b]}
+    # per head, the share per query: [0.2, 0.2, 0.4], [0.5, 0.1, 0.1], [0.05, 0.05, 0.05]
+    head_means = [0.8 / 3, 0.7 / 3, 0.05]
+    assert probe.share((1, 3))[7] == pytest.approx(np.mean(head_means), abs=1e-6)
+    assert probe.share((1, 3), heads=1)[7] == pytest.approx(0.8 / 3, abs=1e-6)
+    assert probe.share((1, 3), heads=2)[7] == pytest.approx(0.75 / 3, abs=1e-6)
+    assert probe.share((1, 3), heads=9)[7] == pytest.approx(np.mean(head_means), abs=1e-6)
+
+
 def _decode(llm, ids, pos0):
     batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
     try:

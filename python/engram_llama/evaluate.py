@@ -95,6 +95,7 @@ class Condition:
     margin: float | None = None   # chunk weights exp(-(s_max - s_i)/margin) (relevance.select); None: s_i/s_max
     target: float | None = None   # the top chunk's share of the question's attention to reach (probe.py)
     per_layer: bool = True        # with target: a strength per layer from its own share, or one from their mean
+    heads: int | None = None      # with target: the share over the heads that read the chunk most (None: all)
 
 
 def parse_layers(spec: str, default: list[int], softmax: list[int]) -> list[int]:
@@ -248,7 +249,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         with eng.probe.reading(layers):
             runner.decode(prompt.tokens[q0:], q0, False)
         runner.lc.llama_memory_seq_rm(runner.mem, 0, q0, -1)
-        m0 = eng.probe.share(prompt.chunk_tokens[sel[0][0].chunk.id])
+        m0 = eng.probe.share(prompt.chunk_tokens[sel[0][0].chunk.id], c.heads)
         scales = strengths(m0, layers, c.target, c.per_layer)
         b, _ = bias_mod.build(prompt, sel[:1], 1.0, c.granularity, pm, question)
         eng.hook.set_layers(scales)
