@@ -107,6 +107,9 @@ PRESETS["massavg"] = [Condition(f"engram top1 massavg{t}", strength=0, top_k=1, 
 # of the head that reads the chunk most, averaged over the layers, one strength for all layers
 PRESETS["masshead"] = [Condition(f"engram top1 masshead{t}", strength=0, top_k=1, target=t / 100, per_layer=False,
                                  heads=1) for t in (30, 50, 70)]
+# slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
+PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
+                                         if c.name in ("engram top1 mass20", "engram top1 massavg20")]
 # sliding-window models (Gemma 3): global layers are the default; compare with local and both
 PRESETS["swa"] = PRESETS["main"] + [
     Condition("engram s4", strength=4.0), Condition("engram s1", strength=1.0),
