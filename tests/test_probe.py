@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from engram_llama import Hook, llama_cpp, synth
-from engram_llama.probe import MAX_STRENGTH, AttentionProbe, installed, strength_for, strengths
+from engram_llama.probe import (MAX_STRENGTH, AttentionProbe, installed, strength_for, strength_over_rival,
+                                strengths)
 from engram_llama.runtime import default_layers
 
 from conftest import ARCHS, tokens
@@ -26,6 +27,17 @@ def test_strength_for_by_hand():
     assert strength_for(0.4, 0.2) == 0.0           # already above the target: no bias, never a negative one
     assert strength_for(1e-12, 0.5) == MAX_STRENGTH
     assert strength_for(0.0, 0.5, cap=3.0) == 3.0
+
+
+def test_strength_over_rival_by_hand():
+    # log(rival / m0) + margin: a chunk at 1% against a rival at 5% needs log 5 to draw level
+    assert strength_over_rival(0.01, 0.05, 1.0) == pytest.approx(math.log(5) + 1, abs=1e-12)
+    assert strength_over_rival(0.2, 0.05, 1.0) == 0.0        # already e^1.39 ahead of it: no bias
+    assert strength_over_rival(1e-6, 0.5, 2.0) == MAX_STRENGTH
+    # the identity it rests on: after the bias, the chunk's weight is e^margin times the rival's
+    m0, r, d = 0.004, 0.03, 1.5
+    b = strength_over_rival(m0, r, d)
+    assert m0 * math.exp(b) / r == pytest.approx(math.exp(d), rel=1e-12)
 
 
 def test_strengths_one_for_all_layers_or_each_its_own():

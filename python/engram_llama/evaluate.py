@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bias as bias_mod, relevance
-from .probe import strengths
+from .probe import strength_over_rival, strengths
 from .chunks import Chunk
 
 REFUSAL = re.compile(r"\b(i (do not|don't|cannot|can't) (know|find|answer|tell)|not (mentioned|provided|stated|specified|"
@@ -96,6 +96,7 @@ class Condition:
     target: float | None = None   # the top chunk's share of the question's attention to reach (probe.py)
     per_layer: bool = True        # with target: a strength per layer from its own share, or one from their mean
     heads: int | None = None      # with target: the share over the heads that read the chunk most (None: all)
+    rival: float | None = None    # instead of target: e^rival times the share of the most-read other chunk
 
 
 def parse_layers(spec: str, default: list[int], softmax: list[int]) -> list[int]:
@@ -207,7 +208,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                 unanswerable.add(r["id"])
     table = default_table()
     eng = EngramLlama(model, n_ctx=n_ctx, n_threads=None, settings=Settings(rerank=rerank), chat=chat, table=table,
-                      probe=any(c.target for c in conditions))
+                      probe=any(c.target or c.rival is not None for c in conditions))
     n_table = len(table) if table is not None else 0
     ranking = "r3" if rerank == 0 else relevance.RANKING
     # answers are a few words (NQ), a sentence (domain), or a restated key and a UUID (KV)
@@ -227,7 +228,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         # the oracle biases the gold, unless the prompt had no room for it (then nothing)
         sel = ([(s, 1.0) for s in scored if s.chunk.id == gold_id] if c.relevance == "oracle"
                else relevance.select(scored, c.top_k, c.margin))
-        if c.target:
+        if c.target or c.rival is not None:
             return apply_target(c, prompt, pm, sel, question)
         strength = c.strength or auto_strength(len(prompt.tokens))
         b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=c.far)
@@ -249,12 +250,21 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         with eng.probe.reading(layers):
             runner.decode(prompt.tokens[q0:], q0, False)
         runner.lc.llama_memory_seq_rm(runner.mem, 0, q0, -1)
-        m0 = eng.probe.share(prompt.chunk_tokens[sel[0][0].chunk.id], c.heads)
-        scales = strengths(m0, layers, c.target, c.per_layer)
+        top = sel[0][0].chunk.id
+        m0 = eng.probe.share(prompt.chunk_tokens[top], c.heads)
+        m0_mean = float(np.mean(list(m0.values())))
+        probed[c.name] = {"m0": round(m0_mean, 5)}
+        if c.rival is not None:
+            others = [float(np.mean(list(eng.probe.share(span, c.heads).values())))
+                      for cid, span in prompt.chunk_tokens.items() if cid != top]
+            m_r = max(others, default=0.0)
+            probed[c.name]["m_rival"] = round(m_r, 5)
+            scales = dict.fromkeys(layers, strength_over_rival(m0_mean, m_r, c.rival))
+        else:
+            scales = strengths(m0, layers, c.target, c.per_layer)
         b, _ = bias_mod.build(prompt, sel[:1], 1.0, c.granularity, pm, question)
         eng.hook.set_layers(scales)
         eng.hook.set_bias(b, gate=q0)
-        probed[c.name] = round(float(np.mean(list(m0.values()))), 5)
         return float(np.mean(list(scales.values())))
 
     with open(out, "a") as f:
@@ -318,7 +328,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                             ans = runner.answer(prompt.tokens, prompt.question_token, lift=c.lift)
                             eng.hook.clear()
                             cache[(key, c.name)] = {"answer": ans, "strength": round(strength, 2),
-                                                    **({"m0": probed.pop(c.name)} if c.name in probed else {}),
+                                                    **probed.pop(c.name, {}),
                                                     "prefill_s": round(t_prefill, 2),
                                                     "answer_s": round(time.perf_counter() - t1, 2)}
                         rec = {"id": it.id, "slot": slot, "condition": c.name, **cache[(key, c.name)],

@@ -121,3 +121,12 @@ def strengths(share: dict[int, float], layers: Iterable[int], target: float, per
     if per_layer:
         return {il: strength_for(share[il], target) for il in layers}
     return dict.fromkeys(layers, strength_for(float(np.mean([share[il] for il in layers])), target))
+
+
+def strength_over_rival(m0: float, rival: float, margin: float, cap: float = MAX_STRENGTH) -> float:
+    """The bias that gives the chunk e^margin times the share of the other chunk the question reads
+    most (rival), clipped to [0, cap]: a target relative to the competition rather than absolute,
+    since how much share a task needs differed between NQ and KV retrieval (docs/EVAL.md)."""
+    m0, rival = max(m0, 1e-9), max(rival, 1e-9)
+    return float(min(cap, max(0.0, math.log(rival / m0) + margin)))
+
