@@ -112,6 +112,9 @@ PRESETS["masshead"] = [Condition(f"engram top1 masshead{t}", strength=0, top_k=1
 # the length's strength (KV's middle needed ~4.8; NQ's first and middle took 4.4-6 without loss)
 PRESETS["rival"] = [Condition(f"engram top1 rival{m}", strength=0, top_k=1, rival=float(m)) for m in (1, 2, 3)] + [
     Condition("engram top1 near2 s5", strength=5.0, top_k=1, near=2.0)]
+# the near ramp rising to +5 (KV in the given order: 100 / 83 / 83 against the default's 100 / 17 / 83)
+PRESETS["ramp5"] = [c for c in PRESETS["rival"] if c.name == "engram top1 near2 s5"]
+PRESETS["ramp5mass"] = PRESETS["ramp5"] + [c for c in PRESETS["massavg"] if c.name == "engram top1 massavg20"]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]
