@@ -144,6 +144,10 @@ def mcnemar(b, c):
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
+def fmt_p(p):
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
 def load_rows(path, data=None):
     """Result rows, judged again with the current judge (so a fix to refusal detection applies)."""
     from engram_llama.evaluate import judge, load_nq
@@ -184,7 +188,7 @@ def session_report(path):
         both = [i for i in d if i in base]
         b = sum(d[i]["judge"] == "correct" and base[i]["judge"] != "correct" for i in both)
         cc = sum(d[i]["judge"] != "correct" and base[i]["judge"] == "correct" for i in both)
-        vs, p = ("", "") if c == "reorder" else (f"+{b}/-{cc}", f"{mcnemar(b, cc):.3f}")
+        vs, p = ("", "") if c == "reorder" else (f"+{b}/-{cc}", fmt_p(mcnemar(b, cc)))
         print(f"| {c} | {k}/{n} ({100 * k / n:.0f}%) | {100 * lo:.0f}-{100 * hi:.0f}% | "
               f"{sum(r['judge'] == 'wrong' for r in d.values())} | {sum(r['judge'] == 'refusal' for r in d.values())} | "
               f"{secs / n:.1f} | {vs} | {p} |")
@@ -222,7 +226,7 @@ def report(path, against="vanilla"):
             # two reordering conditions see one prompt at every slot: pooling would count it 3 times
             same_prompt = s == "all" and c.startswith("reorder") and against.startswith("reorder")
             vs = f"+{b}/-{cc}" if c != against and base and not same_prompt else ""
-            p = f"{mcnemar(b, cc):.3f}" if c != against and base and not same_prompt else ""
+            p = fmt_p(mcnemar(b, cc)) if c != against and base and not same_prompt else ""
             print(f"| {c} | {s} | {n} | {100 * k / max(n, 1):.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {wr} | {rf} | {vs} | {p} |")
     probed = [c for c in conds if any("m0" in r for r in rows if r["condition"] == c)]
     if not probed:
@@ -260,7 +264,7 @@ def pooled(paths, condition, against, slot="first", exclude=()):
     def line(name, t):
         n = max(t[0], 1)
         p = mcnemar(t[3], t[4])
-        ptxt = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+        ptxt = fmt_p(p)
         print(f"| {name} | {t[0]} | {100 * t[1] / n:.0f}% | {100 * t[2] / n:.0f}% | +{t[3]}/-{t[4]} | {ptxt} |")
 
     tot, first, lower = [0] * 5, [0] * 5, [0] * 5
