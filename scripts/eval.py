@@ -203,9 +203,9 @@ def report(path, against="vanilla"):
         res.setdefault((r["condition"], "all"), {})[(r["id"], r["slot"])] = r["judge"]
     conds = list(dict.fromkeys(r["condition"] for r in rows))
     slots = [s for s in ("first", "middle", "last", "all") if any(k[1] == s for k in res)]
-    n_tok = sorted(r["n_tokens"] for r in rows)
     if not rows:
         sys.exit(f"eval report: {path} has no answers in context yet (only the closed-book gold-only checks)")
+    n_tok = sorted(r["n_tokens"] for r in rows)
     print(f"{path}: {len({r['id'] for r in rows})} items, prompts {n_tok[0]}-{n_tok[-1]} tokens\n")
     print("(all: the slots pooled, paired by item and slot; reordering's prompt is the same at every slot, so two\n"
           " reordering conditions are compared on one slot)\n")

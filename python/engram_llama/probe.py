@@ -129,4 +129,3 @@ def strength_over_rival(m0: float, rival: float, margin: float, cap: float = MAX
     since how much share a task needs differed between NQ and KV retrieval (docs/EVAL.md)."""
     m0, rival = max(m0, 1e-9), max(rival, 1e-9)
     return float(min(cap, max(0.0, math.log(rival / m0) + margin)))
-
