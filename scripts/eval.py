@@ -115,6 +115,10 @@ PRESETS["rival"] = [Condition(f"engram top1 rival{m}", strength=0, top_k=1, riva
 # the near ramp rising to +5 (KV in the given order: 100 / 83 / 83 against the default's 100 / 17 / 83)
 PRESETS["ramp5"] = [c for c in PRESETS["rival"] if c.name == "engram top1 near2 s5"]
 PRESETS["ramp5mass"] = PRESETS["ramp5"] + [c for c in PRESETS["massavg"] if c.name == "engram top1 massavg20"]
+# +5 lifts the middle everywhere but costs the first slot (Gemma NQ, SmolLM2 domain): the edges are
+# read already (primacy and recency), so a profile that peaks in the middle: +2 at the question,
+# +5 a quarter of the prompt away, back down to +4 at the prompt's first token
+PRESETS["hump"] = [Condition("engram top1 near2 s5 far4", strength=5.0, top_k=1, near=2.0, far=4.0)]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]
