@@ -99,7 +99,7 @@ $PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset rival --out
 $PY run --n 24 --passages 30 -c 6144 --preset ramp5 --out $R/nq-smollm2-30p-r4.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 30 -c 6144 --preset ramp5mass --out $R/nq-gemma3-270m-30p-r4.jsonl || true
 $PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset ramp5 --out $R/domain-smollm2-36p.jsonl
-# next (not yet run): the profile that peaks in the middle (+2 at the question, +5, +4 at the start)
+# the profile that peaks in the middle (+2 at the question, +5, +4 at the start): KV run, the rest not yet
 $PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset hump --out $R/kv-smollm2-42r.jsonl
 $PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset hump --out $R/domain-smollm2-36p.jsonl
 $PY run --n 24 --passages 30 -c 6144 --preset hump --out $R/nq-smollm2-30p-r4.jsonl
