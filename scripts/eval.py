@@ -110,10 +110,10 @@ PRESETS["masshead"] = [Condition(f"engram top1 masshead{t}", strength=0, top_k=1
 # KV needs more share than NQ (massavg 60% against 20%): a target relative to the other chunk the
 # question reads most (e^margin times its share), and the default's ramp rising to +5 instead of
 # the length's strength (KV's middle needed ~4.8; NQ's first and middle took 4.4-6 without loss)
-PRESETS["rival"] = [Condition(f"engram top1 rival{m}", strength=0, top_k=1, rival=float(m)) for m in (1, 2, 3)] + [
-    Condition("engram top1 near2 s5", strength=5.0, top_k=1, near=2.0)]
+RAMP5 = Condition("engram top1 near2 s5", strength=5.0, top_k=1, near=2.0)
+PRESETS["rival"] = [Condition(f"engram top1 rival{m}", strength=0, top_k=1, rival=float(m)) for m in (1, 2, 3)] + [RAMP5]
 # the near ramp rising to +5 (KV in the given order: 100 / 83 / 83 against the default's 100 / 17 / 83)
-PRESETS["ramp5"] = [c for c in PRESETS["rival"] if c.name == "engram top1 near2 s5"]
+PRESETS["ramp5"] = [RAMP5]
 PRESETS["ramp5mass"] = PRESETS["ramp5"] + [c for c in PRESETS["massavg"] if c.name == "engram top1 massavg20"]
 # +5 lifts the middle everywhere but costs the first slot (Gemma NQ, SmolLM2 domain): the edges are
 # read already (primacy and recency), so a profile that peaks in the middle: +2 at the question,
