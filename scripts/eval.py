@@ -18,7 +18,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
-import engram_llama  # noqa: E402,F401  (binds the patched libllama)
+try:
+    import engram_llama  # noqa: E402,F401  (binds the patched libllama)
+except ImportError as e:  # the patched library not built: one line, as the CLI says it
+    sys.exit(f"eval.py: {e}")
 from engram_llama.evaluate import Condition, run  # noqa: E402
 
 # strength 0: the shipped default (by prompt length, runtime.auto_strength); the 2K and 4K files
@@ -119,6 +122,9 @@ PRESETS["ramp5mass"] = PRESETS["ramp5"] + [c for c in PRESETS["massavg"] if c.na
 # read already (primacy and recency), so a profile that peaks in the middle: +2 at the question,
 # +5 a quarter of the prompt away, back down to +4 at the prompt's first token
 PRESETS["hump"] = [Condition("engram top1 near2 s5 far4", strength=5.0, top_k=1, near=2.0, far=4.0)]
+# the same shape scaled with the length: +2 at the question, the length's strength + 1 a quarter of
+# the prompt away, back to the length's strength at the start (what the default gives the first slot)
+PRESETS["peak"] = [Condition("engram top1 near2 peak1", strength=0, top_k=1, near=2.0, peak=1.0)]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]
