@@ -125,6 +125,10 @@ PRESETS["hump"] = [Condition("engram top1 near2 s5 far4", strength=5.0, top_k=1,
 # the same shape scaled with the length: +2 at the question, the length's strength + 1 a quarter of
 # the prompt away, back to the length's strength at the start (what the default gives the first slot)
 PRESETS["peak"] = [Condition("engram top1 near2 peak1", strength=0, top_k=1, near=2.0, peak=1.0)]
+# KV's middle needs ~+5 (peak1: +4.2 there, 50%), the first slot no more than the length's strength
+# (hump: ~+4.0 at 3.4-3.6K lost two Gemma answers): +2 at the question rising to +5 a quarter of the
+# prompt away, +5 to its middle, then down to the length's strength at the first token
+PRESETS["mid5"] = [Condition("engram top1 near2 mid5", strength=0, top_k=1, near=2.0, mid=5.0)]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]

@@ -104,8 +104,10 @@ $PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset hump --out 
 $PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset hump --out $R/domain-smollm2-36p.jsonl
 $PY run --n 24 --passages 30 -c 6144 --preset hump --out $R/nq-smollm2-30p-r4.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 30 -c 6144 --preset hump --out $R/nq-gemma3-270m-30p-r4.jsonl || true
-# the hump scaled with the length (the first slot gets the length's strength, the middle +1 more)
+# the hump scaled with the length (the first slot gets the length's strength, the middle +1 more): KV only
 $PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset peak --out $R/kv-smollm2-42r.jsonl
-[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 30 -c 6144 --preset peak --out $R/nq-gemma3-270m-30p-r4.jsonl || true
-$PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset peak --out $R/domain-smollm2-36p.jsonl
-$PY run --n 24 --passages 30 -c 6144 --preset peak --out $R/nq-smollm2-30p-r4.jsonl
+# +5 from a quarter to half the prompt before the question, down to the length's strength at the start
+$PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset mid5 --out $R/kv-smollm2-42r.jsonl
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 30 -c 6144 --preset mid5 --out $R/nq-gemma3-270m-30p-r4.jsonl || true
+$PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset mid5 --out $R/domain-smollm2-36p.jsonl
+$PY run --n 24 --passages 30 -c 6144 --preset mid5 --out $R/nq-smollm2-30p-r4.jsonl

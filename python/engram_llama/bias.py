@@ -45,16 +45,17 @@ RAMP = 0.25  # fraction of the prompt before the question over which `near` rise
 
 
 def chunk_strength(prompt: Prompt, chunk_id: int, strength: float, near: float | None,
-                   far: float | None = None) -> float:
+                   far: float | None = None, fall: float = RAMP) -> float:
     """The strength for one chunk: `strength`, or, with `near`, less for chunks close to the
     question, which small models already read (recency): `near` for a chunk that ends at the
     question, rising linearly to `strength` over the RAMP fraction of the prompt before it.
-    With `far` (an evaluation probe: the chunks farthest from the question are the ones the
-    model reads least), it keeps rising beyond the ramp, to `far` at the prompt's first token."""
+    With `far`, it goes on linearly from `strength` at the fraction `fall` of the prompt before
+    the question to `far` at the prompt's first token: below `strength` for the chunks at the
+    start, which small models read too (primacy)."""
     q0 = max(prompt.question_token, 1)
     dist = max(0, q0 - prompt.chunk_tokens[chunk_id][1]) / q0
-    if far is not None and dist > RAMP:
-        return strength + (far - strength) * (dist - RAMP) / (1.0 - RAMP)
+    if far is not None and dist > fall:
+        return strength + (far - strength) * (dist - fall) / (1.0 - fall)
     if near is None:
         return strength
     return near + (strength - near) * min(1.0, dist / RAMP)
@@ -62,7 +63,8 @@ def chunk_strength(prompt: Prompt, chunk_id: int, strength: float, near: float |
 
 def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
           granularity: str = "chunk", pm: PointerMap | None = None, question: str = "",
-          near: float | None = None, far: float | None = None) -> tuple[np.ndarray, list[BiasSpan]]:
+          near: float | None = None, far: float | None = None,
+          fall: float = RAMP) -> tuple[np.ndarray, list[BiasSpan]]:
     """One float per prompt token (0 outside the biased spans) and the spans, for --explain.
 
     chunk: the whole chunk; sentence: the chunk's sentences that share the most content words
@@ -77,7 +79,7 @@ def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
     c2b = None
     for s, weight in selected:
         cid = s.chunk.id
-        value = chunk_strength(prompt, cid, strength, near, far) * weight
+        value = chunk_strength(prompt, cid, strength, near, far, fall) * weight
         if granularity == "chunk":
             a, b = prompt.chunk_tokens[cid]
             spans.append(BiasSpan(cid, (a, b), value, "chunk"))

@@ -92,6 +92,7 @@ class Condition:
     near: float | None = None     # strength next to the question (bias.chunk_strength); None: flat
     far: float | None = None      # strength at the prompt's first token, rising beyond the ramp (bias.chunk_strength)
     peak: float | None = None     # the ramp's top at the length's strength + peak, back to the length's at the start
+    mid: float | None = None      # `mid` from a quarter to half the prompt before the question, down to the length's at the start
     lift: bool = False            # True: no bias on the answer's own queries (Runner.answer)
     margin: float | None = None   # chunk weights exp(-(s_max - s_i)/margin) (relevance.select); None: s_i/s_max
     target: float | None = None   # the top chunk's share of the question's attention to reach (probe.py)
@@ -231,10 +232,12 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                else relevance.select(scored, c.top_k, c.margin))
         if c.target or c.rival is not None:
             return apply_target(c, prompt, pm, sel, question)
-        strength, far = c.strength or auto_strength(len(prompt.tokens)), c.far
+        strength, far, fall = c.strength or auto_strength(len(prompt.tokens)), c.far, bias_mod.RAMP
         if c.peak:
             strength, far = strength + c.peak, (far if far is not None else strength)
-        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far)
+        if c.mid:
+            strength, far, fall = c.mid, strength, 0.5
+        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far, fall=fall)
         eng.hook.set_layers(parse_layers(c.layers, dflt, softmax), 1.0)
         eng.hook.set_bias(b, gate=prompt.question_token if c.gate else 0)
         return strength
