@@ -129,6 +129,7 @@ PRESETS["peak"] = [Condition("engram top1 near2 peak1", strength=0, top_k=1, nea
 # (hump: ~+4.0 at 3.4-3.6K lost two Gemma answers): +2 at the question rising to +5 a quarter of the
 # prompt away, +5 to its middle, then down to the length's strength at the first token
 PRESETS["mid5"] = [Condition("engram top1 near2 mid5", strength=0, top_k=1, near=2.0, mid=5.0)]
+PRESETS["coremid"] = PRESETS["core"] + PRESETS["mid5"]  # ~2K and ~8K: in one prefill per prompt
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]

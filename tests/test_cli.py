@@ -75,6 +75,7 @@ def test_empty_question_and_bad_layers(docs):
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "3-x"), "invalid --layers")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "40"), "layer 40", "30 layers")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--top-k", "0"), "invalid --top-k 0")
+    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--mid", "nan"), "invalid --mid nan")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--target-share", "1.5"), "invalid --target-share 1.5")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--target-share", "0.4", "--no-gate"),
                    "cannot go with --no-gate")

@@ -242,10 +242,11 @@ def test_chunk_strength_ramps_from_the_question():
     got = [bias.chunk_strength(p, c, 4.0, 2.0, far=6.0) for c in range(4)]
     assert got == pytest.approx([2.0, 3.0, 4.0 + 2.0 * 0.25 / 0.75, 4.0 + 2.0 * 0.74 / 0.75])
     assert bias.chunk_strength(p, 3, 4.0, None, far=6.0) == pytest.approx(5.973333, rel=1e-6)
-    # falling from the prompt's middle (fall = 0.5) to far = 3.5: flat 5 up to dist 0.5, then
-    # 5 - 1.5 * (dist - 0.5) / 0.5, so dist 0.99 -> 3.53
-    got = [bias.chunk_strength(p, c, 5.0, 2.0, far=3.5, fall=0.5) for c in range(4)]
+    # with mid = 5 and strength 3.5: 2 rising to 5 over the ramp, 5 up to dist 0.5, then
+    # 5 - 1.5 * (dist - 0.5) / 0.5 down to 3.5 at the first token, so dist 0.99 -> 3.53
+    got = [bias.chunk_strength(p, c, 3.5, 2.0, mid=5.0) for c in range(4)]
     assert got == pytest.approx([2.0, 3.5, 5.0, 5.0 - 1.5 * 0.49 / 0.5])
+    assert bias.chunk_strength(p, 3, 3.5, 2.0, mid=None) == 3.5
 
 
 def test_bm25_stems_so_inflected_words_match():

@@ -4,7 +4,7 @@ import pytest
 
 from engram_llama.chunks import read_docs, split
 from engram_llama.cli import default_docs, default_model
-from engram_llama.runtime import EngramLlama, Settings, auto_strength, chunk_choice, default_layers
+from engram_llama.runtime import MID, EngramLlama, Settings, auto_strength, chunk_choice, default_layers
 from engram_llama._hook import LayerKind
 
 
@@ -64,9 +64,11 @@ def test_reordered_prompts_get_plus_one_on_the_best_chunk_alone(chunks):
     best = a.scored[0].chunk.id
     assert pos[best] == len(chunks)
     assert [(s.chunk_id, s.value) for s in a.spans] == [(best, pytest.approx(1.0))]
-    assert chunk_choice(Settings(order="edges"), 4096) == (1.0, 1, None)
-    assert chunk_choice(Settings(), 4096) == (4.0, 1, 2.0)  # the given order: the length's strength, top-1, +2 near
-    assert chunk_choice(Settings(near=2.0, top_k=1), 4096) == (4.0, 1, 2.0)
+    assert chunk_choice(Settings(order="edges"), 4096) == (1.0, 1, None, None)
+    # the given order: the length's strength, top-1, +2 near, MID in the middle
+    assert chunk_choice(Settings(), 4096) == (4.0, 1, 2.0, MID)
+    assert chunk_choice(Settings(near=2.0, top_k=1, mid=0), 4096) == (4.0, 1, 2.0, None)
+    assert chunk_choice(Settings(mid=4.5), 2048) == (2.0, 1, 2.0, 4.5)
     eng.settings = Settings(order="edges", strength=2.5, top_k=2)
     b = eng.ask(q, chunks, max_tokens=4)
     assert len(b.citations) == 2 and b.spans[0].value == pytest.approx(2.5)
@@ -78,9 +80,13 @@ def test_near_lowers_the_bias_of_chunks_next_to_the_question(chunks):
     # or more away the full strength, linear in between; each times its relevance weight
     q = "Which district has its headquarters at Kakkanad?"
     eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2,
-                      settings=Settings(strength=4.0, near=2.0, top_k=len(chunks)))
+                      settings=Settings(strength=4.0, near=2.0, mid=0, top_k=len(chunks)))
     a = eng.ask(q, chunks, max_tokens=2)
     prompt, *_ = eng.prepare(q, chunks, 2)
+    # with --mid 5 and --strength 3: 2 rising to 5 over the quarter before the question, 5 to the
+    # prompt's middle, then falling linearly to 3 at its first token
+    eng.settings = Settings(strength=3.0, near=2.0, mid=5.0, top_k=len(chunks))
+    m = eng.ask(q, chunks, max_tokens=2)
     eng.close()
     smax = a.scored[0].score
     weight = {s.chunk.id: s.score / smax for s in a.scored}
@@ -91,6 +97,13 @@ def test_near_lowers_the_bias_of_chunks_next_to_the_question(chunks):
         seen_near |= dist < 0.25
         assert sp.value == pytest.approx(weight[sp.chunk_id] * (2.0 + 2.0 * min(1.0, dist / 0.25)), rel=1e-6)
     assert seen_near and len(a.spans) >= 3
+    dists = []
+    for sp in m.spans:
+        dist = (q0 - prompt.chunk_tokens[sp.chunk_id][1]) / q0
+        dists.append(dist)
+        want = 2.0 + 3.0 * dist / 0.25 if dist < 0.25 else 5.0 if dist <= 0.5 else 5.0 - 2.0 * (dist - 0.5) / 0.5
+        assert sp.value == pytest.approx(weight[sp.chunk_id] * want, rel=1e-6)
+    assert min(dists) < 0.25 and max(dists) > 0.6  # all three pieces seen
 
 
 def test_lifted_bias_steers_the_question_and_not_the_answer(chunks):

@@ -42,18 +42,23 @@ class BiasSpan:
 
 
 RAMP = 0.25  # fraction of the prompt before the question over which `near` rises to `strength`
+MIDDLE = 0.5  # with `mid`: the fraction of the prompt before the question where the fall to `strength` begins
 
 
 def chunk_strength(prompt: Prompt, chunk_id: int, strength: float, near: float | None,
-                   far: float | None = None, fall: float = RAMP) -> float:
+                   far: float | None = None, mid: float | None = None) -> float:
     """The strength for one chunk: `strength`, or, with `near`, less for chunks close to the
     question, which small models already read (recency): `near` for a chunk that ends at the
     question, rising linearly to `strength` over the RAMP fraction of the prompt before it.
-    With `far`, it goes on linearly from `strength` at the fraction `fall` of the prompt before
-    the question to `far` at the prompt's first token: below `strength` for the chunks at the
-    start, which small models read too (primacy)."""
+    With `mid`, the ramp rises to `mid` instead, holds it to the MIDDLE of the prompt and falls
+    back linearly to `strength` at the first token: the chunks in the middle are the ones read
+    least, those at the start are read too (primacy). With `far` (an evaluation probe), beyond
+    the ramp it goes on linearly from `strength` to `far` at the prompt's first token."""
     q0 = max(prompt.question_token, 1)
     dist = max(0, q0 - prompt.chunk_tokens[chunk_id][1]) / q0
+    fall = RAMP
+    if mid:
+        strength, far, fall = mid, strength, MIDDLE
     if far is not None and dist > fall:
         return strength + (far - strength) * (dist - fall) / (1.0 - fall)
     if near is None:
@@ -64,7 +69,7 @@ def chunk_strength(prompt: Prompt, chunk_id: int, strength: float, near: float |
 def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
           granularity: str = "chunk", pm: PointerMap | None = None, question: str = "",
           near: float | None = None, far: float | None = None,
-          fall: float = RAMP) -> tuple[np.ndarray, list[BiasSpan]]:
+          mid: float | None = None) -> tuple[np.ndarray, list[BiasSpan]]:
     """One float per prompt token (0 outside the biased spans) and the spans, for --explain.
 
     chunk: the whole chunk; sentence: the chunk's sentences that share the most content words
@@ -79,7 +84,7 @@ def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
     c2b = None
     for s, weight in selected:
         cid = s.chunk.id
-        value = chunk_strength(prompt, cid, strength, near, far, fall) * weight
+        value = chunk_strength(prompt, cid, strength, near, far, mid) * weight
         if granularity == "chunk":
             a, b = prompt.chunk_tokens[cid]
             spans.append(BiasSpan(cid, (a, b), value, "chunk"))

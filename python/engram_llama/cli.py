@@ -148,6 +148,8 @@ def cmd_run(args) -> int:
         raise UsageError(f"invalid --strength {args.strength}")
     if args.near is not None and not (args.near == args.near and abs(args.near) < 1e6):
         raise UsageError(f"invalid --near {args.near}")
+    if args.mid is not None and not (args.mid == args.mid and abs(args.mid) < 1e6):
+        raise UsageError(f"invalid --mid {args.mid}")
     if args.target_share is not None and not 0 < args.target_share < 1:
         raise UsageError(f"invalid --target-share {args.target_share}: between 0 and 1")
     if args.target_share is not None and args.no_gate:
@@ -169,7 +171,7 @@ def cmd_run(args) -> int:
         print(f"engram-llama: note: {n}", file=sys.stderr)
 
     table = _open_table(args.table)
-    settings = Settings(strength=args.strength, top_k=args.top_k, near=args.near,
+    settings = Settings(strength=args.strength, top_k=args.top_k, near=args.near, mid=args.mid,
                         granularity=args.granularity, gate=not args.no_gate, order=args.order,
                         engram=not args.no_engram, rerank=args.rerank, target=args.target_share)
     try:
@@ -376,9 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--near", type=float, default=None,
                    help="strength for a chunk next to the question, rising to --strength a quarter of the "
                         "prompt away (default 2 in the given order; none with --order edges)")
+    r.add_argument("--mid", type=float, default=None,
+                   help="strength a quarter to half the prompt before the question, falling back to --strength "
+                        "at the prompt's start (0: none)")
     r.add_argument("--target-share", type=float, default=None, metavar="T",
                    help="experimental: one strength for the best chunk, set so that it gets the share T (0-1) of "
-                        "the question's attention, read before biasing; replaces --strength and --near")
+                        "the question's attention, read before biasing; replaces --strength, --near and --mid")
     r.add_argument("--top-k", type=int, default=None,
                    help="chunks biased, scaled by relevance (default 1: the best chunk alone)")
     r.add_argument("--rerank", type=int, default=None, metavar="K",

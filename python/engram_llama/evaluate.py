@@ -232,12 +232,10 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                else relevance.select(scored, c.top_k, c.margin))
         if c.target or c.rival is not None:
             return apply_target(c, prompt, pm, sel, question)
-        strength, far, fall = c.strength or auto_strength(len(prompt.tokens)), c.far, bias_mod.RAMP
+        strength, far = c.strength or auto_strength(len(prompt.tokens)), c.far
         if c.peak:
             strength, far = strength + c.peak, (far if far is not None else strength)
-        if c.mid:
-            strength, far, fall = c.mid, strength, 0.5
-        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far, fall=fall)
+        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far, mid=c.mid)
         eng.hook.set_layers(parse_layers(c.layers, dflt, softmax), 1.0)
         eng.hook.set_bias(b, gate=prompt.question_token if c.gate else 0)
         return strength

@@ -27,6 +27,8 @@ class Settings:
     strength: float | None = None     # None: by prompt length (auto_strength)
     top_k: int | None = None          # None: TOP_K in the given order, EDGES_TOP_K when reordered
     near: float | None = None         # strength next to the question (bias.chunk_strength); None: NEAR
+    mid: float | None = None          # strength a quarter to half the prompt before the question, falling to
+                                      # `strength` at its start (bias.chunk_strength); None: MID, 0: none
     granularity: str = "chunk"        # "chunk", "sentence" or "entity"
     gate: bool = True                 # bias only the question's and the answer's queries
     order: str = "keep"               # "keep" the given order or put the best chunks at the "edges"
@@ -83,22 +85,29 @@ TOP_K = 1
 # it instead of answering (domain set, gold last, top-1: SmolLM2 42% -> 75%, Gemma-3-270M 67% -> 75%;
 # docs/EVAL.md, "The domain set"); at ~2K on NQ too, +3/+4 lost the last slot where +2 held it
 NEAR = 2.0
+# in the given order, the strength a quarter to half the prompt before the question (falling back
+# to the length's strength at the first token): not set by default yet (docs/EVAL.md, "The near
+# ramp rising to +5")
+MID: float | None = None
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 
 
-def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int, float | None]:
-    """Strength, top-k and near-question strength for a prompt of n_tokens under these settings.
+def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int, float | None, float | None]:
+    """Strength, top-k, near-question strength and middle strength for a prompt of n_tokens.
 
     In the given order: the length's strength (auto_strength) on the top-1 chunk, NEAR next to the
-    question. Reordered (best chunk last, next to the question): +1 on that best chunk alone. On
-    NQ at ~4K and ~8K with hard distractors that beat reordering alone on SmolLM2 and Gemma-3-270M
-    (n = 40 each, pooled +28/-5 over 160 pairs), while the length's strength on the top 3 matched
-    or cost answers at ~4K (docs/EVAL.md, "Against reordering")."""
+    question, MID in the middle of the prompt. Reordered (best chunk last, next to the question):
+    +1 on that best chunk alone. On NQ at ~4K and ~8K with hard distractors that beat reordering
+    alone on SmolLM2 and Gemma-3-270M (n = 40 each, pooled +28/-5 over 160 pairs), while the
+    length's strength on the top 3 matched or cost answers at ~4K (docs/EVAL.md, "Against
+    reordering")."""
+    mid = s.mid or None  # 0: none
     if s.order == "edges":
         return (s.strength if s.strength is not None else EDGES_STRENGTH,
-                s.top_k if s.top_k is not None else EDGES_TOP_K, s.near)
+                s.top_k if s.top_k is not None else EDGES_TOP_K, s.near, mid)
     return (s.strength if s.strength is not None else auto_strength(n_tokens),
-            s.top_k if s.top_k is not None else TOP_K, s.near if s.near is not None else NEAR)
+            s.top_k if s.top_k is not None else TOP_K, s.near if s.near is not None else NEAR,
+            mid if s.mid is not None else MID)
 
 
 def default_layers(kinds: list[LayerKind]) -> list[int]:
@@ -214,13 +223,13 @@ class EngramLlama:
             on_token: Callable[[str], None] | None = None) -> Answer:
         s = self.settings
         prompt, pm, scored, dropped = self.prepare(question, chunks, max_tokens)
-        strength, top_k, near = chunk_choice(s, len(prompt.tokens))
+        strength, top_k, near, mid = chunk_choice(s, len(prompt.tokens))
         selected = relevance.select(scored, top_k)
         layers = self.layers()
         if s.engram and selected and s.target is not None:
             selected = selected[:1]
-            strength, near = self._strength_for_share(prompt, selected[0][0].chunk.id, layers, s.target), None
-        b, spans = bias_mod.build(prompt, selected, strength, s.granularity, pm, question, near=near)
+            strength, near, mid = self._strength_for_share(prompt, selected[0][0].chunk.id, layers, s.target), None, None
+        b, spans = bias_mod.build(prompt, selected, strength, s.granularity, pm, question, near=near, mid=mid)
         gate = prompt.question_token if s.gate else 0
         if s.engram and selected:
             self.hook.set_layers(layers, 1.0)
