@@ -65,10 +65,13 @@ def test_reordered_prompts_get_plus_one_on_the_best_chunk_alone(chunks):
     assert pos[best] == len(chunks)
     assert [(s.chunk_id, s.value) for s in a.spans] == [(best, pytest.approx(1.0))]
     assert chunk_choice(Settings(order="edges"), 4096) == (1.0, 1, None, None)
-    # the given order: the length's strength, top-1, +2 near, MID in the middle
-    assert chunk_choice(Settings(), 4096) == (4.0, 1, 2.0, MID)
+    # the given order: the length's strength, top-1, +2 near, +5 in the middle
+    assert MID == 5.0 and chunk_choice(Settings(), 4096) == (4.0, 1, 2.0, 5.0)
     assert chunk_choice(Settings(near=2.0, top_k=1, mid=0), 4096) == (4.0, 1, 2.0, None)
     assert chunk_choice(Settings(mid=4.5), 2048) == (2.0, 1, 2.0, 4.5)
+    # a strength of one's own holds beyond the near ramp (no middle peak unless asked for)
+    assert chunk_choice(Settings(strength=3.0), 4096) == (3.0, 1, 2.0, None)
+    assert chunk_choice(Settings(strength=3.0, mid=5.0), 4096) == (3.0, 1, 2.0, 5.0)
     eng.settings = Settings(order="edges", strength=2.5, top_k=2)
     b = eng.ask(q, chunks, max_tokens=4)
     assert len(b.citations) == 2 and b.spans[0].value == pytest.approx(2.5)
@@ -207,7 +210,7 @@ def test_target_share_sets_the_strength_the_probe_reads(chunks):
     want = strength_for(float(np.mean(list(share.values()))), 0.6)
     assert 0.5 < want < 8 and a.strength == pytest.approx(want, abs=1e-4) and again.strength == pytest.approx(want, abs=1e-4)
     assert len(a.citations) == 1 and again.text == a.text
-    fixed = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(strength=want, near=want))
+    fixed = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(strength=want, near=want, mid=0))
     b = fixed.ask(q, chunks, max_tokens=8)
     fixed.close()
     assert b.text == a.text and b.spans == a.spans
