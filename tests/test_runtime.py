@@ -65,8 +65,9 @@ def test_reordered_prompts_get_plus_one_on_the_best_chunk_alone(chunks):
     assert pos[best] == len(chunks)
     assert [(s.chunk_id, s.value) for s in a.spans] == [(best, pytest.approx(1.0))]
     assert chunk_choice(Settings(order="edges"), 4096) == (1.0, 1, None, None)
-    # the given order: the length's strength, top-1, +2 near, +5 in the middle
-    assert MID == 5.0 and chunk_choice(Settings(), 4096) == (4.0, 1, 2.0, 5.0)
+    # the given order: the length's strength, top-1, +2 near, no middle peak unless asked for
+    assert MID is None and chunk_choice(Settings(), 4096) == (4.0, 1, 2.0, None)
+    assert chunk_choice(Settings(mid=5.0), 4096) == (4.0, 1, 2.0, 5.0)
     assert chunk_choice(Settings(near=2.0, top_k=1, mid=0), 4096) == (4.0, 1, 2.0, None)
     assert chunk_choice(Settings(mid=4.5), 2048) == (2.0, 1, 2.0, 4.5)
     # a strength of one's own holds beyond the near ramp (no middle peak unless asked for)

@@ -374,14 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--layers", help="layers to bias: 15-29, 3,7,11, all (default: per model family)")
     r.add_argument("--strength", type=float, default=None,
-                   help="bias strength (default: 2 up to 2K prompt tokens, rising to 4 at 4K and beyond, with "
-                        "--mid's peak in the middle; given, it holds beyond the near ramp unless --mid is given too)")
+                   help="bias strength (default: 2 up to 2K prompt tokens, rising to 4 at 4K and beyond; with "
+                        "--mid, the strength at the prompt's start)")
     r.add_argument("--near", type=float, default=None,
                    help="strength for a chunk next to the question, rising to --strength a quarter of the "
                         "prompt away (default 2 in the given order; none with --order edges)")
     r.add_argument("--mid", type=float, default=None,
                    help="strength a quarter to half the prompt before the question, falling back to --strength "
-                        "at the prompt's start (default 5 in the given order without --strength; 0: none)")
+                        "at the prompt's start (default: none; 5 helped at 2-4.6K tokens, docs/EVAL.md)")
     r.add_argument("--target-share", type=float, default=None, metavar="T",
                    help="experimental: one strength for the best chunk, set so that it gets the share T (0-1) of "
                         "the question's attention, read before biasing; replaces --strength, --near and --mid")

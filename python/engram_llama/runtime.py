@@ -86,12 +86,12 @@ TOP_K = 1
 # docs/EVAL.md, "The domain set"); at ~2K on NQ too, +3/+4 lost the last slot where +2 held it
 NEAR = 2.0
 # in the given order, the strength from a quarter to half the prompt before the question, falling
-# back to the length's strength at the first token: the middle is read least and took +5 on all four
-# ~4K runs (KV's middle 17% -> 83%), while more than the length's strength at the start cost answers
-# by recitation (Gemma-3-270M NQ, the SmolLM2 domain set); against the flat ramp +16/-6 over KV, NQ
-# ~2K/~4K and the domain set (2-4.6K tokens), +1/-3 on Gemma-3-270M NQ ~8K (n = 12), no target
-# lost (docs/EVAL.md, "A profile that peaks in the middle")
-MID: float | None = 5.0
+# back to the length's strength at the first token. Not the default: +5 there (`--mid 5`) gained
+# +16/-6 against the flat ramp over KV, NQ ~2K/~4K and the domain set (2-4.6K tokens; KV's middle
+# 17% -> 83%) but +1/-3 on Gemma-3-270M NQ ~8K (n = 12), and on the embedded sample (SmolLM2,
+# ~1K tokens) it recites the biased document's heading where the flat +2 answers "100 days"
+# (docs/EVAL.md, "A profile that peaks in the middle")
+MID: float | None = None
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 
 
