@@ -99,7 +99,7 @@ $PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset rival --out
 $PY run --n 24 --passages 30 -c 6144 --preset ramp5 --out $R/nq-smollm2-30p-r4.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 30 -c 6144 --preset ramp5mass --out $R/nq-gemma3-270m-30p-r4.jsonl || true
 $PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset ramp5 --out $R/domain-smollm2-36p.jsonl
-# the profile that peaks in the middle (+2 at the question, +5, +4 at the start): KV run, the rest not yet
+# the profile that peaks in the middle (+2 at the question, +5, +4 at the start); the SmolLM2 NQ run stopped after 2 items
 $PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset hump --out $R/kv-smollm2-42r.jsonl
 $PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset hump --out $R/domain-smollm2-36p.jsonl
 $PY run --n 24 --passages 30 -c 6144 --preset hump --out $R/nq-smollm2-30p-r4.jsonl
@@ -114,4 +114,5 @@ $PY run --n 24 --passages 30 -c 6144 --preset mid5 --out $R/nq-smollm2-30p-r4.js
 # ~2K with ranking r4 (the core table and mid5), and mid5 at ~8K
 $PY run --n 24 --passages 15 -c 4096 --preset coremid --out $R/nq-smollm2-15p-r4.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset mid5 --out $R/nq-gemma3-270m-58p-r4.jsonl || true
+# stopped after one item (~50 min)
 $PY run --n 12 --passages 58 -c 8192 --preset mid5 --out $R/nq-smollm2-58p-r4.jsonl
