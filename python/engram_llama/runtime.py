@@ -99,19 +99,19 @@ def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int, float | None, 
     """Strength, top-k, near-question strength and middle strength for a prompt of n_tokens.
 
     In the given order: the length's strength (auto_strength) on the top-1 chunk, NEAR next to the
-    question, MID in the middle of the prompt (not with a strength of one's own). Reordered (best chunk last, next to the question):
-    +1 on that best chunk alone. On NQ at ~4K and ~8K with hard distractors that beat reordering
-    alone on SmolLM2 and Gemma-3-270M (n = 40 each, pooled +28/-5 over 160 pairs), while the
-    length's strength on the top 3 matched or cost answers at ~4K (docs/EVAL.md, "Against
-    reordering")."""
+    question, MID in the middle of the prompt (not under a strength of one's own). Reordered (best
+    chunk last, next to the question): +1 on that best chunk alone. On NQ at ~4K and ~8K with hard
+    distractors that beat reordering alone on SmolLM2 and Gemma-3-270M (n = 40 each, pooled +28/-5
+    over 160 pairs), while the length's strength on the top 3 matched or cost answers at ~4K
+    (docs/EVAL.md, "Against reordering")."""
     mid = s.mid or None  # 0: none
     if s.order == "edges":
         return (s.strength if s.strength is not None else EDGES_STRENGTH,
                 s.top_k if s.top_k is not None else EDGES_TOP_K, s.near, mid)
-    if s.strength is not None:  # a strength of one's own: flat beyond the near ramp unless mid is given
-        return s.strength, s.top_k if s.top_k is not None else TOP_K, s.near if s.near is not None else NEAR, mid
-    return (auto_strength(n_tokens), s.top_k if s.top_k is not None else TOP_K,
-            s.near if s.near is not None else NEAR, mid if s.mid is not None else MID)
+    if s.mid is None and s.strength is None:  # a strength of one's own stays flat unless mid is given
+        mid = MID
+    return (s.strength if s.strength is not None else auto_strength(n_tokens),
+            s.top_k if s.top_k is not None else TOP_K, s.near if s.near is not None else NEAR, mid)
 
 
 def default_layers(kinds: list[LayerKind]) -> list[int]:
