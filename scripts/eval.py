@@ -130,6 +130,10 @@ PRESETS["peak"] = [Condition("engram top1 near2 peak1", strength=0, top_k=1, nea
 # prompt away, +5 to its middle, then down to the length's strength at the first token
 PRESETS["mid5"] = [Condition("engram top1 near2 mid5", strength=0, top_k=1, near=2.0, mid=5.0)]
 PRESETS["coremid"] = PRESETS["core"] + PRESETS["mid5"]  # ~2K and ~8K: in one prefill per prompt
+# +5 in the middle over-steers on the ~1.5K embedded sample: the middle's strength growing with the
+# length (runtime.mid_strength: +3 at 1.5K, +4 at 2K, +5 from ~2.8K; equal to mid5 beyond)
+PRESETS["midauto"] = [Condition("engram top1 near2 midauto", strength=0, top_k=1, near=2.0, mid="auto")]
+PRESETS["coremidauto"] = PRESETS["coremid"] + PRESETS["midauto"]  # ~1K: all in one prefill per prompt
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]

@@ -4,7 +4,7 @@ import pytest
 
 from engram_llama.chunks import read_docs, split
 from engram_llama.cli import default_docs, default_model
-from engram_llama.runtime import MID, EngramLlama, Settings, auto_strength, chunk_choice, default_layers
+from engram_llama.runtime import MID, EngramLlama, Settings, auto_strength, chunk_choice, default_layers, mid_strength
 from engram_llama._hook import LayerKind
 
 
@@ -52,6 +52,15 @@ def test_auto_strength_follows_the_measured_points():
     # measured: 2 best at ~2K tokens, 4 at ~4K (docs/EVAL.md); log2 interpolation, clamped
     assert [auto_strength(n) for n in (100, 2048, 4096, 8192)] == [2.0, 2.0, 4.0, 4.0]
     assert auto_strength(2896) == pytest.approx(3.0, abs=1e-3)
+
+
+def test_mid_strength_is_the_length_strength_one_doubling_ahead():
+    # +2 up to 1K tokens, +2 per doubling after (auto_strength's slope), capped at +5
+    assert [mid_strength(n) for n in (1, 1024, 2048, 4096, 8192)] == [2.0, 2.0, 4.0, 5.0, 5.0]
+    assert mid_strength(1460) == pytest.approx(3.0235, abs=1e-3)   # the embedded sample: 2 + 2 log2(1460/1024)
+    assert mid_strength(2896) == pytest.approx(5.0, abs=1e-3)
+    for n in (700, 1500, 3000, 6000, 9000):  # never below the length's own strength
+        assert mid_strength(n) >= auto_strength(n)
 
 
 def test_reordered_prompts_get_plus_one_on_the_best_chunk_alone(chunks):

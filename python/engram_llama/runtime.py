@@ -76,6 +76,16 @@ def auto_strength(n_tokens: int) -> float:
     return float(np.clip(2.0 + 2.0 * np.log2(max(n_tokens, 1) / 2048.0), 2.0, 4.0))
 
 
+def mid_strength(n_tokens: int) -> float:
+    """The middle's strength for `mid="auto"`: the length's strength of a prompt twice as long
+    (auto_strength's slope, one doubling ahead), up to +5. +5 in the middle lifted KV, NQ ~2K/~4K
+    and the domain set (2-4.6K tokens), but on the embedded sample (~1.5K tokens, its document in
+    the prompt's middle) SmolLM2 recites the document's heading at +4 and answers at +3.5; here it
+    is +3.0 there, +4 at 2K and +5 from ~2.8K (docs/EVAL.md, "The middle's strength by length").
+    """
+    return float(np.clip(2.0 + 2.0 * np.log2(max(n_tokens, 1) / 1024.0), 2.0, 5.0))
+
+
 # the best chunk alone: against the top 3 (weights s_i / s_max) it gained 16 answers and lost 5 over
 # NQ ~2K (SmolLM2), NQ ~4K (Gemma-3-270M) and the domain set (SmolLM2, ~4.6K), where near-duplicate
 # distractors took the top-3 bias (docs/EVAL.md, "Top-1 or top-3")
