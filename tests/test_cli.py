@@ -1,5 +1,6 @@
 """The command line: bad input gets one line and a non-zero exit; one real run end to end."""
 import json
+import math
 import subprocess
 import sys
 
@@ -81,6 +82,25 @@ def test_empty_question_and_bad_layers(docs):
                    "cannot go with --no-gate")
 
 
+def test_explain_gives_the_profile_and_each_span(docs):
+    import re
+
+    model, q = str(smollm2_path()), "What is the delivery code for Indore?"
+    r = cli("run", model, q, "--chunks", str(docs), "--explain", "-n", "2")
+    assert r.returncode == 0, r.stderr
+    # a ~60-token prompt: +2 everywhere (the length's strength, the middle's by length, near)
+    assert "strength +2.00 next to the question, +2.00 in the middle, +2.00 at the start" in r.stdout
+    assert re.search(r"\+2\.00 on tokens \d+-\d+ \(chunk of chunk 0\)", r.stdout), r.stdout
+    # --strength 3 --mid 5 --near 1: the one chunk ends d = (q0 - end) / q0 before the question,
+    # inside the near ramp (d < 1/4): 1 + (5 - 1) d / (1/4)
+    r = cli("run", model, q, "--chunks", str(docs), "--explain", "-n", "2", "--strength", "3", "--mid", "5", "--near", "1")
+    assert "strength +1.00 next to the question, +5.00 in the middle, +3.00 at the start" in r.stdout, r.stdout
+    q0 = int(re.search(r"from token (\d+) on", r.stdout).group(1))
+    value, end = re.search(r"\+(\d+\.\d+) on tokens \d+-(\d+) ", r.stdout).groups()
+    d = (q0 - int(end) - 1) / q0
+    assert d < 0.25 and float(value) == pytest.approx(1.0 + 4.0 * d / 0.25, abs=0.006)
+
+
 def test_context_too_small(docs):
     one_line_error(cli("run", str(smollm2_path()), "What is the code for Indore?", "--chunks", str(docs), "-c", "64"),
                    "too small")
@@ -91,15 +111,22 @@ def test_default_run_end_to_end():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["answer"]
-    # the MGNREGA document is ranked and biased first, at full strength, from the question on,
-    # and the answer is read from it (vanilla SmolLM2 invents "10 days" here)
+    # the MGNREGA document is ranked and biased first, from the question on, and the answer is read
+    # from it (vanilla SmolLM2 invents "10 days" here; +4 in the middle recites its Hindi heading)
     assert out["citations"][0]["source"] == "mgnrega.md" and out["citations"][0]["relevance"] == 1.0
     assert "100 days" in out["answer"]
     assert out["bias"]["layers"] == list(range(15, 30)) and out["bias"]["strength"] == 2.0
     span = out["bias"]["spans"][0]
-    assert span["value"] == 2.0 and span["tokens"][1] <= out["bias"]["gate_token"] < out["prompt_tokens"]
+    n, q0 = out["prompt_tokens"], out["bias"]["gate_token"]
+    assert span["tokens"][1] <= q0 < n and 1024 < n < 2048
+    # its strength by hand: the middle's +2 + 2 log2(n / 1024), reached a quarter of the prompt
+    # before the question from +2 there, held to the middle, back to the length's +2 at the start
+    d, mid = (q0 - span["tokens"][1]) / q0, 2.0 + 2.0 * math.log2(n / 1024)
+    assert out["bias"]["near"] == 2.0 and out["bias"]["mid"] == pytest.approx(mid, abs=1e-9)
+    want = 2.0 + (mid - 2.0) * d / 0.25 if d < 0.25 else mid if d <= 0.5 else mid + (2.0 - mid) * (d - 0.5) / 0.5
+    assert span["value"] == pytest.approx(want, abs=2e-4) and 2.5 < span["value"] < 3.5
     vanilla = json.loads(cli("run", "--default", "--json", "-n", "32", "--no-engram").stdout)
-    assert vanilla["bias"]["layers"] == [] and vanilla["bias"]["spans"] == []
+    assert vanilla["bias"]["layers"] == [] and vanilla["bias"]["spans"] == [] and vanilla["bias"]["mid"] is None
     assert "100 days" not in vanilla["answer"]
 
 

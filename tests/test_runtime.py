@@ -74,8 +74,11 @@ def test_reordered_prompts_get_plus_one_on_the_best_chunk_alone(chunks):
     assert pos[best] == len(chunks)
     assert [(s.chunk_id, s.value) for s in a.spans] == [(best, pytest.approx(1.0))]
     assert chunk_choice(Settings(order="edges"), 4096) == (1.0, 1, None, None)
-    # the given order: the length's strength, top-1, +2 near, no middle peak unless asked for
-    assert MID is None and chunk_choice(Settings(), 4096) == (4.0, 1, 2.0, None)
+    # the given order: the length's strength, top-1, +2 near, the middle by length (+5 from ~2.9K,
+    # +4 at 2K, +2 at 1K: no peak)
+    assert MID is mid_strength and chunk_choice(Settings(), 4096) == (4.0, 1, 2.0, 5.0)
+    assert chunk_choice(Settings(), 2048) == (2.0, 1, 2.0, 4.0)
+    assert chunk_choice(Settings(), 1024) == (2.0, 1, 2.0, 2.0)
     assert chunk_choice(Settings(mid=5.0), 4096) == (4.0, 1, 2.0, 5.0)
     assert chunk_choice(Settings(near=2.0, top_k=1, mid=0), 4096) == (4.0, 1, 2.0, None)
     assert chunk_choice(Settings(mid=4.5), 2048) == (2.0, 1, 2.0, 4.5)

@@ -236,7 +236,7 @@ def _answer_json(q, ans) -> dict:
         "question": q, "answer": ans.text,
         "citations": [{"source": c.chunk.source, "chunk": c.chunk.id, "position": c.position, "relevance": round(c.score, 4)}
                       for c in ans.citations],
-        "bias": {"layers": ans.layers, "strength": ans.strength, "gate_token": ans.gate,
+        "bias": {"layers": ans.layers, "strength": ans.strength, "near": ans.near, "mid": ans.mid, "gate_token": ans.gate,
                  "spans": [{"chunk": s.chunk_id, "tokens": list(s.tokens), "value": round(s.value, 4), "what": s.what}
                            for s in ans.spans]},
         "prompt_tokens": ans.n_prompt_tokens, "dropped_chunks": [c.id for c in ans.dropped],
@@ -254,6 +254,9 @@ def _explain(ans, n_chunks: int) -> str:
         lines.append(f"    {sc.score:5.2f}  bm25 {sc.bm25:5.2f}  entities {sc.entity:4.2f}{lm}  {sc.chunk.source}: {snippet}...")
     if ans.layers:
         lines.append(f"  bias on layers {_ranges(ans.layers)}, from token {ans.gate} on (the question and the answer)")
+        near = ans.near if ans.near is not None else ans.strength
+        mid = f", +{ans.mid:.2f} in the middle" if ans.mid is not None else ""
+        lines.append(f"  strength +{near:.2f} next to the question{mid}, +{ans.strength:.2f} at the start (times relevance)")
         for s in ans.spans:
             lines.append(f"    +{s.value:.2f} on tokens {s.tokens[0]}-{s.tokens[1] - 1} ({s.what} of chunk {s.chunk_id})")
     else:
@@ -374,14 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--layers", help="layers to bias: 15-29, 3,7,11, all (default: per model family)")
     r.add_argument("--strength", type=float, default=None,
-                   help="bias strength (default: 2 up to 2K prompt tokens, rising to 4 at 4K and beyond; with "
-                        "--mid, the strength at the prompt's start)")
+                   help="bias strength (default: 2 up to 2K prompt tokens, rising to 4 at 4K and beyond; the "
+                        "strength at the prompt's start, the middle gets --mid)")
     r.add_argument("--near", type=float, default=None,
                    help="strength for a chunk next to the question, rising to --strength a quarter of the "
                         "prompt away (default 2 in the given order; none with --order edges)")
     r.add_argument("--mid", type=float, default=None,
                    help="strength a quarter to half the prompt before the question, falling back to --strength "
-                        "at the prompt's start (default: none; 5 helped at 2-4.6K tokens, docs/EVAL.md)")
+                        "at the prompt's start (default: by length, 2 up to 1K prompt tokens, 4 at 2K, 5 from "
+                        "~2.9K; none under a --strength of one's own unless given; 0: none)")
     r.add_argument("--target-share", type=float, default=None, metavar="T",
                    help="experimental: one strength for the best chunk, set so that it gets the share T (0-1) of "
                         "the question's attention, read before biasing; replaces --strength, --near and --mid")

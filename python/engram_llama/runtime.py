@@ -28,7 +28,8 @@ class Settings:
     top_k: int | None = None          # None: TOP_K in the given order, EDGES_TOP_K when reordered
     near: float | None = None         # strength next to the question (bias.chunk_strength); None: NEAR
     mid: float | None = None          # strength a quarter to half the prompt before the question, falling to
-                                      # `strength` at its start (bias.chunk_strength); None: MID, 0: none
+                                      # `strength` at its start (bias.chunk_strength); None: by length
+                                      # (MID, mid_strength) unless `strength` is set, 0: none
     granularity: str = "chunk"        # "chunk", "sentence" or "entity"
     gate: bool = True                 # bias only the question's and the answer's queries
     order: str = "keep"               # "keep" the given order or put the best chunks at the "edges"
@@ -59,6 +60,8 @@ class Answer:
     dropped: list[Chunk] = field(default_factory=list)
     scored: list[relevance.Scored] = field(default_factory=list)
     order: str = "keep"
+    near: float | None = None   # the profile around `strength` (bias.chunk_strength; each span has
+    mid: float | None = None    # its chunk's value); None where nothing was biased
 
 
 class ContextTooSmall(Exception):
@@ -77,7 +80,7 @@ def auto_strength(n_tokens: int) -> float:
 
 
 def mid_strength(n_tokens: int) -> float:
-    """The middle's strength for `mid="auto"`: the length's strength of a prompt twice as long
+    """The middle's strength by default (MID): the length's strength of a prompt twice as long
     (auto_strength's slope, one doubling ahead), up to +5. +5 in the middle lifted KV, NQ ~2K/~4K
     and the domain set (2-4.6K tokens), but on the embedded sample (~1.5K tokens, its document in
     the prompt's middle) SmolLM2 recites the document's heading at +4 and answers at +3.5; here it
@@ -96,12 +99,12 @@ TOP_K = 1
 # docs/EVAL.md, "The domain set"); at ~2K on NQ too, +3/+4 lost the last slot where +2 held it
 NEAR = 2.0
 # in the given order, the strength from a quarter to half the prompt before the question, falling
-# back to the length's strength at the first token. Not the default: +5 there (`--mid 5`) gained
-# +16/-6 against the flat ramp over KV, NQ ~2K/~4K and the domain set (2-4.6K tokens; KV's middle
-# 17% -> 83%) but +1/-3 on Gemma-3-270M NQ ~8K (n = 12), and on the embedded sample (SmolLM2,
-# ~1K tokens) it recites the biased document's heading where the flat +2 answers "100 days"
-# (docs/EVAL.md, "A profile that peaks in the middle")
-MID: float | None = None
+# back to the length's strength at the first token: by length (mid_strength). +5 there gained +16/-6
+# against the flat ramp over KV, NQ ~2K/~4K and the domain set (2-4.6K tokens; KV's middle 17% ->
+# 83%), but over-steers the embedded sample (~1.5K tokens); +2 per doubling from 1K keeps it (+3.0),
+# equals the flat ramp at ~1K (NQ, +0/-0) and gave +5/-3 at ~2K (docs/EVAL.md, "The middle's
+# strength by length")
+MID = mid_strength
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 
 
@@ -109,8 +112,8 @@ def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int, float | None, 
     """Strength, top-k, near-question strength and middle strength for a prompt of n_tokens.
 
     In the given order: the length's strength (auto_strength) on the top-1 chunk, NEAR next to the
-    question, MID in the middle of the prompt (not under a strength of one's own). Reordered (best
-    chunk last, next to the question): +1 on that best chunk alone. On NQ at ~4K and ~8K with hard
+    question, MID(n_tokens) in the middle of the prompt (not under a strength of one's own).
+    Reordered (best chunk last, next to the question): +1 on that best chunk alone. On NQ at ~4K and ~8K with hard
     distractors that beat reordering alone on SmolLM2 and Gemma-3-270M (n = 40 each, pooled +28/-5
     over 160 pairs), while the length's strength on the top 3 matched or cost answers at ~4K
     (docs/EVAL.md, "Against reordering")."""
@@ -119,7 +122,7 @@ def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int, float | None, 
         return (s.strength if s.strength is not None else EDGES_STRENGTH,
                 s.top_k if s.top_k is not None else EDGES_TOP_K, s.near, mid)
     if s.mid is None and s.strength is None:  # a strength of one's own stays flat unless mid is given
-        mid = MID
+        mid = MID(n_tokens)
     return (s.strength if s.strength is not None else auto_strength(n_tokens),
             s.top_k if s.top_k is not None else TOP_K, s.near if s.near is not None else NEAR, mid)
 
@@ -259,7 +262,8 @@ class EngramLlama:
         cites = [Citation(sc.chunk, w, pos[sc.chunk.id]) for sc, w in selected]
         steered = bool(s.engram and selected)
         return Answer(text.strip(), cites, spans if steered else [], layers if steered else [], strength,
-                      gate if steered else None, len(prompt.tokens), dropped, scored, s.order)
+                      gate if steered else None, len(prompt.tokens), dropped, scored, s.order,
+                      near if steered else None, mid if steered else None)
 
     def _strength_for_share(self, prompt, chunk_id: int, layers: list[int], target: float) -> float:
         """One strength for all biased layers: the one that takes the chunk's share of the
