@@ -134,6 +134,10 @@ PRESETS["coremid"] = PRESETS["core"] + PRESETS["mid5"]  # ~2K and ~8K: in one pr
 # length (runtime.mid_strength: +3 at 1.5K, +4 at 2K, +5 from ~2.8K; equal to mid5 beyond)
 PRESETS["midauto"] = [Condition("engram top1 near2 midauto", strength=0, top_k=1, near=2.0, mid="auto")]
 PRESETS["coremidauto"] = PRESETS["coremid"] + PRESETS["midauto"]  # ~1K: all in one prefill per prompt
+# SmolLM2 ~8K: the first slot does not move under any strength on the second half's layers (the
+# oracle too): the same profile on every layer
+PRESETS["midautoall"] = [Condition("engram top1 near2 midauto all-layers", strength=0, top_k=1, near=2.0, mid="auto",
+                                   layers="all")]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]

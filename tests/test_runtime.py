@@ -4,7 +4,9 @@ import pytest
 
 from engram_llama.chunks import read_docs, split
 from engram_llama.cli import default_docs, default_model
-from engram_llama.runtime import MID, EngramLlama, Settings, auto_strength, chunk_choice, default_layers, mid_strength
+from engram_llama import synth
+from engram_llama.runtime import (MID, EngramLlama, Settings, auto_strength, chunk_choice, default_layers, is_dense,
+                                  mid_strength)
 from engram_llama._hook import LayerKind
 
 
@@ -61,6 +63,21 @@ def test_mid_strength_is_the_length_strength_one_doubling_ahead():
     assert mid_strength(2896) == pytest.approx(5.0, abs=1e-3)
     for n in (700, 1500, 3000, 6000, 9000):  # never below the length's own strength
         assert mid_strength(n) >= auto_strength(n)
+
+
+def test_the_middle_default_is_for_dense_models():
+    # measured: +16/-5 against the flat ramp on SmolLM2 (dense), +6/-9 on Gemma-3-270M (docs/EVAL.md)
+    F, S, N = LayerKind.FULL, LayerKind.SWA, LayerKind.NONE
+    assert is_dense([F] * 30) and not is_dense([S] * 5 + [F]) and not is_dense([N, N, N, F] * 2) and not is_dense([])
+    assert chunk_choice(Settings(), 4096, dense=False) == (4.0, 1, 2.0, None)
+    assert chunk_choice(Settings(mid=5.0), 4096, dense=False) == (4.0, 1, 2.0, 5.0)
+    # the kinds the hook reads from real GGUFs of each family
+    for arch, dense in (("llama", True), ("gemma3", False), ("qwen35", False)):
+        eng = EngramLlama(str(synth.cached_model(arch)), n_ctx=256, n_threads=2, chat=False)
+        try:
+            assert is_dense(eng.hook.kinds) == dense, arch
+        finally:
+            eng.close()
 
 
 def test_reordered_prompts_get_plus_one_on_the_best_chunk_alone(chunks):

@@ -29,7 +29,7 @@ class Settings:
     near: float | None = None         # strength next to the question (bias.chunk_strength); None: NEAR
     mid: float | None = None          # strength a quarter to half the prompt before the question, falling to
                                       # `strength` at its start (bias.chunk_strength); None: by length
-                                      # (MID, mid_strength) unless `strength` is set, 0: none
+                                      # (MID) on dense models unless `strength` is set, 0: none
     granularity: str = "chunk"        # "chunk", "sentence" or "entity"
     gate: bool = True                 # bias only the question's and the answer's queries
     order: str = "keep"               # "keep" the given order or put the best chunks at the "edges"
@@ -80,11 +80,11 @@ def auto_strength(n_tokens: int) -> float:
 
 
 def mid_strength(n_tokens: int) -> float:
-    """The middle's strength by default (MID): the length's strength of a prompt twice as long
+    """The middle's strength by default on dense models (MID): the length's strength of a prompt twice as long
     (auto_strength's slope, one doubling ahead), up to +5. +5 in the middle lifted KV, NQ ~2K/~4K
     and the domain set (2-4.6K tokens), but on the embedded sample (~1.5K tokens, its document in
     the prompt's middle) SmolLM2 recites the document's heading at +4 and answers at +3.5; here it
-    is +3.0 there, +4 at 2K and +5 from ~2.8K (docs/EVAL.md, "The middle's strength by length").
+    is +3.0 there, +4 at 2K and +5 from ~2.9K (docs/EVAL.md, "The middle's strength by length").
     """
     return float(np.clip(2.0 + 2.0 * np.log2(max(n_tokens, 1) / 1024.0), 2.0, 5.0))
 
@@ -98,21 +98,23 @@ TOP_K = 1
 # it instead of answering (domain set, gold last, top-1: SmolLM2 42% -> 75%, Gemma-3-270M 67% -> 75%;
 # docs/EVAL.md, "The domain set"); at ~2K on NQ too, +3/+4 lost the last slot where +2 held it
 NEAR = 2.0
-# in the given order, the strength from a quarter to half the prompt before the question, falling
-# back to the length's strength at the first token: by length (mid_strength). +5 there gained +16/-6
-# against the flat ramp over KV, NQ ~2K/~4K and the domain set (2-4.6K tokens; KV's middle 17% ->
-# 83%), but over-steers the embedded sample (~1.5K tokens); +2 per doubling from 1K keeps it (+3.0),
-# equals the flat ramp at ~1K (NQ, +0/-0) and gave +5/-3 at ~2K (docs/EVAL.md, "The middle's
-# strength by length")
+# in the given order on dense models, the strength from a quarter to half the prompt before the
+# question, falling back to the length's strength at the first token: by length (mid_strength). On
+# SmolLM2 (dense) it gained +16/-5 against the flat ramp over KV, NQ ~1K/~2K/~4K/~8K and the domain
+# set (KV's middle 17% -> 83%, NQ ~8K's 50% -> 75%); on Gemma-3-270M (three global layers biased,
+# the nearest analogue of the hybrids) +6/-9 over NQ ~4K/~8K and the domain set, so models with
+# sliding-window or recurrent layers keep the flat ramp (docs/EVAL.md, "The middle's strength by
+# length")
 MID = mid_strength
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 
 
-def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int, float | None, float | None]:
+def chunk_choice(s: Settings, n_tokens: int, dense: bool = True) -> tuple[float, int, float | None, float | None]:
     """Strength, top-k, near-question strength and middle strength for a prompt of n_tokens.
 
     In the given order: the length's strength (auto_strength) on the top-1 chunk, NEAR next to the
-    question, MID(n_tokens) in the middle of the prompt (not under a strength of one's own).
+    question, on a dense model MID(n_tokens) in the middle of the prompt (not under a strength of
+    one's own).
     Reordered (best chunk last, next to the question): +1 on that best chunk alone. On NQ at ~4K and ~8K with hard
     distractors that beat reordering alone on SmolLM2 and Gemma-3-270M (n = 40 each, pooled +28/-5
     over 160 pairs), while the length's strength on the top 3 matched or cost answers at ~4K
@@ -121,7 +123,7 @@ def chunk_choice(s: Settings, n_tokens: int) -> tuple[float, int, float | None, 
     if s.order == "edges":
         return (s.strength if s.strength is not None else EDGES_STRENGTH,
                 s.top_k if s.top_k is not None else EDGES_TOP_K, s.near, mid)
-    if s.mid is None and s.strength is None:  # a strength of one's own stays flat unless mid is given
+    if s.mid is None and s.strength is None and dense:  # a strength of one's own stays flat unless mid is given
         mid = MID(n_tokens)
     return (s.strength if s.strength is not None else auto_strength(n_tokens),
             s.top_k if s.top_k is not None else TOP_K, s.near if s.near is not None else NEAR, mid)
@@ -140,6 +142,11 @@ def default_layers(kinds: list[LayerKind]) -> list[int]:
     if any(k == LayerKind.SWA for k in kinds):
         return [il for il, k in enumerate(kinds) if k == LayerKind.FULL]
     return soft[len(soft) // 2:]
+
+
+def is_dense(kinds: list[LayerKind]) -> bool:
+    """Every layer full softmax attention (Llama-style), no sliding-window or recurrent layers."""
+    return bool(kinds) and all(k == LayerKind.FULL for k in kinds)
 
 
 class EngramLlama:
@@ -240,7 +247,7 @@ class EngramLlama:
             on_token: Callable[[str], None] | None = None) -> Answer:
         s = self.settings
         prompt, pm, scored, dropped = self.prepare(question, chunks, max_tokens)
-        strength, top_k, near, mid = chunk_choice(s, len(prompt.tokens))
+        strength, top_k, near, mid = chunk_choice(s, len(prompt.tokens), is_dense(self.hook.kinds))
         selected = relevance.select(scored, top_k)
         layers = self.layers()
         if s.engram and selected and s.target is not None:
