@@ -80,8 +80,8 @@ def auto_strength(n_tokens: int) -> float:
 
 
 def mid_strength(n_tokens: int) -> float:
-    """The middle's strength by default on dense models (MID): the length's strength of a prompt twice as long
-    (auto_strength's slope, one doubling ahead), up to +5. +5 in the middle lifted KV, NQ ~2K/~4K
+    """The middle's strength by default on dense models (MID): the length's strength of a prompt
+    twice as long (auto_strength's slope, one doubling ahead), up to +5. +5 in the middle lifted KV, NQ ~2K/~4K
     and the domain set (2-4.6K tokens), but on the embedded sample (~1.5K tokens, its document in
     the prompt's middle) SmolLM2 recites the document's heading at +4 and answers at +3.5; here it
     is +3.0 there, +4 at 2K and +5 from ~2.9K (docs/EVAL.md, "The middle's strength by length").
@@ -102,7 +102,7 @@ NEAR = 2.0
 # question, falling back to the length's strength at the first token: by length (mid_strength). On
 # SmolLM2 (dense) it gained +16/-5 against the flat ramp over KV, NQ ~1K/~2K/~4K/~8K and the domain
 # set (KV's middle 17% -> 83%, NQ ~8K's 50% -> 75%); on Gemma-3-270M (three global layers biased,
-# the nearest analogue of the hybrids) +6/-9 over NQ ~4K/~8K and the domain set, so models with
+# the nearest analogue of the hybrids) +9/-14 over NQ ~2K/~4K/~8K and the domain set, so models with
 # sliding-window or recurrent layers keep the flat ramp (docs/EVAL.md, "The middle's strength by
 # length")
 MID = mid_strength
