@@ -131,13 +131,11 @@ PRESETS["peak"] = [Condition("engram top1 near2 peak1", strength=0, top_k=1, nea
 PRESETS["mid5"] = [Condition("engram top1 near2 mid5", strength=0, top_k=1, near=2.0, mid=5.0)]
 PRESETS["coremid"] = PRESETS["core"] + PRESETS["mid5"]  # ~2K and ~8K: in one prefill per prompt
 # +5 in the middle over-steers on the ~1.5K embedded sample: the middle's strength growing with the
-# length (runtime.mid_strength: +3 at 1.5K, +4 at 2K, +5 from ~2.8K; equal to mid5 beyond)
+# length. First +2 at 1K rising to +5 at ~2.9K (mid1k: the sample got +3.0 and answered the MGNREGA
+# question, but recited at +2.35 on the Ayushman Bharat one); now +2 up to 1.5K, +5 from 3K
+# (runtime.mid_strength; equal to mid5 from 3K)
+PRESETS["mid1k"] = [Condition("engram top1 near2 mid1k", strength=0, top_k=1, near=2.0, mid=(1024, 2896.31))]
 PRESETS["midauto"] = [Condition("engram top1 near2 midauto", strength=0, top_k=1, near=2.0, mid="auto")]
-PRESETS["coremidauto"] = PRESETS["coremid"] + PRESETS["midauto"]  # ~1K: all in one prefill per prompt
-# SmolLM2 ~8K: the first slot does not move under any strength on the second half's layers (the
-# oracle too): the same profile on every layer
-PRESETS["midautoall"] = [Condition("engram top1 near2 midauto all-layers", strength=0, top_k=1, near=2.0, mid="auto",
-                                   layers="all")]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]

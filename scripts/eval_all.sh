@@ -116,10 +116,15 @@ $PY run --n 24 --passages 15 -c 4096 --preset coremid --out $R/nq-smollm2-15p-r4
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 12 --passages 58 -c 8192 --preset mid5 --out $R/nq-gemma3-270m-58p-r4.jsonl || true
 # stopped after one item (~50 min); run as midauto below (the same bias at this length)
 $PY run --n 12 --passages 58 -c 8192 --preset mid5 --out $R/nq-smollm2-58p-r4.jsonl
-# the middle's strength by length (the default now): ~1K (the core table, mid5 and the rule in one
-# prefill per prompt), ~2K and ~8K (SmolLM2), the Gemma-3-270M domain set and NQ at ~2K
-$PY run --n 24 --passages 7 -c 2048 --preset coremidauto --out $R/nq-smollm2-7p-r4.jsonl
+# the middle's strength by length: the first rule (mid1k: +2 at 1K rising to +5 at ~2.9K) at ~1K
+# (with the core table and mid5) and ~2K; the rule (midauto, the default on dense models: +2 up
+# to 1.5K, +5 from 3K) at ~2K and ~8K (SmolLM2; at ~8K and on the Gemma domain set both rules are
+# +5), and on Gemma-3-270M (its domain set, NQ at ~2K)
+$PY run --n 24 --passages 7 -c 2048 --preset coremid --out $R/nq-smollm2-7p-r4.jsonl
+$PY run --n 24 --passages 7 -c 2048 --preset mid1k --out $R/nq-smollm2-7p-r4.jsonl
+$PY run --n 24 --passages 15 -c 4096 --preset mid1k --out $R/nq-smollm2-15p-r4.jsonl
 $PY run --n 24 --passages 15 -c 4096 --preset midauto --out $R/nq-smollm2-15p-r4.jsonl
 $PY run --n 12 --passages 58 -c 8192 --preset midauto --out $R/nq-smollm2-58p-r4.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset midauto --out $R/domain-gemma3-270m-36p-r4.jsonl || true
-[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 15 -c 4096 --preset coremidauto --out $R/nq-gemma3-270m-15p-r4.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 15 -c 4096 --preset coremid --out $R/nq-gemma3-270m-15p-r4.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 15 -c 4096 --preset mid1k --out $R/nq-gemma3-270m-15p-r4.jsonl || true

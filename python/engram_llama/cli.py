@@ -384,9 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt away (default 2 in the given order; none with --order edges)")
     r.add_argument("--mid", type=float, default=None,
                    help="strength a quarter to half the prompt before the question, falling back to --strength "
-                        "at the prompt's start (default on dense models: by length, 2 up to 1K prompt tokens, 4 "
-                        "at 2K, 5 from ~2.9K; none on sliding-window/hybrid models or under a --strength of "
-                        "one's own unless given; 0: none)")
+                        "at the prompt's start (default on dense models: by length, 2 up to 1.5K prompt tokens, "
+                        "5 from 3K; none on sliding-window/hybrid models or under a --strength of one's own "
+                        "unless given; 0: none)")
     r.add_argument("--target-share", type=float, default=None, metavar="T",
                    help="experimental: one strength for the best chunk, set so that it gets the share T (0-1) of "
                         "the question's attention, read before biasing; replaces --strength, --near and --mid")

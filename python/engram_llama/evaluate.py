@@ -92,8 +92,9 @@ class Condition:
     near: float | None = None     # strength next to the question (bias.chunk_strength); None: flat
     far: float | None = None      # strength at the prompt's first token, rising beyond the ramp (bias.chunk_strength)
     peak: float | None = None     # the ramp's top at the length's strength + peak, back to the length's at the start
-    mid: float | str | None = None  # `mid` from a quarter to half the prompt before the question, down to the
-                                    # length's at the start; "auto": by length (runtime.mid_strength)
+    mid: float | str | tuple | None = None  # `mid` from a quarter to half the prompt before the question, down
+                                    # to the length's at the start; "auto": by length (runtime.mid_strength),
+                                    # (lo, hi): mid_strength's +2 at lo tokens rising to +5 at hi
     lift: bool = False            # True: no bias on the answer's own queries (Runner.answer)
     margin: float | None = None   # chunk weights exp(-(s_max - s_i)/margin) (relevance.select); None: s_i/s_max
     target: float | None = None   # the top chunk's share of the question's attention to reach (probe.py)
@@ -236,7 +237,8 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         strength, far = c.strength or auto_strength(len(prompt.tokens)), c.far
         if c.peak:
             strength, far = strength + c.peak, (far if far is not None else strength)
-        mid = mid_strength(len(prompt.tokens)) if c.mid == "auto" else c.mid
+        mid = (mid_strength(len(prompt.tokens)) if c.mid == "auto" else
+               mid_strength(len(prompt.tokens), *c.mid) if isinstance(c.mid, tuple) else c.mid)
         b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far, mid=mid)
         eng.hook.set_layers(parse_layers(c.layers, dflt, softmax), 1.0)
         eng.hook.set_bias(b, gate=prompt.question_token if c.gate else 0)

@@ -79,14 +79,16 @@ def auto_strength(n_tokens: int) -> float:
     return float(np.clip(2.0 + 2.0 * np.log2(max(n_tokens, 1) / 2048.0), 2.0, 4.0))
 
 
-def mid_strength(n_tokens: int) -> float:
-    """The middle's strength by default on dense models (MID): the length's strength of a prompt
-    twice as long (auto_strength's slope, one doubling ahead), up to +5. +5 in the middle lifted KV, NQ ~2K/~4K
-    and the domain set (2-4.6K tokens), but on the embedded sample (~1.5K tokens, its document in
-    the prompt's middle) SmolLM2 recites the document's heading at +4 and answers at +3.5; here it
-    is +3.0 there, +4 at 2K and +5 from ~2.9K (docs/EVAL.md, "The middle's strength by length").
-    """
-    return float(np.clip(2.0 + 2.0 * np.log2(max(n_tokens, 1) / 1024.0), 2.0, 5.0))
+MID_FROM, MID_FULL = 1536, 3072
+
+
+def mid_strength(n_tokens: int, lo: float = MID_FROM, hi: float = MID_FULL) -> float:
+    """The middle's strength by default on dense models (MID): +2 up to `lo` prompt tokens, +5
+    from `hi`, log2-interpolated between. +5 in the middle lifted KV (~3.5K) and NQ ~4K/~8K; on
+    the embedded sample (~1.5K tokens) SmolLM2 recites a document's heading at +2.35 and answers
+    at +2 (docs/EVAL.md, "The middle's strength by length")."""
+    t = np.log2(max(n_tokens, 1) / lo) / np.log2(hi / lo)
+    return float(np.clip(2.0 + 3.0 * t, 2.0, 5.0))
 
 
 # the best chunk alone: against the top 3 (weights s_i / s_max) it gained 16 answers and lost 5 over
@@ -100,7 +102,7 @@ TOP_K = 1
 NEAR = 2.0
 # in the given order on dense models, the strength from a quarter to half the prompt before the
 # question, falling back to the length's strength at the first token: by length (mid_strength). On
-# SmolLM2 (dense) it gained +16/-5 against the flat ramp over KV, NQ ~1K/~2K/~4K/~8K and the domain
+# SmolLM2 (dense) it gained +14/-4 against the flat ramp over KV, NQ ~1K/~2K/~4K/~8K and the domain
 # set (KV's middle 17% -> 83%, NQ ~8K's 50% -> 75%); on Gemma-3-270M (three global layers biased,
 # the nearest analogue of the hybrids) +9/-14 over NQ ~2K/~4K/~8K and the domain set, so models with
 # sliding-window or recurrent layers keep the flat ramp (docs/EVAL.md, "The middle's strength by
