@@ -136,6 +136,10 @@ PRESETS["coremid"] = PRESETS["core"] + PRESETS["mid5"]  # ~2K and ~8K: in one pr
 # (runtime.mid_strength; equal to mid5 from 3K)
 PRESETS["mid1k"] = [Condition("engram top1 near2 mid1k", strength=0, top_k=1, near=2.0, mid=(1024, 2896.31))]
 PRESETS["midauto"] = [Condition("engram top1 near2 midauto", strength=0, top_k=1, near=2.0, mid="auto")]
+# SmolLM2 ~8K: the first slot does not move under any strength on the second half's layers (the
+# oracle neither): the default's profile on every layer (run with --slots first)
+PRESETS["midautoall"] = [Condition("engram top1 near2 midauto all-layers", strength=0, top_k=1, near=2.0, mid="auto",
+                                   layers="all")]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]

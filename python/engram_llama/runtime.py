@@ -116,11 +116,10 @@ def chunk_choice(s: Settings, n_tokens: int, dense: bool = True) -> tuple[float,
 
     In the given order: the length's strength (auto_strength) on the top-1 chunk, NEAR next to the
     question, on a dense model MID(n_tokens) in the middle of the prompt (not under a strength of
-    one's own).
-    Reordered (best chunk last, next to the question): +1 on that best chunk alone. On NQ at ~4K and ~8K with hard
-    distractors that beat reordering alone on SmolLM2 and Gemma-3-270M (n = 40 each, pooled +28/-5
-    over 160 pairs), while the length's strength on the top 3 matched or cost answers at ~4K
-    (docs/EVAL.md, "Against reordering")."""
+    one's own). Reordered (best chunk last, next to the question): +1 on that best chunk alone. On
+    NQ at ~4K and ~8K with hard distractors that beat reordering alone on SmolLM2 and Gemma-3-270M
+    (n = 40 each, pooled +28/-5 over 160 pairs), while the length's strength on the top 3 matched
+    or cost answers at ~4K (docs/EVAL.md, "Against reordering")."""
     mid = s.mid or None  # 0: none
     if s.order == "edges":
         return (s.strength if s.strength is not None else EDGES_STRENGTH,
