@@ -76,7 +76,13 @@ def auto_strength(n_tokens: int) -> float:
     lose the last slot), +4 at ~4K (the middle slot 17% -> 67%, +2 gives 8%). In between it is
     interpolated in log2 of the length; outside, it stays at the nearest measured value.
     """
-    return float(np.clip(2.0 + 2.0 * np.log2(max(n_tokens, 1) / 2048.0), 2.0, 4.0))
+    return by_length(n_tokens, 2048, 4096, 2.0, 4.0)
+
+
+def by_length(n_tokens: int, lo: float, hi: float, at_lo: float, at_hi: float) -> float:
+    """at_lo up to lo tokens, at_hi from hi, linear in log2 of the length between."""
+    t = np.log2(max(n_tokens, 1) / lo) / np.log2(hi / lo)
+    return float(at_lo + (at_hi - at_lo) * np.clip(t, 0.0, 1.0))
 
 
 MID_FROM, MID_FULL = 1536, 3072
@@ -87,8 +93,7 @@ def mid_strength(n_tokens: int, lo: float = MID_FROM, hi: float = MID_FULL) -> f
     from `hi`, log2-interpolated between. +5 in the middle lifted KV (~3.5K) and NQ ~4K/~8K; on
     the embedded sample (~1.5K tokens) SmolLM2 recites a document's heading at +2.35 and answers
     at +2 (docs/EVAL.md, "The middle's strength by length")."""
-    t = np.log2(max(n_tokens, 1) / lo) / np.log2(hi / lo)
-    return float(np.clip(2.0 + 3.0 * t, 2.0, 5.0))
+    return by_length(n_tokens, lo, hi, 2.0, 5.0)
 
 
 # the best chunk alone: against the top 3 (weights s_i / s_max) it gained 16 answers and lost 5 over
