@@ -125,6 +125,8 @@ $PY run --n 24 --passages 7 -c 2048 --preset mid1k --out $R/nq-smollm2-7p-r4.jso
 $PY run --n 24 --passages 15 -c 4096 --preset mid1k --out $R/nq-smollm2-15p-r4.jsonl
 $PY run --n 24 --passages 15 -c 4096 --preset midauto --out $R/nq-smollm2-15p-r4.jsonl
 $PY run --n 12 --passages 58 -c 8192 --preset midauto --out $R/nq-smollm2-58p-r4.jsonl
+# ... and the first slot with the default's profile on every layer
+$PY run --n 12 --passages 58 -c 8192 --slots first --preset midautoall --out $R/nq-smollm2-58p-r4.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset midauto --out $R/domain-gemma3-270m-36p-r4.jsonl || true
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 15 -c 4096 --preset coremid --out $R/nq-gemma3-270m-15p-r4.jsonl || true
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 15 -c 4096 --preset mid1k --out $R/nq-gemma3-270m-15p-r4.jsonl || true
