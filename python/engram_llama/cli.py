@@ -254,7 +254,8 @@ def _explain(ans, n_chunks: int) -> str:
         lines.append(f"    {sc.score:5.2f}  bm25 {sc.bm25:5.2f}  entities {sc.entity:4.2f}{lm}  {sc.chunk.source}: {snippet}...")
     if ans.layers:
         lines.append(f"  bias on layers {_ranges(ans.layers)}, from token {ans.gate} on (the question and the answer)")
-        near = ans.near if ans.near is not None else ans.strength
+        # without near the middle's strength reaches the question (bias.chunk_strength)
+        near = ans.near if ans.near is not None else ans.mid if ans.mid is not None else ans.strength
         mid = f", +{ans.mid:.2f} in the middle" if ans.mid is not None else ""
         lines.append(f"  strength +{near:.2f} next to the question{mid}, +{ans.strength:.2f} at the start (times relevance)")
         for s in ans.spans:
