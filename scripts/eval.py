@@ -140,6 +140,19 @@ PRESETS["midauto"] = [Condition("engram top1 near2 midauto", strength=0, top_k=1
 # oracle neither): the default's profile on every layer (run with --slots first)
 PRESETS["midautoall"] = [Condition("engram top1 near2 midauto all-layers", strength=0, top_k=1, near=2.0, mid="auto",
                                    layers="all")]
+# SmolLM2 ~8K: the first slot stays at 17% under the default's +4 there, while mass20 (per layer
+# 5.9-7.9 on the first chunk) answered 42%: the first chunk's strength alone, the near ramp and the
+# middle as the default's (+5 from a quarter of the prompt away), rising to X at the first token
+PRESETS["farsweep"] = [Condition(f"engram top1 near2 s5 far{x}", strength=5.0, top_k=1, near=2.0, far=float(x))
+                       for x in (5, 6, 7, 8)]
+# +6 to +8 on the first chunk answered 33% there and recited the passage's opening: a large lift puts
+# the chunk over the question and the answer so far. Instead the other chunks pushed down (X < 0),
+# the chunk itself unbiased or at the default's profile
+# (strength 1e-9: the chunk at 0, as 0 means "by length")
+PRESETS["suppress"] = [Condition("engram top1 s0 others-4", strength=1e-9, top_k=1, others=-4.0),
+                       Condition("engram top1 s0 others-8", strength=1e-9, top_k=1, others=-8.0),
+                       Condition("engram top1 near2 midauto others-4", strength=0, top_k=1, near=2.0, mid="auto",
+                                 others=-4.0)]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]

@@ -66,6 +66,17 @@ def chunk_strength(prompt: Prompt, chunk_id: int, strength: float, near: float |
     return near + (strength - near) * min(1.0, dist / RAMP)
 
 
+def others(prompt: Prompt, bias: np.ndarray, keep: list[int], value: float) -> np.ndarray:
+    """`value` over every chunk not in `keep` (an evaluation probe): a negative value pushes the
+    distractors down, which leaves the kept chunk where it was against the tokens outside the
+    chunks (the question, the answer so far, the first tokens) instead of lifting it over them."""
+    out = bias.copy()
+    for cid, (a, b) in prompt.chunk_tokens.items():
+        if cid not in keep:
+            out[a:b] = value
+    return out
+
+
 def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
           granularity: str = "chunk", pm: PointerMap | None = None, question: str = "",
           near: float | None = None, far: float | None = None,

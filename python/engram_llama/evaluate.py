@@ -101,6 +101,8 @@ class Condition:
     per_layer: bool = True        # with target: a strength per layer from its own share, or one from their mean
     heads: int | None = None      # with target: the share over the heads that read the chunk most (None: all)
     rival: float | None = None    # instead of target: e^rival times the share of the most-read other chunk
+    others: float | None = None   # the bias on every chunk not selected (negative: the distractors pushed
+                                    # down instead of the chunk lifted above the question and the answer)
 
 
 def parse_layers(spec: str, default: list[int], softmax: list[int]) -> list[int]:
@@ -240,6 +242,8 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         mid = (mid_strength(len(prompt.tokens)) if c.mid == "auto" else
                mid_strength(len(prompt.tokens), *c.mid) if isinstance(c.mid, tuple) else c.mid)
         b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far, mid=mid)
+        if c.others is not None:
+            b = bias_mod.others(prompt, b, [s.chunk.id for s, _ in sel], c.others)
         eng.hook.set_layers(parse_layers(c.layers, dflt, softmax), 1.0)
         eng.hook.set_bias(b, gate=prompt.question_token if c.gate else 0)
         return strength
