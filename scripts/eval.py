@@ -153,6 +153,11 @@ PRESETS["suppress"] = [Condition("engram top1 s0 others-4", strength=1e-9, top_k
                        Condition("engram top1 s0 others-8", strength=1e-9, top_k=1, others=-8.0),
                        Condition("engram top1 near2 midauto others-4", strength=0, top_k=1, near=2.0, mid="auto",
                                  others=-4.0)]
+# the bias lifts the first chunk to 33% at most (farsweep) while reordering reaches 58-75%: is it the
+# chunk's position? The top chunk moved to the end of the documents in the cache (Runner.move: the
+# cells' positions shifted, no second prefill), alone and with reordering's +1
+PRESETS["move"] = [Condition("move top1", strength=0, top_k=1, move=True),
+                   Condition("move top1 + engram s1", strength=1.0, top_k=1, move=True)]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]

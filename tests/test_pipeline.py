@@ -249,6 +249,20 @@ def test_chunk_strength_ramps_from_the_question():
     assert bias.chunk_strength(p, 3, 3.5, 2.0, mid=None) == 3.5
 
 
+def test_others_pushes_down_every_chunk_but_the_kept():
+    from engram_llama import bias
+    from engram_llama.align import Prompt
+
+    # 12 tokens: a 2-token prefix, chunks 0 [2, 5), 1 [5, 9), 2 [9, 11), the question at 11
+    p = Prompt("", list(range(12)), [0] * 12, {}, {0: (2, 5), 1: (5, 9), 2: (9, 11)}, 11, [], 0)
+    b = np.zeros(12, dtype=np.float32)
+    b[2:5] = 3.0
+    got = bias.others(p, b, [0], -4.0)
+    assert got.tolist() == [0, 0, 3, 3, 3, -4, -4, -4, -4, -4, -4, 0]
+    assert b.tolist() == [0, 0, 3, 3, 3] + [0] * 7  # the input is left as it was
+    assert bias.others(p, b, [0, 2], -1.5).tolist() == [0, 0, 3, 3, 3, -1.5, -1.5, -1.5, -1.5, 0, 0, 0]
+
+
 def test_bm25_stems_so_inflected_words_match():
     # NQ: "who is the guy who walked across the twin towers" against "Petit ... walk between the
     # towers": without stemming neither "walked" nor "towers" matches, and the distractor named

@@ -101,6 +101,9 @@ class Condition:
     per_layer: bool = True        # with target: a strength per layer from its own share, or one from their mean
     heads: int | None = None      # with target: the share over the heads that read the chunk most (None: all)
     rival: float | None = None    # instead of target: e^rival times the share of the most-read other chunk
+    move: bool = False            # the top chunk (with its label) moved to the end of the documents by
+                                    # shifting the cached cells' positions: reordering without a prefill
+                                    # (strength 0 here: the move alone, no bias)
     others: float | None = None   # the bias on every chunk not selected (negative: the distractors pushed
                                     # down instead of the chunk lifted above the question and the answer)
 
@@ -131,6 +134,46 @@ def default_table():
 
 
 MAX_NEW = {"nq": 16, "domain": 40, "kv": 96}
+
+
+def moved_span(prompt, cid: int) -> tuple[int, int]:
+    """The tokens of chunk `cid` with its "Document [k] (source):" label: what `move` shifts."""
+    from .align import char_to_byte, token_span
+
+    lab = prompt.text.rfind("Document [", 0, prompt.chunk_chars[cid][0])
+    c2b = char_to_byte(prompt.text)
+    a = token_span(prompt.offsets, prompt.n_prefix, c2b[lab], c2b[lab] + 1)[0]
+    return a, prompt.chunk_tokens[cid][1]
+
+
+def moved_prompt(prompt, a: int, b: int):
+    """The prompt's chunk spans once the tokens [a, b) sit at the end of the documents, those after
+    them moved up by b - a: the positions the cache holds after Runner.move(a, b, q0)."""
+    from dataclasses import replace
+
+    q0, n = prompt.question_token, b - a
+
+    def at(x: int) -> int:
+        return x + (q0 - b) if a <= x < b else x - n if b <= x < q0 else x
+
+    spans = {cid: (at(x), at(y - 1) + 1) for cid, (x, y) in prompt.chunk_tokens.items()}
+    return replace(prompt, chunk_tokens=spans)
+
+
+def shift_to_end(lc, mem, a: int, b: int, q0: int, back: bool = False, seq: int = 0) -> None:
+    """Positions [a, b) to the end of the documents, [q0 - (b - a), q0), and [b, q0) up to [a, ..)
+    (back: the reverse): three position shifts of the cached cells, through a range past q0 where
+    nothing is cached, so that no two ranges meet. llama.cpp re-rotates the keys (RoPE) at the next
+    decode; the values stay the ones computed where the chunk was read."""
+    add, n = lc.llama_memory_seq_add, b - a
+    if not back:
+        add(mem, seq, a, b, q0 + n - a)             # [a, b) -> [q0 + n, q0 + 2n)
+        add(mem, seq, b, q0, -n)                    # [b, q0) -> [a, q0 - n)
+        add(mem, seq, q0 + n, q0 + 2 * n, -2 * n)   # -> [q0 - n, q0)
+    else:
+        add(mem, seq, q0 - n, q0, 2 * n)            # [q0 - n, q0) -> [q0 + n, q0 + 2n)
+        add(mem, seq, a, q0 - n, n)                 # [a, q0 - n) -> [b, q0)
+        add(mem, seq, q0 + n, q0 + 2 * n, a - q0 - n)  # -> [a, b)
 
 
 class Runner:
@@ -167,6 +210,9 @@ class Runner:
             ptr = lc.llama_get_logits_ith(self.ctx, -1)
             out = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         return out
+
+    def move(self, a: int, b: int, q0: int, back: bool = False) -> None:
+        shift_to_end(self.lc, self.mem, a, b, q0, back)
 
     def prefill_docs(self, tokens: list[int], q0: int) -> None:
         self.lc.llama_memory_clear(self.mem, True)
@@ -226,6 +272,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
     used = 0
 
     probed: dict[str, float] = {}  # condition -> the top chunk's unbiased share (target conditions)
+    moved: dict[str, tuple[int, int]] = {}  # condition -> the span Runner.move shifted (undone after the answer)
 
     def apply(c: Condition, prompt, pm, scored, gold_id, question) -> float:
         if c.relevance == "none":
@@ -239,6 +286,17 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         strength, far = c.strength or auto_strength(len(prompt.tokens)), c.far
         if c.peak:
             strength, far = strength + c.peak, (far if far is not None else strength)
+        if c.move:
+            if not sel:
+                eng.hook.clear()
+                return 0.0
+            a, b = moved_span(prompt, sel[0][0].chunk.id)
+            runner.move(a, b, prompt.question_token)
+            moved[c.name] = (a, b)
+            prompt = moved_prompt(prompt, a, b)
+            if not c.strength:  # no bias: the move alone
+                eng.hook.clear()
+                return 0.0
         mid = (mid_strength(len(prompt.tokens)) if c.mid == "auto" else
                mid_strength(len(prompt.tokens), *c.mid) if isinstance(c.mid, tuple) else c.mid)
         b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far, mid=mid)
@@ -339,6 +397,8 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                             strength = apply(c, prompt, pm, scored, k, it.question)
                             ans = runner.answer(prompt.tokens, prompt.question_token, lift=c.lift)
                             eng.hook.clear()
+                            if c.name in moved:
+                                runner.move(*moved.pop(c.name), prompt.question_token, back=True)
                             cache[(key, c.name)] = {"answer": ans, "strength": round(strength, 2),
                                                     **probed.pop(c.name, {}),
                                                     "prefill_s": round(t_prefill, 2),
