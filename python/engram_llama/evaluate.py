@@ -7,6 +7,7 @@ cut away again, so a condition costs a few dozen decode steps, not a prefill.
 """
 from __future__ import annotations
 
+import ctypes
 import gzip
 import json
 import re
@@ -137,13 +138,20 @@ MAX_NEW = {"nq": 16, "domain": 40, "kv": 96}
 
 
 def moved_span(prompt, cid: int) -> tuple[int, int]:
-    """The tokens of chunk `cid` with its "Document [k] (source):" label: what `move` shifts."""
+    """What `move` shifts: chunk `cid` with its "Document [k] (source):" label and the blank line
+    after it, up to the next chunk's label (or the question), so that the moved prompt reads as a
+    reordered one: ...text of the last chunk, blank line, the moved chunk, blank line, question."""
     from .align import char_to_byte, token_span
 
-    lab = prompt.text.rfind("Document [", 0, prompt.chunk_chars[cid][0])
     c2b = char_to_byte(prompt.text)
-    a = token_span(prompt.offsets, prompt.n_prefix, c2b[lab], c2b[lab] + 1)[0]
-    return a, prompt.chunk_tokens[cid][1]
+
+    def label(c: int) -> int:
+        at = prompt.text.rfind("Document [", 0, prompt.chunk_chars[c][0])
+        return token_span(prompt.offsets, prompt.n_prefix, c2b[at], c2b[at] + 1)[0]
+
+    k = prompt.chunk_order.index(cid)
+    end = label(prompt.chunk_order[k + 1]) if k + 1 < len(prompt.chunk_order) else prompt.question_token
+    return label(cid), end
 
 
 def moved_prompt(prompt, a: int, b: int):
@@ -212,7 +220,21 @@ class Runner:
         return out
 
     def move(self, a: int, b: int, q0: int, back: bool = False) -> None:
-        shift_to_end(self.lc, self.mem, a, b, q0, back)
+        """Shift [a, b) to the end of the documents; back: restore the documents' cells as they were
+        before, from a copy (shifting back re-rotates the F16 keys a second time, and that rounding
+        changed a greedy answer of the next condition on the same prefill)."""
+        lc, ctx = self.lc, self.ctx
+        if back:
+            lc.llama_memory_seq_rm(self.mem, 0, -1, -1)
+            if lc.llama_state_seq_set_data(ctx, self._saved, len(self._saved), 0) != len(self._saved):
+                raise RuntimeError("could not restore the documents' cells after a move")
+            self._saved = None
+            return
+        n = lc.llama_state_seq_get_size(ctx, 0)
+        self._saved = (ctypes.c_uint8 * n)()
+        if lc.llama_state_seq_get_data(ctx, self._saved, n, 0) != n:
+            raise RuntimeError("could not copy the documents' cells before a move")
+        shift_to_end(lc, self.mem, a, b, q0)
 
     def prefill_docs(self, tokens: list[int], q0: int) -> None:
         self.lc.llama_memory_clear(self.mem, True)
