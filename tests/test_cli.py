@@ -80,6 +80,11 @@ def test_empty_question_and_bad_layers(docs):
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--target-share", "1.5"), "invalid --target-share 1.5")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--target-share", "0.4", "--no-gate"),
                    "cannot go with --no-gate")
+    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--order", "move", "--no-gate"),
+                   "--order move", "cannot go with --no-gate")
+    gemma = str(synth.cached_model("gemma3"))
+    one_line_error(cli("run", gemma, "q?", "--chunks", str(docs), "--order", "move", "--no-chat"),
+                   "--order move needs a model whose every layer keeps the whole context")
 
 
 def test_explain_gives_the_profile_and_each_span(docs):

@@ -115,7 +115,7 @@ def test_shift_to_end_equals_a_reordered_prefill_on_one_layer(tmp_path):
     import numpy as np
 
     from engram_llama import llama_cpp, synth
-    from engram_llama.evaluate import moved_prompt, shift_to_end
+    from engram_llama.move import moved_prompt, moved_tokens, shift_to_end
     from engram_llama.align import Prompt
     from engram_llama.lowlevel import Context, Model
 
@@ -152,3 +152,4 @@ def test_shift_to_end_equals_a_reordered_prefill_on_one_layer(tmp_path):
     # the chunk spans the runner biases after the move: [a, b) at the end, the rest moved up
     p = Prompt("", ids, [0, 1, 2], {}, {0: (0, 4), 1: (4, 12), 2: (12, 32)}, q0, [], 0)
     assert moved_prompt(p, a, b).chunk_tokens == {0: (0, 4), 1: (24, 32), 2: (4, 24)}
+    assert moved_tokens(list(range(36)), a, b, q0) == list(range(4)) + list(range(12, 32)) + list(range(4, 12)) + [32, 33, 34, 35]

@@ -245,3 +245,44 @@ def test_target_share_sets_the_strength_the_probe_reads(chunks):
     b = fixed.ask(q, chunks, max_tokens=8)
     fixed.close()
     assert b.text == a.text and b.spans == a.spans
+
+
+def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question(chunks):
+    q1 = "Which district has its headquarters at Kakkanad?"
+    q2 = "What is the health cover per family under Ayushman Bharat?"
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="move"))
+    a = eng.ask(q1, chunks, max_tokens=6)
+    prompt, *_ = eng.prepare(q1, chunks, 6)
+    q0, best = prompt.question_token, a.scored[0].chunk.id
+    assert a.order == "move" and chunk_choice(Settings(order="move"), 4096) == (1.0, 1, None, None)
+    # the best chunk keeps its place in the prompt (citation) and carries +1 where the cache holds
+    # it: from its label to the question, at the documents' end
+    lab = prompt.text.rfind("Document [", 0, prompt.chunk_chars[best][0])
+    assert prompt.text[lab:].startswith(f"Document [{a.citations[0].position}]")
+    span = prompt.chunk_tokens[best]
+    n = span[1] - span[0]
+    assert [(s.chunk_id, s.value) for s in a.spans] == [(best, pytest.approx(1.0))]
+    assert a.spans[0].tokens[1] <= q0 and a.spans[0].tokens[1] - a.spans[0].tokens[0] == n
+    if a.citations[0].position < len(prompt.chunk_order):  # not already last: it moved
+        assert a.spans[0].tokens[0] > span[0]
+    # the cache holds the documents in the given order again: a follow-up reuses them and answers
+    # as a fresh run does
+    eng.settings = Settings()
+    prompt2, *_ = eng.prepare(q2, chunks, 12)
+    assert eng.prefill(prompt2.tokens) > 1000
+    a2 = eng.ask(q2, chunks, max_tokens=12)
+    eng.close()
+    fresh = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
+    assert fresh.ask(q2, chunks, max_tokens=12).text == a2.text
+    fresh.close()
+
+
+def test_move_refuses_models_that_do_not_keep_the_whole_context():
+    for arch in ("gemma3", "qwen35"):  # a sliding-window cache, a recurrent state
+        eng = EngramLlama(str(synth.cached_model(arch)), n_ctx=256, n_threads=2, chat=False,
+                          settings=Settings(order="move"))
+        try:
+            with pytest.raises(ValueError, match="order 'move' needs a model whose every layer"):
+                eng._moved_span(None, ["a selected chunk"])
+        finally:
+            eng.close()

@@ -125,7 +125,7 @@ def fetch_hf(spec: str) -> str:
 def cmd_run(args) -> int:
     from ._hook import EngramError
     from .chunks import DocsError, read_docs, split
-    from .runtime import ContextTooSmall, EngramLlama, Settings
+    from .runtime import ContextTooSmall, EngramLlama, Settings, is_dense
 
     if (args.default or args.hf) and args.model and args.question is None and not args.model.endswith(".gguf"):
         args.model, args.question = None, args.model  # `run --default "question"`: the one positional is the question
@@ -154,6 +154,8 @@ def cmd_run(args) -> int:
         raise UsageError(f"invalid --target-share {args.target_share}: between 0 and 1")
     if args.target_share is not None and args.no_gate:
         raise UsageError("--target-share reads the documents without bias: it cannot go with --no-gate")
+    if args.order == "move" and args.no_gate:
+        raise UsageError("--order move reads the documents before it moves one: it cannot go with --no-gate")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"invalid --top-k {args.top_k}: at least 1")
     if args.rerank is not None and not 0 <= args.rerank <= 64:
@@ -190,6 +192,9 @@ def cmd_run(args) -> int:
             raise UsageError(f"invalid --layers: layer {il} cannot take a bias ({why}); "
                              f"biasable: {_ranges(eng.hook.softmax_layers())}")
         settings.layers = layers
+    if args.order == "move" and not is_dense(eng.hook.kinds):
+        raise UsageError("--order move needs a model whose every layer keeps the whole context (dense, "
+                         "Llama-style); this one has sliding-window or recurrent layers: use --order edges")
 
     def one(q: str) -> None:
         stream = not args.json and not args.explain
@@ -397,9 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reread the K best chunks and rank them by how likely the model finds the question "
                         "after each (default 8; 0: BM25 and entities only)")
     r.add_argument("--granularity", choices=["chunk", "sentence", "entity"], default="chunk")
-    r.add_argument("--order", choices=["keep", "edges"], default="keep",
+    r.add_argument("--order", choices=["keep", "edges", "move"], default="keep",
                    help="chunk order: keep yours, or edges (best last, next to the question; then +1 on that chunk alone "
-                        "unless --strength/--top-k say otherwise)")
+                        "unless --strength/--top-k say otherwise), or move (experimental, dense models: the best chunk "
+                        "moved to the end in the cache, follow-ups reuse the documents; +1 on it as with edges)")
     r.add_argument("--no-gate", action="store_true", help="bias every query, documents included")
     r.add_argument("--no-engram", action="store_true", help="vanilla: same prompt, no bias")
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")

@@ -7,7 +7,6 @@ cut away again, so a condition costs a few dozen decode steps, not a prefill.
 """
 from __future__ import annotations
 
-import ctypes
 import gzip
 import json
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bias as bias_mod, relevance
+from .move import moved_prompt, moved_span, restore_seq, save_seq, shift_to_end
 from .probe import strength_over_rival, strengths
 from .chunks import Chunk
 
@@ -137,53 +137,6 @@ def default_table():
 MAX_NEW = {"nq": 16, "domain": 40, "kv": 96}
 
 
-def moved_span(prompt, cid: int) -> tuple[int, int]:
-    """What `move` shifts: chunk `cid` with its "Document [k] (source):" label and the blank line
-    after it, up to the next chunk's label (or the question), so that the moved prompt reads as a
-    reordered one: ...text of the last chunk, blank line, the moved chunk, blank line, question."""
-    from .align import char_to_byte, token_span
-
-    c2b = char_to_byte(prompt.text)
-
-    def label(c: int) -> int:
-        at = prompt.text.rfind("Document [", 0, prompt.chunk_chars[c][0])
-        return token_span(prompt.offsets, prompt.n_prefix, c2b[at], c2b[at] + 1)[0]
-
-    k = prompt.chunk_order.index(cid)
-    end = label(prompt.chunk_order[k + 1]) if k + 1 < len(prompt.chunk_order) else prompt.question_token
-    return label(cid), end
-
-
-def moved_prompt(prompt, a: int, b: int):
-    """The prompt's chunk spans once the tokens [a, b) sit at the end of the documents, those after
-    them moved up by b - a: the positions the cache holds after Runner.move(a, b, q0)."""
-    from dataclasses import replace
-
-    q0, n = prompt.question_token, b - a
-
-    def at(x: int) -> int:
-        return x + (q0 - b) if a <= x < b else x - n if b <= x < q0 else x
-
-    spans = {cid: (at(x), at(y - 1) + 1) for cid, (x, y) in prompt.chunk_tokens.items()}
-    return replace(prompt, chunk_tokens=spans)
-
-
-def shift_to_end(lc, mem, a: int, b: int, q0: int, back: bool = False, seq: int = 0) -> None:
-    """Positions [a, b) to the end of the documents, [q0 - (b - a), q0), and [b, q0) up to [a, ..)
-    (back: the reverse): three position shifts of the cached cells, through a range past q0 where
-    nothing is cached, so that no two ranges meet. llama.cpp re-rotates the keys (RoPE) at the next
-    decode; the values stay the ones computed where the chunk was read."""
-    add, n = lc.llama_memory_seq_add, b - a
-    if not back:
-        add(mem, seq, a, b, q0 + n - a)             # [a, b) -> [q0 + n, q0 + 2n)
-        add(mem, seq, b, q0, -n)                    # [b, q0) -> [a, q0 - n)
-        add(mem, seq, q0 + n, q0 + 2 * n, -2 * n)   # -> [q0 - n, q0)
-    else:
-        add(mem, seq, q0 - n, q0, 2 * n)            # [q0 - n, q0) -> [q0 + n, q0 + 2n)
-        add(mem, seq, a, q0 - n, n)                 # [a, q0 - n) -> [b, q0)
-        add(mem, seq, q0 + n, q0 + 2 * n, a - q0 - n)  # -> [a, b)
-
-
 class Runner:
     """Decodes prompts on an EngramLlama's context with explicit KV control."""
 
@@ -220,21 +173,14 @@ class Runner:
         return out
 
     def move(self, a: int, b: int, q0: int, back: bool = False) -> None:
-        """Shift [a, b) to the end of the documents; back: restore the documents' cells as they were
-        before, from a copy (shifting back re-rotates the F16 keys a second time, and that rounding
-        changed a greedy answer of the next condition on the same prefill)."""
-        lc, ctx = self.lc, self.ctx
+        """Shift [a, b) to the end of the documents (move.shift_to_end); back: restore the
+        documents' cells from the copy taken before."""
         if back:
-            lc.llama_memory_seq_rm(self.mem, 0, -1, -1)
-            if lc.llama_state_seq_set_data(ctx, self._saved, len(self._saved), 0) != len(self._saved):
-                raise RuntimeError("could not restore the documents' cells after a move")
+            restore_seq(self.lc, self.ctx, self._saved)
             self._saved = None
-            return
-        n = lc.llama_state_seq_get_size(ctx, 0)
-        self._saved = (ctypes.c_uint8 * n)()
-        if lc.llama_state_seq_get_data(ctx, self._saved, n, 0) != n:
-            raise RuntimeError("could not copy the documents' cells before a move")
-        shift_to_end(lc, self.mem, a, b, q0)
+        else:
+            self._saved = save_seq(self.lc, self.ctx)
+            shift_to_end(self.lc, self.mem, a, b, q0)
 
     def prefill_docs(self, tokens: list[int], q0: int) -> None:
         self.lc.llama_memory_clear(self.mem, True)
@@ -508,7 +454,7 @@ def session(model: str, out_path: str, n_questions: int = 8, n_ctx: int = 8192,
         # all fixed-order answers first, on one document cache; then the reordered ones
         for order_kind, it in [(o, it) for o in ("keep", "edges") for it in qs]:
             gid = gold_id[it.id]
-            conds = (["vanilla", "engram", "engram near2"] if order_kind == "keep"
+            conds = (["vanilla", "engram", "engram near2", "move", "move+engram s1"] if order_kind == "keep"
                      else ["reorder", "reorder+engram", "reorder+engram near2"])
             if all((it.id, c) in done for c in conds):
                 continue
@@ -537,12 +483,28 @@ def session(model: str, out_path: str, n_questions: int = 8, n_ctx: int = 8192,
                     continue
                 t1 = time.perf_counter()
                 strength = 0.0
-                if "engram" in c:
+                moved = None
+                if c.startswith("move"):
+                    # the best chunk moved to the end of the cached documents (Runner.move), and
+                    # reordering's +1 on it: reordering's order for that chunk, without a prefill
+                    eng.hook.clear()
+                    sel = relevance.select(scored, 1)
+                    if sel:
+                        moved = moved_span(prompt, sel[0][0].chunk.id)
+                        runner.move(*moved, q0)
+                        if "engram" in c:
+                            strength = 1.0
+                            b, _ = bias_mod.build(moved_prompt(prompt, *moved), sel, strength, "chunk", pm, it.question)
+                            eng.hook.set_layers(layers, 1.0)
+                            eng.hook.set_bias(b, gate=q0)
+                elif "engram" in c:
                     strength = bias_for(prompt, pm, scored, it.question, 2.0 if c.endswith("near2") else None)
                 else:
                     eng.hook.clear()
                 ans = runner.answer(prompt.tokens, q0)
                 eng.hook.clear()
+                if moved:
+                    runner.move(*moved, q0, back=True)
                 write({"id": it.id, "condition": c, "answer": ans, "judge": judge(ans, it.answers),
                        "answers": it.answers, "gold_pos": prompt.chunk_order.index(gid),
                        "n_passages": len(chunks), "n_tokens": len(prompt.tokens), "strength": round(strength, 2),

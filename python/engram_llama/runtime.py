@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import align, bias as bias_mod, pointer_map, relevance
+from . import align, bias as bias_mod, move, pointer_map, relevance
 from ._hook import Hook, LayerKind
 from .chunks import Chunk
 from .extract import Extractor
@@ -32,7 +32,9 @@ class Settings:
                                       # (MID) on dense models unless `strength` is set, 0: none
     granularity: str = "chunk"        # "chunk", "sentence" or "entity"
     gate: bool = True                 # bias only the question's and the answer's queries
-    order: str = "keep"               # "keep" the given order or put the best chunks at the "edges"
+    order: str = "keep"               # "keep" the given order, put the best chunks at the "edges", or
+                                      # "move" the best chunk to the end of the cached documents
+                                      # (positions shifted, no prefill; dense models; experimental)
     engram: bool = True               # False: vanilla, the same prompt without bias
     rerank: int | None = None         # chunks reread for the question's likelihood; None: RERANK_K, 0: off
     # the top chunk's share of the question's attention to reach (probe.py), read before biasing;
@@ -126,7 +128,7 @@ def chunk_choice(s: Settings, n_tokens: int, dense: bool = True) -> tuple[float,
     (n = 40 each, pooled +28/-5 over 160 pairs), while the length's strength on the top 3 matched
     or cost answers at ~4K (docs/EVAL.md, "Against reordering")."""
     mid = s.mid or None  # 0: none
-    if s.order == "edges":
+    if s.order in ("edges", "move"):  # the best chunk next to the question either way
         return (s.strength if s.strength is not None else EDGES_STRENGTH,
                 s.top_k if s.top_k is not None else EDGES_TOP_K, s.near, mid)
     if s.mid is None and s.strength is None and dense:  # a strength of one's own stays flat unless mid is given
@@ -259,24 +261,76 @@ class EngramLlama:
         if s.engram and selected and s.target is not None:
             selected = selected[:1]
             strength, near, mid = self._strength_for_share(prompt, selected[0][0].chunk.id, layers, s.target), None, None
-        b, spans = bias_mod.build(prompt, selected, strength, s.granularity, pm, question, near=near, mid=mid)
+        moved = self._moved_span(prompt, selected) if s.order == "move" else None
+        # spans and bias where the cache holds the chunks: the moved chunk at the documents' end
+        at = move.moved_prompt(prompt, *moved) if moved else prompt
+        b, spans = bias_mod.build(at, selected, strength, s.granularity, pm, question, near=near, mid=mid)
         gate = prompt.question_token if s.gate else 0
         if s.engram and selected:
             self.hook.set_layers(layers, 1.0)
             self.hook.set_bias(b, seq_id=0, gate=gate)
         else:
             self.hook.clear()
+        saved = None
         try:
-            self.prefill(prompt.tokens)
-            text = "".join(self._generate(prompt.tokens, max_tokens, temperature, on_token))
+            tokens = prompt.tokens
+            if moved:
+                tokens, saved = self._move(prompt, *moved)
+            else:
+                self.prefill(prompt.tokens)
+            text = "".join(self._generate(tokens, max_tokens, temperature, on_token))
         finally:
             self.hook.clear()
+            if saved is not None:
+                self._unmove(prompt, saved)
         pos = {cid: k + 1 for k, cid in enumerate(prompt.chunk_order)}
         cites = [Citation(sc.chunk, w, pos[sc.chunk.id]) for sc, w in selected]
         steered = bool(s.engram and selected)
         return Answer(text.strip(), cites, spans if steered else [], layers if steered else [], strength,
                       gate if steered else None, len(prompt.tokens), dropped, scored, s.order,
                       near if steered else None, mid if steered else None)
+
+    def _moved_span(self, prompt, selected) -> tuple[int, int] | None:
+        if not selected:
+            return None
+        if not is_dense(self.hook.kinds):
+            # a sliding-window cache no longer holds a far chunk for its local layers, and a
+            # recurrent state has read the chunks in their order: shifting positions misleads both
+            raise ValueError("order 'move' needs a model whose every layer keeps the whole context "
+                             "(dense, Llama-style); use 'edges' or 'keep' with this one")
+        if not self.settings.gate:
+            raise ValueError("order 'move' needs the query gate: the documents are read before the move")
+        return move.moved_span(prompt, selected[0][0].chunk.id)
+
+    def _move(self, prompt, a: int, b: int):
+        """The documents prefilled in the given order (reused when cached), a copy of their cells,
+        then [a, b) shifted to their end. llama-cpp-python's bookkeeping is told the moved order,
+        so that its prefix match decodes only the question."""
+        from . import llama_cpp
+
+        q0 = prompt.question_token
+        self.prefill(prompt.tokens[:q0 + 1])
+        ctx = self.llm.ctx
+        saved = move.save_seq(llama_cpp, ctx)
+        move.shift_to_end(llama_cpp, llama_cpp.llama_get_memory(ctx), a, b, q0)
+        tokens = move.moved_tokens(prompt.tokens, a, b, q0)
+        self.llm.input_ids[:q0] = tokens[:q0]
+        self.llm.n_tokens = q0
+        return tokens, saved
+
+    def _unmove(self, prompt, saved) -> None:
+        """The documents' cells in the given order again, for the next question to reuse."""
+        from . import llama_cpp
+
+        q0 = prompt.question_token
+        try:
+            move.restore_seq(llama_cpp, self.llm.ctx, saved)
+        except RuntimeError:  # the next question prefills again
+            self.llm.reset()
+            self.llm._ctx.kv_cache_clear()
+            return
+        self.llm.input_ids[:q0] = prompt.tokens[:q0]
+        self.llm.n_tokens = q0
 
     def _strength_for_share(self, prompt, chunk_id: int, layers: list[int], target: float) -> float:
         """One strength for all biased layers: the one that takes the chunk's share of the
