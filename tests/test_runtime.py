@@ -265,6 +265,8 @@ def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question
     assert a.spans[0].tokens[1] <= q0 and a.spans[0].tokens[1] - a.spans[0].tokens[0] == n
     if a.citations[0].position < len(prompt.chunk_order):  # not already last: it moved
         assert a.spans[0].tokens[0] > span[0]
+    from engram_llama.cli import _explain
+    assert f"order move: chunk {best} (document [{a.citations[0].position}]) moved" in _explain(a, len(chunks))
     # the cache holds the documents in the given order again: a follow-up reuses them and answers
     # as a fresh run does
     eng.settings = Settings()

@@ -257,6 +257,10 @@ def _explain(ans, n_chunks: int) -> str:
         snippet = sc.chunk.text.replace("\n", " ")[:60]
         lm = f"  question {sc.lm:6.2f}" if sc.lm is not None else ""
         lines.append(f"    {sc.score:5.2f}  bm25 {sc.bm25:5.2f}  entities {sc.entity:4.2f}{lm}  {sc.chunk.source}: {snippet}...")
+    if ans.order == "move" and ans.citations:
+        c = ans.citations[0]
+        lines.append(f"  order move: chunk {c.chunk.id} (document [{c.position}]) moved to the documents' end in the "
+                     "cache; the token positions below are its positions there")
     if ans.layers:
         lines.append(f"  bias on layers {_ranges(ans.layers)}, from token {ans.gate} on (the question and the answer)")
         # without near the middle's strength reaches the question (bias.chunk_strength)
