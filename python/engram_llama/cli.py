@@ -156,6 +156,9 @@ def cmd_run(args) -> int:
         raise UsageError("--target-share reads the documents without bias: it cannot go with --no-gate")
     if args.order == "move" and args.no_gate:
         raise UsageError("--order move reads the documents before it moves one: it cannot go with --no-gate")
+    if args.order == "move" and args.target_share is not None:
+        raise UsageError("--target-share reads the chunk where it was read, not where --order move puts it: "
+                         "it cannot go with --order move")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"invalid --top-k {args.top_k}: at least 1")
     if args.rerank is not None and not 0 <= args.rerank <= 64:

@@ -300,6 +300,8 @@ class EngramLlama:
                              "(dense, Llama-style); use 'edges' or 'keep' with this one")
         if not self.settings.gate:
             raise ValueError("order 'move' needs the query gate: the documents are read before the move")
+        if self.settings.target is not None:
+            raise ValueError("order 'move' cannot take a target share: the probe reads the chunk before the move")
         return move.moved_span(prompt, selected[0][0].chunk.id)
 
     def _move(self, prompt, a: int, b: int):
