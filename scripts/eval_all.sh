@@ -130,3 +130,10 @@ $PY run --n 12 --passages 58 -c 8192 --slots first --preset midautoall --out $R/
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset midauto --out $R/domain-gemma3-270m-36p-r4.jsonl || true
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 15 -c 4096 --preset coremid --out $R/nq-gemma3-270m-15p-r4.jsonl || true
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 15 -c 4096 --preset mid1k --out $R/nq-gemma3-270m-15p-r4.jsonl || true
+# SmolLM2 ~8K, the first slot: the first chunk's strength alone (+5..+8), the distractors pushed
+# down instead, and the top chunk moved to the end of the cached documents (all three slots)
+$PY run --n 12 --passages 58 -c 8192 --slots first --preset farsweep --out $R/nq-smollm2-58p-r4.jsonl
+$PY run --n 12 --passages 58 -c 8192 --slots first --preset suppress --out $R/nq-smollm2-58p-r4.jsonl
+$PY run --n 12 --passages 58 -c 8192 --preset move --out $R/nq-smollm2-58p-r4.jsonl
+# the session again, on today's prompt, with move and move + 1 beside the cached bias and reordering
+$PY session --n 8 -c 8192 --out $R/session-smollm2-8k-r2.jsonl
