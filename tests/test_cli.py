@@ -84,6 +84,8 @@ def test_empty_question_and_bad_layers(docs):
                    "--order move", "cannot go with --no-gate")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--order", "move", "--target-share", "0.2"),
                    "cannot go with --order move")
+    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--order", "move", "--granularity", "sentence"),
+                   "--order move", "--granularity sentence")
     gemma = str(synth.cached_model("gemma3"))
     one_line_error(cli("run", gemma, "q?", "--chunks", str(docs), "--order", "move", "--no-chat"),
                    "--order move needs a model whose every layer keeps the whole context")

@@ -156,6 +156,8 @@ def cmd_run(args) -> int:
         raise UsageError("--target-share reads the documents without bias: it cannot go with --no-gate")
     if args.order == "move" and args.no_gate:
         raise UsageError("--order move reads the documents before it moves one: it cannot go with --no-gate")
+    if args.order == "move" and args.granularity != "chunk":
+        raise UsageError(f"--order move biases the whole moved chunk: it cannot go with --granularity {args.granularity}")
     if args.order == "move" and args.target_share is not None:
         raise UsageError("--target-share reads the chunk where it was read, not where --order move puts it: "
                          "it cannot go with --order move")

@@ -302,6 +302,8 @@ class EngramLlama:
             raise ValueError("order 'move' needs the query gate: the documents are read before the move")
         if self.settings.target is not None:
             raise ValueError("order 'move' cannot take a target share: the probe reads the chunk before the move")
+        if self.settings.granularity != "chunk":
+            raise ValueError("order 'move' biases the whole moved chunk: granularity must be 'chunk'")
         return move.moved_span(prompt, selected[0][0].chunk.id)
 
     def _move(self, prompt, a: int, b: int):
