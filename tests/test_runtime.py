@@ -248,30 +248,37 @@ def test_target_share_sets_the_strength_the_probe_reads(chunks):
 
 
 def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question(chunks):
+    from engram_llama import move
+    from engram_llama.cli import _explain
+
     q1 = "Which district has its headquarters at Kakkanad?"
     q2 = "What is the health cover per family under Ayushman Bharat?"
     eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="move"))
+    assert eng.can_move() and chunk_choice(Settings(order="move"), 4096) == (1.0, 1, None, None)
     a = eng.ask(q1, chunks, max_tokens=6)
     prompt, *_ = eng.prepare(q1, chunks, 6)
     q0, best = prompt.question_token, a.scored[0].chunk.id
-    assert a.order == "move" and chunk_choice(Settings(order="move"), 4096) == (1.0, 1, None, None)
-    # the best chunk keeps its place in the prompt (citation) and carries +1 where the cache holds
-    # it: from its label to the question, at the documents' end
-    lab = prompt.text.rfind("Document [", 0, prompt.chunk_chars[best][0])
-    assert prompt.text[lab:].startswith(f"Document [{a.citations[0].position}]")
-    span = prompt.chunk_tokens[best]
-    n = span[1] - span[0]
-    assert [(s.chunk_id, s.value) for s in a.spans] == [(best, pytest.approx(1.0))]
-    assert a.spans[0].tokens[1] <= q0 and a.spans[0].tokens[1] - a.spans[0].tokens[0] == n
-    if a.citations[0].position < len(prompt.chunk_order):  # not already last: it moved
-        assert a.spans[0].tokens[0] > span[0]
-    from engram_llama.cli import _explain
+    assert a.order == "move" and a.citations[0].position < len(prompt.chunk_order)  # not already last
+    # what moves: the chunk's label, its text and the blank line after it
+    lo, hi = move.moved_span(prompt, best)
+    moved_text = eng.llm.detokenize(prompt.tokens[lo:hi]).decode()
+    assert moved_text.startswith(f"Document [{a.citations[0].position}] (") and moved_text.endswith("\n\n")
+    # +1 on the chunk's text where the cache holds it: shifted by q0 - hi, up to the blank line
+    x, y = prompt.chunk_tokens[best]
+    assert [(s.chunk_id, s.tokens, s.value) for s in a.spans] == [(best, (x + q0 - hi, y + q0 - hi), pytest.approx(1.0))]
     assert f"order move: chunk {best} (document [{a.citations[0].position}]) moved" in _explain(a, len(chunks))
-    # the cache holds the documents in the given order again: a follow-up reuses them and answers
-    # as a fresh run does
+    # a second moved question decodes only its question and answer: the documents stay cached
+    decoded = []
+    real_eval = eng.llm.eval
+    eng.llm.eval = lambda toks: (decoded.extend(toks), real_eval(toks))[1]
+    b = eng.ask(q2, chunks, max_tokens=6)
+    eng.llm.eval = real_eval
+    p2, *_ = eng.prepare(q2, chunks, 6)
+    assert b.order == "move" and 0 < len(decoded) <= len(p2.tokens) - p2.question_token + 6
+    # the cache holds the documents in the given order again: a follow-up in the given order
+    # reuses them and answers as a fresh run does
     eng.settings = Settings()
-    prompt2, *_ = eng.prepare(q2, chunks, 12)
-    assert eng.prefill(prompt2.tokens) > 1000
+    assert eng.prefill(p2.tokens) > 1000
     a2 = eng.ask(q2, chunks, max_tokens=12)
     eng.close()
     fresh = EngramLlama(default_model(), n_ctx=2048, n_threads=2)

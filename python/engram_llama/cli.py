@@ -125,7 +125,7 @@ def fetch_hf(spec: str) -> str:
 def cmd_run(args) -> int:
     from ._hook import EngramError
     from .chunks import DocsError, read_docs, split
-    from .runtime import ContextTooSmall, EngramLlama, Settings, is_dense
+    from .runtime import ContextTooSmall, EngramLlama, Settings
 
     if (args.default or args.hf) and args.model and args.question is None and not args.model.endswith(".gguf"):
         args.model, args.question = None, args.model  # `run --default "question"`: the one positional is the question
@@ -197,9 +197,9 @@ def cmd_run(args) -> int:
             raise UsageError(f"invalid --layers: layer {il} cannot take a bias ({why}); "
                              f"biasable: {_ranges(eng.hook.softmax_layers())}")
         settings.layers = layers
-    if args.order == "move" and not is_dense(eng.hook.kinds):
+    if args.order == "move" and not eng.can_move():
         raise UsageError("--order move needs a model whose every layer keeps the whole context (dense, "
-                         "Llama-style); this one has sliding-window or recurrent layers: use --order edges")
+                         "Llama-style) and whose cache can shift positions; this one cannot: use --order edges")
 
     def one(q: str) -> None:
         stream = not args.json and not args.explain

@@ -144,6 +144,7 @@ class Runner:
         from . import llama_cpp
 
         self.eng, self.lc, self.max_new = eng, llama_cpp, max_new
+        self._saved = None  # the documents' cells while a chunk is moved (move)
         self.ctx = eng.llm.ctx
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.n_vocab = eng.llm.n_vocab()
@@ -249,12 +250,16 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         # the oracle biases the gold, unless the prompt had no room for it (then nothing)
         sel = ([(s, 1.0) for s in scored if s.chunk.id == gold_id] if c.relevance == "oracle"
                else relevance.select(scored, c.top_k, c.margin))
+        if c.move and (c.target or c.rival is not None):
+            raise ValueError(f"{c.name}: a move needs the query gate and a plain strength")
         if c.target or c.rival is not None:
             return apply_target(c, prompt, pm, sel, question)
         strength, far = c.strength or auto_strength(len(prompt.tokens)), c.far
         if c.peak:
             strength, far = strength + c.peak, (far if far is not None else strength)
         if c.move:
+            if not c.gate or c.target or c.rival is not None:
+                raise ValueError(f"{c.name}: a move needs the query gate and a plain strength")
             if not sel:
                 eng.hook.clear()
                 return 0.0
@@ -362,11 +367,13 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                     for c in conds:
                         if (key, c.name) not in cache:
                             t1 = time.perf_counter()
-                            strength = apply(c, prompt, pm, scored, k, it.question)
-                            ans = runner.answer(prompt.tokens, prompt.question_token, lift=c.lift)
-                            eng.hook.clear()
-                            if c.name in moved:
-                                runner.move(*moved.pop(c.name), prompt.question_token, back=True)
+                            try:
+                                strength = apply(c, prompt, pm, scored, k, it.question)
+                                ans = runner.answer(prompt.tokens, prompt.question_token, lift=c.lift)
+                            finally:
+                                eng.hook.clear()
+                                if c.name in moved:
+                                    runner.move(*moved.pop(c.name), prompt.question_token, back=True)
                             cache[(key, c.name)] = {"answer": ans, "strength": round(strength, 2),
                                                     **probed.pop(c.name, {}),
                                                     "prefill_s": round(t_prefill, 2),

@@ -22,13 +22,16 @@ def moved_span(prompt: Prompt, cid: int) -> tuple[int, int]:
     reordered one: ...text of the last chunk, blank line, the moved chunk, blank line, question."""
     c2b = char_to_byte(prompt.text)
 
-    def label(c: int) -> int:
-        at = prompt.text.rfind("Document [", 0, prompt.chunk_chars[c][0])
+    def label(k: int) -> int:  # the k-th chunk's label (align.render numbers them from 1 in prompt order)
+        c = prompt.chunk_order[k]
+        at = prompt.text.rfind(f"Document [{k + 1}] (", 0, prompt.chunk_chars[c][0])
+        if at < 0:
+            raise ValueError(f"no label found before chunk {c}")
         return token_span(prompt.offsets, prompt.n_prefix, c2b[at], c2b[at] + 1)[0]
 
     k = prompt.chunk_order.index(cid)
-    end = label(prompt.chunk_order[k + 1]) if k + 1 < len(prompt.chunk_order) else prompt.question_token
-    return label(cid), end
+    end = label(k + 1) if k + 1 < len(prompt.chunk_order) else prompt.question_token
+    return label(k), end
 
 
 def moved_prompt(prompt: Prompt, a: int, b: int) -> Prompt:

@@ -258,10 +258,10 @@ class EngramLlama:
         strength, top_k, near, mid = chunk_choice(s, len(prompt.tokens), is_dense(self.hook.kinds))
         selected = relevance.select(scored, top_k)
         layers = self.layers()
+        moved = self._moved_span(prompt, selected) if s.order == "move" else None
         if s.engram and selected and s.target is not None:
             selected = selected[:1]
             strength, near, mid = self._strength_for_share(prompt, selected[0][0].chunk.id, layers, s.target), None, None
-        moved = self._moved_span(prompt, selected) if s.order == "move" else None
         # spans and bias where the cache holds the chunks: the moved chunk at the documents' end
         at = move.moved_prompt(prompt, *moved) if moved else prompt
         b, spans = bias_mod.build(at, selected, strength, s.granularity, pm, question, near=near, mid=mid)
@@ -290,10 +290,17 @@ class EngramLlama:
                       gate if steered else None, len(prompt.tokens), dropped, scored, s.order,
                       near if steered else None, mid if steered else None)
 
+    def can_move(self) -> bool:
+        """Every layer keeps the whole context (dense) and llama.cpp can shift this cache's
+        positions (not for models with multi-dimensional positions)."""
+        from . import llama_cpp
+
+        return is_dense(self.hook.kinds) and bool(llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(self.llm.ctx)))
+
     def _moved_span(self, prompt, selected) -> tuple[int, int] | None:
         if not selected:
             return None
-        if not is_dense(self.hook.kinds):
+        if not self.can_move():
             # a sliding-window cache no longer holds a far chunk for its local layers, and a
             # recurrent state has read the chunks in their order: shifting positions misleads both
             raise ValueError("order 'move' needs a model whose every layer keeps the whole context "
@@ -316,10 +323,14 @@ class EngramLlama:
         self.prefill(prompt.tokens[:q0 + 1])
         ctx = self.llm.ctx
         saved = move.save_seq(llama_cpp, ctx)
-        move.shift_to_end(llama_cpp, llama_cpp.llama_get_memory(ctx), a, b, q0)
-        tokens = move.moved_tokens(prompt.tokens, a, b, q0)
-        self.llm.input_ids[:q0] = tokens[:q0]
-        self.llm.n_tokens = q0
+        try:
+            move.shift_to_end(llama_cpp, llama_cpp.llama_get_memory(ctx), a, b, q0)
+            tokens = move.moved_tokens(prompt.tokens, a, b, q0)
+            self.llm.input_ids[:q0] = tokens[:q0]
+            self.llm.n_tokens = q0
+        except BaseException:  # never leave the documents moved under the given order's bookkeeping
+            self._unmove(prompt, saved)
+            raise
         return tokens, saved
 
     def _unmove(self, prompt, saved) -> None:
