@@ -250,7 +250,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         # the oracle biases the gold, unless the prompt had no room for it (then nothing)
         sel = ([(s, 1.0) for s in scored if s.chunk.id == gold_id] if c.relevance == "oracle"
                else relevance.select(scored, c.top_k, c.margin))
-        if c.move and (c.target or c.rival is not None):
+        if c.move and (not c.gate or c.target or c.rival is not None):
             raise ValueError(f"{c.name}: a move needs the query gate and a plain strength")
         if c.target or c.rival is not None:
             return apply_target(c, prompt, pm, sel, question)
@@ -258,8 +258,6 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         if c.peak:
             strength, far = strength + c.peak, (far if far is not None else strength)
         if c.move:
-            if not c.gate or c.target or c.rival is not None:
-                raise ValueError(f"{c.name}: a move needs the query gate and a plain strength")
             if not sel:
                 eng.hook.clear()
                 return 0.0
