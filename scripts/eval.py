@@ -158,6 +158,9 @@ PRESETS["suppress"] = [Condition("engram top1 s0 others-4", strength=1e-9, top_k
 # cells' positions shifted, no second prefill), alone and with reordering's +1
 PRESETS["move"] = [Condition("move top1", strength=0, top_k=1, move=True),
                    Condition("move top1 + engram s1", strength=1.0, top_k=1, move=True)]
+# n = 12 left one item between the target and a miss at ~8K: the next items with the core table,
+# the default and the move, in one prefill per prompt
+PRESETS["movecore"] = PRESETS["core"] + PRESETS["midauto"] + PRESETS["move"]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]
