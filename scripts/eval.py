@@ -161,6 +161,10 @@ PRESETS["move"] = [Condition("move top1", strength=0, top_k=1, move=True),
 # n = 12 left one item between the target and a miss at ~8K: the next items with the core table,
 # the default and the move, in one prefill per prompt
 PRESETS["movecore"] = PRESETS["core"] + PRESETS["midauto"] + PRESETS["move"]
+# the domain set lost 16 answers to 1 under move + 1 at ~4.6K (reordering + 1 lost as much): the same at
+# ~8K, with +2 on the moved chunk (the given order's strength next to the question) beside +1
+PRESETS["movedomain"] = [c for c in PRESETS["core"] if c.gate and c.order == "keep"] + PRESETS["midauto"] + \
+    PRESETS["move"][1:] + [Condition("move top1 + engram s2", strength=2.0, top_k=1, move=True)]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]
