@@ -1,12 +1,12 @@
 """The command line: bad input gets one line and a non-zero exit; one real run end to end."""
 import json
-import math
 import subprocess
 import sys
 
 import pytest
 
 from engram_llama import synth
+from engram_llama.runtime import ORDER_AUTO
 
 from conftest import smollm2_path
 
@@ -95,14 +95,15 @@ def test_explain_gives_the_profile_and_each_span(docs):
     import re
 
     model, q = str(smollm2_path()), "What is the delivery code for Indore?"
-    r = cli("run", model, q, "--chunks", str(docs), "--explain", "-n", "2")
+    r = cli("run", model, q, "--chunks", str(docs), "--explain", "-n", "2", "--order", "keep")
     assert r.returncode == 0, r.stderr
     # a ~60-token prompt: +2 everywhere (the length's strength, the middle's by length, near)
     assert "strength +2.00 next to the question, +2.00 in the middle, +2.00 at the start" in r.stdout
     assert re.search(r"\+2\.00 on tokens \d+-\d+ \(chunk of chunk 0\)", r.stdout), r.stdout
     # --strength 3 --mid 5 --near 1: the one chunk ends d = (q0 - end) / q0 before the question,
     # inside the near ramp (d < 1/4): 1 + (5 - 1) d / (1/4)
-    r = cli("run", model, q, "--chunks", str(docs), "--explain", "-n", "2", "--strength", "3", "--mid", "5", "--near", "1")
+    r = cli("run", model, q, "--chunks", str(docs), "--explain", "-n", "2", "--strength", "3", "--mid", "5", "--near", "1",
+            "--order", "keep")
     assert "strength +1.00 next to the question, +5.00 in the middle, +3.00 at the start" in r.stdout, r.stdout
     q0 = int(re.search(r"from token (\d+) on", r.stdout).group(1))
     value, end = re.search(r"\+(\d+\.\d+) on tokens \d+-(\d+) ", r.stdout).groups()
@@ -120,24 +121,22 @@ def test_default_run_end_to_end():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["answer"]
-    # the MGNREGA document is ranked and biased first, from the question on, and the answer is read
-    # from it (vanilla SmolLM2 invents "10 days" here; +4 in the middle recites its Hindi heading)
-    # at +2: the prompt is under 1.5K tokens, where the middle gets no more than the rest
+    # the MGNREGA document is ranked first and the answer is read from it (vanilla SmolLM2 invents
+    # "10 days" here). SmolLM2 is dense, so the default order moves that chunk to the documents'
+    # end in the cache (ORDER_AUTO) and biases it +1 from the question on
     assert out["citations"][0]["source"] == "mgnrega.md" and out["citations"][0]["relevance"] == 1.0
     assert "100 days" in out["answer"]
-    assert out["bias"]["layers"] == list(range(15, 30)) and out["bias"]["strength"] == 2.0
-    span = out["bias"]["spans"][0]
+    assert out["order"] == ORDER_AUTO == "move" and out["citations"][0]["position"] == 4  # document [4] in the given order
+    assert out["bias"]["layers"] == list(range(15, 30)) and out["bias"]["strength"] == 1.0
+    assert out["bias"]["near"] is None and out["bias"]["mid"] is None
+    (span,) = out["bias"]["spans"]
     n, q0 = out["prompt_tokens"], out["bias"]["gate_token"]
-    assert span["tokens"][1] <= q0 < n and 1024 < n < 2048
-    # its strength by hand: the middle's +2 + 3 log2(n / 1536) (at least +2), reached a quarter of
-    # the prompt before the question from +2 there, held to the middle, back to +2 at the start
-    d, mid = (q0 - span["tokens"][1]) / q0, max(2.0, 2.0 + 3.0 * math.log2(n / 1536))
-    assert out["bias"]["near"] == 2.0 and out["bias"]["mid"] == pytest.approx(mid, abs=1e-9)
-    want = 2.0 + (mid - 2.0) * d / 0.25 if d < 0.25 else mid if d <= 0.5 else mid + (2.0 - mid) * (d - 0.5) / 0.5
-    assert span["value"] == pytest.approx(want, abs=2e-4) and n < 1536 and span["value"] == 2.0
+    # where the cache holds it: its text ends at the blank line before the question
+    assert span["value"] == 1.0 and 0 < q0 - span["tokens"][1] <= 3 and span["tokens"][1] - span["tokens"][0] > 50
+    assert 1024 < n < 2048 and q0 < n
     vanilla = json.loads(cli("run", "--default", "--json", "-n", "32", "--no-engram").stdout)
     assert vanilla["bias"]["layers"] == [] and vanilla["bias"]["spans"] == [] and vanilla["bias"]["mid"] is None
-    assert "100 days" not in vanilla["answer"]
+    assert vanilla["order"] == "keep" and "100 days" not in vanilla["answer"]
 
 
 def test_bad_table_file(docs, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 from engram_llama.chunks import read_docs, split
 from engram_llama.cli import default_docs, default_model
 from engram_llama import synth
-from engram_llama.runtime import (MID, EngramLlama, Settings, auto_strength, chunk_choice, default_layers, is_dense,
+from engram_llama.runtime import (MID, ORDER_AUTO, EngramLlama, Settings, auto_strength, chunk_choice, default_layers, is_dense,
                                   mid_strength)
 from engram_llama._hook import LayerKind
 
@@ -81,6 +81,28 @@ def test_the_middle_default_is_for_dense_models():
             eng.close()
 
 
+def test_order_auto_moves_only_where_a_move_is_allowed():
+    """"auto" is ORDER_AUTO on a dense model whose cache can shift, with the gate, whole chunks, no
+    target share and a bias at all; the given order otherwise, and an explicit order as given."""
+    eng = EngramLlama(default_model(), n_ctx=512, n_threads=2)
+    try:
+        assert Settings().order == "auto" and eng.can_move() and eng.order() == ORDER_AUTO
+        for s in (Settings(engram=False), Settings(gate=False), Settings(target=0.3), Settings(granularity="sentence")):
+            eng.settings = s
+            assert eng.order() == "keep", s
+        for o in ("keep", "edges", "move"):
+            eng.settings = Settings(order=o, gate=o != "move")
+            assert eng.order() == o
+    finally:
+        eng.close()
+    for arch in ("gemma3", "qwen35"):  # a sliding-window cache, a recurrent state: the given order
+        eng = EngramLlama(str(synth.cached_model(arch)), n_ctx=256, n_threads=2, chat=False)
+        try:
+            assert not eng.can_move() and eng.order() == "keep", arch
+        finally:
+            eng.close()
+
+
 def test_reordered_prompts_get_plus_one_on_the_best_chunk_alone(chunks):
     q = "Which district has its headquarters at Kakkanad?"
     eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="edges"))
@@ -114,12 +136,12 @@ def test_near_lowers_the_bias_of_chunks_next_to_the_question(chunks):
     # or more away the full strength, linear in between; each times its relevance weight
     q = "Which district has its headquarters at Kakkanad?"
     eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2,
-                      settings=Settings(strength=4.0, near=2.0, mid=0, top_k=len(chunks)))
+                      settings=Settings(strength=4.0, near=2.0, mid=0, top_k=len(chunks), order="keep"))
     a = eng.ask(q, chunks, max_tokens=2)
     prompt, *_ = eng.prepare(q, chunks, 2)
     # with --mid 5 and --strength 3: 2 rising to 5 over the quarter before the question, 5 to the
     # prompt's middle, then falling linearly to 3 at its first token
-    eng.settings = Settings(strength=3.0, near=2.0, mid=5.0, top_k=len(chunks))
+    eng.settings = Settings(strength=3.0, near=2.0, mid=5.0, top_k=len(chunks), order="keep")
     m = eng.ask(q, chunks, max_tokens=2)
     eng.close()
     smax = a.scored[0].score
@@ -241,7 +263,7 @@ def test_target_share_sets_the_strength_the_probe_reads(chunks):
     want = strength_for(float(np.mean(list(share.values()))), 0.6)
     assert 0.5 < want < 8 and a.strength == pytest.approx(want, abs=1e-4) and again.strength == pytest.approx(want, abs=1e-4)
     assert len(a.citations) == 1 and again.text == a.text
-    fixed = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(strength=want, near=want, mid=0))
+    fixed = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(strength=want, near=want, mid=0, order="keep"))
     b = fixed.ask(q, chunks, max_tokens=8)
     fixed.close()
     assert b.text == a.text and b.spans == a.spans
@@ -261,6 +283,7 @@ def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question
     assert a.order == "move" and a.citations[0].position < len(prompt.chunk_order)  # not already last
     # what moves: the chunk's label, its text and the blank line after it
     lo, hi = move.moved_span(prompt, best)
+    assert a.moved == (lo, hi)
     moved_text = eng.llm.detokenize(prompt.tokens[lo:hi]).decode()
     assert moved_text.startswith(f"Document [{a.citations[0].position}] (") and moved_text.endswith("\n\n")
     # +1 on the chunk's text where the cache holds it: shifted by q0 - hi, up to the blank line
@@ -275,13 +298,21 @@ def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question
     eng.llm.eval = real_eval
     p2, *_ = eng.prepare(q2, chunks, 6)
     assert b.order == "move" and 0 < len(decoded) <= len(p2.tokens) - p2.question_token + 6
+    # the best chunk already last: nothing moves, the bias sits where the given order has the chunk
+    q3 = "What interest rate does the Sukanya Samriddhi account earn?"
+    c = eng.ask(q3, chunks, max_tokens=4)
+    p3, *_ = eng.prepare(q3, chunks, 4)
+    last = p3.chunk_order[-1]
+    assert c.order == "move" and c.moved is None and c.citations[0].chunk.id == last
+    assert [(s.chunk_id, s.tokens) for s in c.spans] == [(last, p3.chunk_tokens[last])]
+    assert "is already last: not moved" in _explain(c, len(chunks))
     # the cache holds the documents in the given order again: a follow-up in the given order
     # reuses them and answers as a fresh run does
-    eng.settings = Settings()
+    eng.settings = Settings(order="keep")
     assert eng.prefill(p2.tokens) > 1000
     a2 = eng.ask(q2, chunks, max_tokens=12)
     eng.close()
-    fresh = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
+    fresh = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="keep"))
     assert fresh.ask(q2, chunks, max_tokens=12).text == a2.text
     fresh.close()
 

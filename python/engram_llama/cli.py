@@ -249,7 +249,8 @@ def _answer_json(q, ans) -> dict:
         "bias": {"layers": ans.layers, "strength": ans.strength, "near": ans.near, "mid": ans.mid, "gate_token": ans.gate,
                  "spans": [{"chunk": s.chunk_id, "tokens": list(s.tokens), "value": round(s.value, 4), "what": s.what}
                            for s in ans.spans]},
-        "prompt_tokens": ans.n_prompt_tokens, "dropped_chunks": [c.id for c in ans.dropped],
+        "prompt_tokens": ans.n_prompt_tokens, "dropped_chunks": [c.id for c in ans.dropped], "order": ans.order,
+        "moved_tokens": list(ans.moved) if ans.moved else None,
     }
 
 
@@ -265,7 +266,8 @@ def _explain(ans, n_chunks: int) -> str:
     if ans.order == "move" and ans.citations:
         c = ans.citations[0]
         lines.append(f"  order move: chunk {c.chunk.id} (document [{c.position}]) moved to the documents' end in the "
-                     "cache; the token positions below are its positions there")
+                     "cache; the token positions below are its positions there" if ans.moved else
+                     f"  order move: chunk {c.chunk.id} (document [{c.position}]) is already last: not moved")
     if ans.layers:
         lines.append(f"  bias on layers {_ranges(ans.layers)}, from token {ans.gate} on (the question and the answer)")
         # without near the middle's strength reaches the question (bias.chunk_strength)
@@ -411,10 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reread the K best chunks and rank them by how likely the model finds the question "
                         "after each (default 8; 0: BM25 and entities only)")
     r.add_argument("--granularity", choices=["chunk", "sentence", "entity"], default="chunk")
-    r.add_argument("--order", choices=["keep", "edges", "move"], default="keep",
+    r.add_argument("--order", choices=["auto", "keep", "edges", "move"], default="auto",
                    help="chunk order: keep yours, or edges (best last, next to the question; then +1 on that chunk alone "
-                        "unless --strength/--top-k say otherwise), or move (experimental, dense models: the best chunk "
-                        "moved to the end in the cache, follow-ups reuse the documents; +1 on it as with edges)")
+                        "unless --strength/--top-k say otherwise), or move (dense models: the best chunk moved to the "
+                        "end in the cache, follow-ups reuse the documents; +1 on it as with edges); default auto: move "
+                        "where the model and the other options allow it, else keep")
     r.add_argument("--no-gate", action="store_true", help="bias every query, documents included")
     r.add_argument("--no-engram", action="store_true", help="vanilla: same prompt, no bias")
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")

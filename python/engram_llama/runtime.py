@@ -8,7 +8,7 @@ import contextlib
 import ctypes
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -32,9 +32,9 @@ class Settings:
                                       # (MID) on dense models unless `strength` is set, 0: none
     granularity: str = "chunk"        # "chunk", "sentence" or "entity"
     gate: bool = True                 # bias only the question's and the answer's queries
-    order: str = "keep"               # "keep" the given order, put the best chunks at the "edges", or
+    order: str = "auto"               # "keep" the given order, put the best chunks at the "edges", or
                                       # "move" the best chunk to the end of the cached documents
-                                      # (positions shifted, no prefill; dense models; experimental)
+                                      # (positions shifted, no prefill; dense models); "auto": ORDER_AUTO
     engram: bool = True               # False: vanilla, the same prompt without bias
     rerank: int | None = None         # chunks reread for the question's likelihood; None: RERANK_K, 0: off
     # the top chunk's share of the question's attention to reach (probe.py), read before biasing;
@@ -64,6 +64,7 @@ class Answer:
     order: str = "keep"
     near: float | None = None   # the profile around `strength` (bias.chunk_strength; each span has
     mid: float | None = None    # its chunk's value); None where nothing was biased
+    moved: tuple[int, int] | None = None  # order "move": the tokens shifted to the documents' end
 
 
 class ContextTooSmall(Exception):
@@ -116,6 +117,10 @@ NEAR = 2.0
 # length")
 MID = mid_strength
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
+# the order "auto" picks where the model can take a move (EngramLlama.can_move: dense, its cache can
+# shift positions) and the settings allow one (the gate, whole chunks, no target share, a bias at
+# all); elsewhere the given order. MEASURED: see docs/EVAL.md, "Moving the best chunk by default"
+ORDER_AUTO = "move"
 
 
 def chunk_choice(s: Settings, n_tokens: int, dense: bool = True) -> tuple[float, int, float | None, float | None]:
@@ -127,7 +132,7 @@ def chunk_choice(s: Settings, n_tokens: int, dense: bool = True) -> tuple[float,
     NQ at ~4K and ~8K with hard distractors that beat reordering alone on SmolLM2 and Gemma-3-270M
     (n = 40 each, pooled +28/-5 over 160 pairs), while the length's strength on the top 3 matched
     or cost answers at ~4K (docs/EVAL.md, "Against reordering")."""
-    mid = s.mid or None  # 0: none
+    mid = s.mid or None  # 0: none (order "auto" unresolved reads as the given order)
     if s.order in ("edges", "move"):  # the best chunk next to the question either way
         return (s.strength if s.strength is not None else EDGES_STRENGTH,
                 s.top_k if s.top_k is not None else EDGES_TOP_K, s.near, mid)
@@ -253,7 +258,7 @@ class EngramLlama:
 
     def ask(self, question: str, chunks: list[Chunk], max_tokens: int = 64, temperature: float = 0.0,
             on_token: Callable[[str], None] | None = None) -> Answer:
-        s = self.settings
+        s = replace(self.settings, order=self.order())
         prompt, pm, scored, dropped = self.prepare(question, chunks, max_tokens)
         strength, top_k, near, mid = chunk_choice(s, len(prompt.tokens), is_dense(self.hook.kinds))
         selected = relevance.select(scored, top_k)
@@ -288,7 +293,18 @@ class EngramLlama:
         steered = bool(s.engram and selected)
         return Answer(text.strip(), cites, spans if steered else [], layers if steered else [], strength,
                       gate if steered else None, len(prompt.tokens), dropped, scored, s.order,
-                      near if steered else None, mid if steered else None)
+                      near if steered else None, mid if steered else None, moved)
+
+    def order(self) -> str:
+        """The settings' order, "auto" resolved: ORDER_AUTO where this model and these settings can
+        take it, else the given order (vanilla keeps the given order: the same prompt, no bias)."""
+        s = self.settings
+        if s.order != "auto":
+            return s.order
+        if ORDER_AUTO == "move" and not (s.engram and s.gate and s.target is None and s.granularity == "chunk"
+                                         and self.can_move()):
+            return "keep"
+        return ORDER_AUTO
 
     def can_move(self) -> bool:
         """Every layer keeps the whole context (dense) and llama.cpp can shift this cache's
@@ -311,7 +327,9 @@ class EngramLlama:
             raise ValueError("order 'move' cannot take a target share: the probe reads the chunk before the move")
         if self.settings.granularity != "chunk":
             raise ValueError("order 'move' biases the whole moved chunk: granularity must be 'chunk'")
-        return move.moved_span(prompt, selected[0][0].chunk.id)
+        a, b = move.moved_span(prompt, selected[0][0].chunk.id)
+        # already last: nothing to move (a shift there and back would only re-round the keys)
+        return (a, b) if b < prompt.question_token else None
 
     def _move(self, prompt, a: int, b: int):
         """The documents prefilled in the given order (reused when cached), a copy of their cells,
