@@ -1,12 +1,13 @@
 """The command line: bad input gets one line and a non-zero exit; one real run end to end."""
 import json
+import math
 import subprocess
 import sys
 
 import pytest
 
 from engram_llama import synth
-from engram_llama.runtime import ORDER_AUTO
+from engram_llama.runtime import MOVE_FROM
 
 from conftest import smollm2_path
 
@@ -121,19 +122,23 @@ def test_default_run_end_to_end():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["answer"]
-    # the MGNREGA document is ranked first and the answer is read from it (vanilla SmolLM2 invents
-    # "10 days" here). SmolLM2 is dense, so the default order moves that chunk to the documents'
-    # end in the cache (ORDER_AUTO) and biases it +1 from the question on
+    # the MGNREGA document is ranked and biased first, from the question on, and the answer is read
+    # from it (vanilla SmolLM2 invents "10 days" here; +4 in the middle recites its Hindi heading)
+    # at +2: the prompt is under 1.5K tokens, where the middle gets no more than the rest
     assert out["citations"][0]["source"] == "mgnrega.md" and out["citations"][0]["relevance"] == 1.0
     assert "100 days" in out["answer"]
-    assert out["order"] == ORDER_AUTO == "move" and out["citations"][0]["position"] == 4  # document [4] in the given order
-    assert out["bias"]["layers"] == list(range(15, 30)) and out["bias"]["strength"] == 1.0
-    assert out["bias"]["near"] is None and out["bias"]["mid"] is None
-    (span,) = out["bias"]["spans"]
+    # under MOVE_FROM tokens the default order is the given one (ORDER_AUTO moves from there on)
+    assert out["order"] == "keep" and out["moved_tokens"] is None and out["prompt_tokens"] < MOVE_FROM
+    assert out["bias"]["layers"] == list(range(15, 30)) and out["bias"]["strength"] == 2.0
+    span = out["bias"]["spans"][0]
     n, q0 = out["prompt_tokens"], out["bias"]["gate_token"]
-    # where the cache holds it: its text ends at the blank line before the question
-    assert span["value"] == 1.0 and 0 < q0 - span["tokens"][1] <= 3 and span["tokens"][1] - span["tokens"][0] > 50
-    assert 1024 < n < 2048 and q0 < n
+    assert span["tokens"][1] <= q0 < n and 1024 < n < 2048
+    # its strength by hand: the middle's +2 + 3 log2(n / 1536) (at least +2), reached a quarter of
+    # the prompt before the question from +2 there, held to the middle, back to +2 at the start
+    d, mid = (q0 - span["tokens"][1]) / q0, max(2.0, 2.0 + 3.0 * math.log2(n / 1536))
+    assert out["bias"]["near"] == 2.0 and out["bias"]["mid"] == pytest.approx(mid, abs=1e-9)
+    want = 2.0 + (mid - 2.0) * d / 0.25 if d < 0.25 else mid if d <= 0.5 else mid + (2.0 - mid) * (d - 0.5) / 0.5
+    assert span["value"] == pytest.approx(want, abs=2e-4) and n < 1536 and span["value"] == 2.0
     vanilla = json.loads(cli("run", "--default", "--json", "-n", "32", "--no-engram").stdout)
     assert vanilla["bias"]["layers"] == [] and vanilla["bias"]["spans"] == [] and vanilla["bias"]["mid"] is None
     assert vanilla["order"] == "keep" and "100 days" not in vanilla["answer"]

@@ -5,7 +5,7 @@ import pytest
 from engram_llama.chunks import read_docs, split
 from engram_llama.cli import default_docs, default_model
 from engram_llama import synth
-from engram_llama.runtime import (MID, ORDER_AUTO, EngramLlama, Settings, auto_strength, chunk_choice, default_layers, is_dense,
+from engram_llama.runtime import (MID, MOVE_FROM, ORDER_AUTO, EngramLlama, Settings, auto_strength, chunk_choice, default_layers, is_dense,
                                   mid_strength)
 from engram_llama._hook import LayerKind
 
@@ -81,24 +81,36 @@ def test_the_middle_default_is_for_dense_models():
             eng.close()
 
 
-def test_order_auto_moves_only_where_a_move_is_allowed():
-    """"auto" is ORDER_AUTO on a dense model whose cache can shift, with the gate, whole chunks, no
-    target share and a bias at all; the given order otherwise, and an explicit order as given."""
-    eng = EngramLlama(default_model(), n_ctx=512, n_threads=2)
+def test_order_auto_moves_only_where_a_move_is_allowed(chunks, monkeypatch):
+    """"auto" is ORDER_AUTO from MOVE_FROM prompt tokens on a dense model whose cache can shift,
+    with the gate, whole chunks, no target share and a bias at all; the given order otherwise, and
+    an explicit order as given."""
+    from engram_llama import runtime
+
+    n = MOVE_FROM
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
     try:
-        assert Settings().order == "auto" and eng.can_move() and eng.order() == ORDER_AUTO
+        assert Settings().order == "auto" and eng.can_move() and ORDER_AUTO == "move"
+        assert eng.order(n) == "move" and eng.order(n - 1) == "keep"
         for s in (Settings(engram=False), Settings(gate=False), Settings(target=0.3), Settings(granularity="sentence")):
             eng.settings = s
-            assert eng.order() == "keep", s
+            assert eng.order(n) == "keep", s
         for o in ("keep", "edges", "move"):
             eng.settings = Settings(order=o, gate=o != "move")
-            assert eng.order() == o
+            assert eng.order(1) == eng.order(n) == o
+        # ask resolves it by the prompt's length: the embedded sample (~1.5K tokens) under a lower bar
+        q = "Which district has its headquarters at Kakkanad?"
+        eng.settings = Settings()
+        assert eng.ask(q, chunks, max_tokens=2).order == "keep"
+        monkeypatch.setattr(runtime, "MOVE_FROM", 1024)
+        a = eng.ask(q, chunks, max_tokens=2)
+        assert a.order == "move" and a.moved and a.strength == 1.0 and a.near is None and a.mid is None
     finally:
         eng.close()
     for arch in ("gemma3", "qwen35"):  # a sliding-window cache, a recurrent state: the given order
         eng = EngramLlama(str(synth.cached_model(arch)), n_ctx=256, n_threads=2, chat=False)
         try:
-            assert not eng.can_move() and eng.order() == "keep", arch
+            assert not eng.can_move() and eng.order(n) == "keep", arch
         finally:
             eng.close()
 

@@ -117,10 +117,11 @@ NEAR = 2.0
 # length")
 MID = mid_strength
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
-# the order "auto" picks where the model can take a move (EngramLlama.can_move: dense, its cache can
-# shift positions) and the settings allow one (the gate, whole chunks, no target share, a bias at
-# all); elsewhere the given order. MEASURED: see docs/EVAL.md, "Moving the best chunk by default"
-ORDER_AUTO = "move"
+# the order "auto" moves the best chunk from MOVE_FROM prompt tokens on, where the model can take a
+# move (EngramLlama.can_move: dense, its cache can shift positions) and the settings allow one (the
+# gate, whole chunks, no target share, a bias at all); elsewhere it keeps the given order.
+# MEASURED: see docs/EVAL.md, "Moving the best chunk by default"
+ORDER_AUTO, MOVE_FROM = "move", 6144
 
 
 def chunk_choice(s: Settings, n_tokens: int, dense: bool = True) -> tuple[float, int, float | None, float | None]:
@@ -258,8 +259,8 @@ class EngramLlama:
 
     def ask(self, question: str, chunks: list[Chunk], max_tokens: int = 64, temperature: float = 0.0,
             on_token: Callable[[str], None] | None = None) -> Answer:
-        s = replace(self.settings, order=self.order())
         prompt, pm, scored, dropped = self.prepare(question, chunks, max_tokens)
+        s = replace(self.settings, order=self.order(len(prompt.tokens)))
         strength, top_k, near, mid = chunk_choice(s, len(prompt.tokens), is_dense(self.hook.kinds))
         selected = relevance.select(scored, top_k)
         layers = self.layers()
@@ -295,14 +296,15 @@ class EngramLlama:
                       gate if steered else None, len(prompt.tokens), dropped, scored, s.order,
                       near if steered else None, mid if steered else None, moved)
 
-    def order(self) -> str:
-        """The settings' order, "auto" resolved: ORDER_AUTO where this model and these settings can
-        take it, else the given order (vanilla keeps the given order: the same prompt, no bias)."""
+    def order(self, n_tokens: int) -> str:
+        """The settings' order for a prompt of n_tokens, "auto" resolved: ORDER_AUTO from MOVE_FROM
+        tokens where this model and these settings can take it, else the given order (vanilla keeps
+        the given order: the same prompt, no bias)."""
         s = self.settings
         if s.order != "auto":
             return s.order
-        if ORDER_AUTO == "move" and not (s.engram and s.gate and s.target is None and s.granularity == "chunk"
-                                         and self.can_move()):
+        if n_tokens < MOVE_FROM or not (s.engram and s.gate and s.target is None and s.granularity == "chunk"
+                                        and self.can_move()):
             return "keep"
         return ORDER_AUTO
 
