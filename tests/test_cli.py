@@ -142,6 +142,7 @@ def test_default_run_end_to_end():
     vanilla = json.loads(cli("run", "--default", "--json", "-n", "32", "--no-engram").stdout)
     assert vanilla["bias"]["layers"] == [] and vanilla["bias"]["spans"] == [] and vanilla["bias"]["mid"] is None
     assert vanilla["order"] == "keep" and "100 days" not in vanilla["answer"]
+    assert f"from {MOVE_FROM} prompt tokens" in cli("run", "--help").stdout  # the help names the bar
 
 
 def test_bad_table_file(docs, tmp_path):
