@@ -94,7 +94,6 @@ def test_empty_question_and_bad_layers(docs):
 
 
 def test_explain_gives_the_profile_and_each_span(docs):
-
     model, q = str(smollm2_path()), "What is the delivery code for Indore?"
     r = cli("run", model, q, "--chunks", str(docs), "--explain", "-n", "2", "--order", "keep")
     assert r.returncode == 0, r.stderr
