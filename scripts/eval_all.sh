@@ -137,3 +137,10 @@ $PY run --n 12 --passages 58 -c 8192 --slots first --preset suppress --out $R/nq
 $PY run --n 12 --passages 58 -c 8192 --preset move --out $R/nq-smollm2-58p-r4.jsonl
 # the session again, on today's prompt, with move and move + 1 beside the cached bias and reordering
 $PY session --n 8 -c 8192 --out $R/session-smollm2-8k-r2.jsonl
+# is the move a default? SmolLM2 NQ ~8K to n = 24 (the core table, the default, the move), the move on
+# KV and the domain set (~4.6K), the domain set at ~8K (+1 and +2 on the moved chunk), NQ ~4K
+$PY run --n 24 --passages 58 -c 8192 --preset movecore --out $R/nq-smollm2-58p-r4.jsonl
+$PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset move --out $R/kv-smollm2-42r.jsonl
+$PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset move --out $R/domain-smollm2-36p.jsonl
+$PY run --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset movedomain --out $R/domain-smollm2-60p.jsonl
+$PY run --n 24 --passages 30 -c 6144 --preset move --out $R/nq-smollm2-30p-r4.jsonl
