@@ -307,8 +307,7 @@ class EngramLlama:
         s = self.settings
         if s.order != "auto":
             return s.order
-        if n_tokens < MOVE_FROM or not (s.engram and s.gate and s.target is None and s.granularity == "chunk"
-                                        and self.can_move()):
+        if n_tokens < MOVE_FROM or not s.engram or self._why_not_move():
             return "keep"
         return ORDER_AUTO
 
@@ -319,20 +318,28 @@ class EngramLlama:
 
         return is_dense(self.hook.kinds) and bool(llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(self.llm.ctx)))
 
-    def _moved_span(self, prompt, selected) -> tuple[int, int] | None:
-        if not selected:
-            return None
+    def _why_not_move(self) -> str | None:
+        """Why this model or these settings cannot take a move (None: they can)."""
+        s = self.settings
         if not self.can_move():
             # a sliding-window cache no longer holds a far chunk for its local layers, and a
             # recurrent state has read the chunks in their order: shifting positions misleads both
-            raise ValueError("order 'move' needs a model whose every layer keeps the whole context "
-                             "(dense, Llama-style); use 'edges' or 'keep' with this one")
-        if not self.settings.gate:
-            raise ValueError("order 'move' needs the query gate: the documents are read before the move")
-        if self.settings.target is not None:
-            raise ValueError("order 'move' cannot take a target share: the probe reads the chunk before the move")
-        if self.settings.granularity != "chunk":
-            raise ValueError("order 'move' biases the whole moved chunk: granularity must be 'chunk'")
+            return ("order 'move' needs a model whose every layer keeps the whole context "
+                    "(dense, Llama-style); use 'edges' or 'keep' with this one")
+        if not s.gate:
+            return "order 'move' needs the query gate: the documents are read before the move"
+        if s.target is not None:
+            return "order 'move' cannot take a target share: the probe reads the chunk before the move"
+        if s.granularity != "chunk":
+            return "order 'move' biases the whole moved chunk: granularity must be 'chunk'"
+        return None
+
+    def _moved_span(self, prompt, selected) -> tuple[int, int] | None:
+        if not selected:
+            return None
+        why = self._why_not_move()
+        if why:
+            raise ValueError(why)
         a, b = move.moved_span(prompt, selected[0][0].chunk.id)
         # already last: nothing to move (a shift there and back would only re-round the keys)
         return (a, b) if b < prompt.question_token else None
