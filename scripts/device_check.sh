@@ -6,6 +6,7 @@
 #     bash scripts/device_prepare.sh           # here, first: fills .device/ (ignored by git)
 #     bash scripts/device_check.sh             # there; `cpu` as first argument: a CPU rehearsal
 # Steps already done on the same machine (build, model) are skipped, so a rerun continues.
+# TESTS: the test files to run on the GPU (default: the hook's); BENCH=0: no model, no bench.
 # Results (logs, the bench table) go to $OUT (default .device/out).
 set -uo pipefail
 export PATH=$PATH:/usr/local/cuda/bin PYTHONFAULTHANDLER=1
@@ -43,10 +44,13 @@ export ENGRAM_LLAMA_LIB_DIR=$B/bin
 ngl=0; [ "$MODE" = cuda ] && ngl=99
 
 model=${BENCH_MODEL:-qwen35-2b}
-step "model $model (Q8_0, background)"
+BENCH=${BENCH:-1}
+TESTS=${TESTS:-tests/test_hook_numeric.py tests/test_hook_api.py}
+mk=""
+[ "$BENCH" = 0 ] || { step "model $model (Q8_0, background)"
 $PY -c "import engram_llama; from engram_llama import synth; print(synth.cached_model('$model', quant='q8_0'))" \
     > "$L/model.log" 2>&1 &
-mk=$!
+mk=$!; }
 
 # one decode on the GPU first, under the environments that may be needed, keeping the first that works
 {
@@ -80,14 +84,16 @@ done
 [ -n "$env" ] && export $env
 step "using env [$env]"
 
-step "hook tests, models on the GPU (background)"
-ENGRAM_TEST_N_GPU_LAYERS=$ngl $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/test_hook_numeric.py \
-    tests/test_hook_api.py > "$OUT/tests.log" 2>&1 &
+step "tests, models on the GPU (background): $TESTS"
+ENGRAM_TEST_N_GPU_LAYERS=$ngl $PY -X faulthandler -m pytest -q -p no:cacheprovider $TESTS > "$OUT/tests.log" 2>&1 &
 tests=$!
-wait $mk || { tail -5 "$L/model.log"; exit 1; }
-step "model: $(tail -1 "$L/model.log")"
+if [ -n "$mk" ]; then
+    wait $mk || { tail -5 "$L/model.log"; exit 1; }
+    step "model: $(tail -1 "$L/model.log")"
+fi
 wait $tests; trc=$?
 step "tests exit $trc: $(tail -1 "$OUT/tests.log")"
+[ "$BENCH" = 0 ] && { step "done (tests $trc, no bench)"; exit $trc; }
 
 step "bench"
 $PY -X faulthandler scripts/bench_hook.py --model "synth:$model:q8_0" --ctx "${BENCH_CTX:-8192}" --gen 16 \

@@ -3,6 +3,7 @@ own context, full logits copied out and log-softmaxed in numpy."""
 import numpy as np
 import pytest
 
+from conftest import N_GPU_LAYERS
 from engram_llama import likelihood
 from engram_llama.chunks import Chunk
 from engram_llama.lowlevel import Context
@@ -19,6 +20,13 @@ def reference(model, scorer, question, chunk):
     return logp[np.arange(len(q)), q].mean()
 
 
+# random weights leave the chunks' scores ~1e-5 apart, while on a GPU batched and single runs
+# differ by up to 5.5e-5 (H200: the kernels change with the batch shape), so these two tests can
+# tell a mix-up from noise on the CPU only
+cpu_only = pytest.mark.skipif(N_GPU_LAYERS != 0, reason="scores 1e-5 apart, below a GPU's batch-shape noise")
+
+
+@cpu_only
 @pytest.mark.parametrize("arch", ["llama", "qwen35"])
 def test_batched_scores_match_one_chunk_at_a_time(models, arch):
     model = models[arch]
@@ -40,6 +48,7 @@ def test_batched_scores_match_one_chunk_at_a_time(models, arch):
     assert np.min(np.abs(np.diff(got))) > 5e-6
 
 
+@cpu_only
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen35"])
 def test_follow_up_question_restores_chunk_states(models, arch):
     """A second question over the same chunks decodes only the last chunk token and the question
