@@ -165,6 +165,14 @@ PRESETS["movecore"] = PRESETS["core"] + PRESETS["midauto"] + PRESETS["move"]
 # ~8K, with +2 on the moved chunk (the given order's strength next to the question) beside +1
 PRESETS["movedomain"] = [c for c in PRESETS["core"] if c.gate and c.order == "keep"] + PRESETS["midauto"] + \
     PRESETS["move"][1:] + [Condition("move top1 + engram s2", strength=2.0, top_k=1, move=True)]
+# +2 on the moved chunk (preferred on the domain set at ~7.6K, +4/-1 over +1 in 8 items), alone and
+# with the core table, the default in the given order and the move: KV at its longest (75 records)
+PRESETS["move2"] = PRESETS["movedomain"][-1:]
+PRESETS["movecore2"] = PRESETS["movecore"] + PRESETS["move2"]
+# Gemma-3-270M on KV answers with the record first only (the flat ramp, 48 records): is it strength
+# (+6, +9 flat) or layers (the default profile on every softmax layer, local ones too)?
+PRESETS["kvgemma"] = [Condition(f"engram top1 s{x}", strength=float(x), top_k=1) for x in (6, 9)] + \
+    [Condition("engram top1 near2 all-layers", strength=0, top_k=1, near=2.0, layers="all")]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]
