@@ -173,6 +173,9 @@ PRESETS["movecore2"] = PRESETS["movecore"] + PRESETS["move2"]
 # (+6, +9 flat) or layers (the default profile on every softmax layer, local ones too)?
 PRESETS["kvgemma"] = [Condition(f"engram top1 s{x}", strength=float(x), top_k=1) for x in (6, 9)] + \
     [Condition("engram top1 near2 all-layers", strength=0, top_k=1, near=2.0, layers="all")]
+# Gemma-3-270M on the domain set at ~6.5K: with the flat ramp (+4 far, +2 near) it recites the
+# biased bulletin at the first slot; flat +2 and +3 instead
+PRESETS["gemmalong"] = [Condition(f"engram top1 s{x}", strength=float(x), top_k=1) for x in (2, 3)]
 # slow sets (~8K): the core table and the two share targets best on NQ ~4K, in one prefill per prompt
 PRESETS["coremass"] = PRESETS["core"] + [c for c in PRESETS["mass"] + PRESETS["massavg"]
                                          if c.name in ("engram top1 mass20", "engram top1 massavg20")]
