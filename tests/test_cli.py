@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from engram_llama import synth
-from engram_llama.runtime import MOVE_FROM
+from engram_llama.runtime import MOVE_FROM, MOVE_STRENGTH
 
 from conftest import smollm2_path
 
@@ -142,7 +142,9 @@ def test_default_run_end_to_end():
     assert vanilla["bias"]["layers"] == [] and vanilla["bias"]["spans"] == [] and vanilla["bias"]["mid"] is None
     assert vanilla["order"] == "keep" and "100 days" not in vanilla["answer"]
     # the help names the bar (argparse may wrap the line anywhere)
-    assert re.search(rf"from\s+{MOVE_FROM}\s+prompt\s+tokens", cli("run", "--help").stdout)
+    help_text = cli("run", "--help").stdout
+    assert re.search(rf"from\s+{MOVE_FROM}\s+prompt\s+tokens", help_text)
+    assert re.search(rf"then\s+\+{MOVE_STRENGTH:g}\s+on\s+it\)", help_text)
 
 
 def test_bad_table_file(docs, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 from engram_llama.chunks import read_docs, split
 from engram_llama.cli import default_docs, default_model
 from engram_llama import synth
-from engram_llama.runtime import (MID, MOVE_FROM, ORDER_AUTO, EngramLlama, Settings, auto_strength, chunk_choice, default_layers, is_dense,
+from engram_llama.runtime import (MID, MOVE_FROM, MOVE_STRENGTH, ORDER_AUTO, EngramLlama, Settings, auto_strength, chunk_choice, default_layers, is_dense,
                                   mid_strength)
 from engram_llama._hook import LayerKind
 
@@ -104,7 +104,7 @@ def test_order_auto_moves_only_where_a_move_is_allowed(chunks, monkeypatch):
         assert eng.ask(q, chunks, max_tokens=2).order == "keep"
         monkeypatch.setattr(runtime, "MOVE_FROM", 1024)
         a = eng.ask(q, chunks, max_tokens=2)
-        assert a.order == "move" and a.moved and a.strength == 1.0 and a.near is None and a.mid is None
+        assert a.order == "move" and a.moved and a.strength == MOVE_STRENGTH == 2.0 and a.near is None and a.mid is None
     finally:
         eng.close()
     for arch in ("gemma3", "qwen35"):  # a sliding-window cache, a recurrent state: the given order
@@ -288,7 +288,7 @@ def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question
     q1 = "Which district has its headquarters at Kakkanad?"
     q2 = "What is the health cover per family under Ayushman Bharat?"
     eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="move"))
-    assert eng.can_move() and chunk_choice(Settings(order="move"), 4096) == (1.0, 1, None, None)
+    assert eng.can_move() and chunk_choice(Settings(order="move"), 4096) == (MOVE_STRENGTH, 1, None, None)
     a = eng.ask(q1, chunks, max_tokens=6)
     prompt, *_ = eng.prepare(q1, chunks, 6)
     q0, best = prompt.question_token, a.scored[0].chunk.id
@@ -298,9 +298,9 @@ def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question
     assert a.moved == (lo, hi)
     moved_text = eng.llm.detokenize(prompt.tokens[lo:hi]).decode()
     assert moved_text.startswith(f"Document [{a.citations[0].position}] (") and moved_text.endswith("\n\n")
-    # +1 on the chunk's text where the cache holds it: shifted by q0 - hi, up to the blank line
+    # MOVE_STRENGTH on the chunk's text where the cache holds it: shifted by q0 - hi, up to the blank line
     x, y = prompt.chunk_tokens[best]
-    assert [(s.chunk_id, s.tokens, s.value) for s in a.spans] == [(best, (x + q0 - hi, y + q0 - hi), pytest.approx(1.0))]
+    assert [(s.chunk_id, s.tokens, s.value) for s in a.spans] == [(best, (x + q0 - hi, y + q0 - hi), pytest.approx(MOVE_STRENGTH))]
     assert f"order move: chunk {best} (document [{a.citations[0].position}]) moved" in _explain(a, len(chunks))
     # a second moved question decodes only its question and answer: the documents stay cached
     decoded = []

@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--order", choices=["auto", "keep", "edges", "move"], default="auto",
                    help="chunk order: keep yours, or edges (best last, next to the question; then +1 on that chunk alone "
                         "unless --strength/--top-k say otherwise), or move (dense models: the best chunk moved to the "
-                        "end in the cache, follow-ups reuse the documents; +1 on it as with edges); default auto: move "
+                        "end in the cache, follow-ups reuse the documents; then +2 on it); default auto: move "
                         "from 6144 prompt tokens where the model and the other options allow it, else keep")
     r.add_argument("--no-gate", action="store_true", help="bias every query, documents included")
     r.add_argument("--no-engram", action="store_true", help="vanilla: same prompt, no bias")

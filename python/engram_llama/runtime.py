@@ -118,12 +118,18 @@ NEAR = 2.0
 # length")
 MID = mid_strength
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
+# the strength on a moved chunk (order "move"): +2, against +1 on SmolLM2 at 6-8K tokens: the domain
+# set at ~7.6K +10/-2 (n = 12; the last slot, where +1 is weaker than the given order's +2 next to
+# the question, 25% -> 67%), KV at ~6.2K +3/-0 (n = 6), NQ at ~8K +3/-2 (the first 4 of 24 items) (docs/EVAL.md, "Moving the
+# best chunk by default?")
+MOVE_STRENGTH = 2.0
 # the order "auto": from MOVE_FROM prompt tokens the best chunk is moved to the documents' end in the
-# cache (+1 on it), where the model can take a move (EngramLlama.can_move: dense, its cache can shift
+# cache (MOVE_STRENGTH on it), where the model can take a move (EngramLlama.can_move: dense, its cache can shift
 # positions) and the settings allow one (the gate, whole chunks, no target share, a bias at all);
-# below that and elsewhere the given order with its profile. SmolLM2 NQ ~8K (n = 24): 67 / 71 / 71%
-# against the given order's 25 / 62 / 71% (+18/-6); the domain set at ~7.6K about level; but at
-# ~4.6K the domain set lost 16 answers and gained 1 under the move, and KV at ~3.5K was level
+# below that and elsewhere the given order with its profile. On SmolLM2 at 6.2-8K tokens: NQ ~8K
+# (n = 24, +1) 67 / 71 / 71% against the given order's 25 / 62 / 71% (+18/-6); KV ~6.2K (+2)
+# 100 / 100 / 50% against 67 / 33 / 50% (+6/-0); the domain set ~7.6K (+2) level (+5/-6). But at
+# ~4.6K the domain set lost 16 answers and gained 1 under the move (+1), and KV at ~3.5K was level
 # (docs/EVAL.md, "Moving the best chunk by default?"): 6144 lies between the lengths measured
 ORDER_AUTO, MOVE_FROM = "move", 6144
 
@@ -136,10 +142,10 @@ def chunk_choice(s: Settings, n_tokens: int, dense: bool = True) -> tuple[float,
     one's own). Reordered (best chunk last, next to the question): +1 on that best chunk alone. On
     NQ at ~4K and ~8K with hard distractors that beat reordering alone on SmolLM2 and Gemma-3-270M
     (n = 40 each, pooled +28/-5 over 160 pairs), while the length's strength on the top 3 matched
-    or cost answers at ~4K (docs/EVAL.md, "Against reordering")."""
+    or cost answers at ~4K (docs/EVAL.md, "Against reordering"). Moved: MOVE_STRENGTH on it alone."""
     mid = s.mid or None  # 0: none (order "auto" unresolved reads as the given order)
     if s.order in ("edges", "move"):  # the best chunk next to the question either way
-        return (s.strength if s.strength is not None else EDGES_STRENGTH,
+        return (s.strength if s.strength is not None else MOVE_STRENGTH if s.order == "move" else EDGES_STRENGTH,
                 s.top_k if s.top_k is not None else EDGES_TOP_K, s.near, mid)
     if s.mid is None and s.strength is None and dense:  # a strength of one's own stays flat unless mid is given
         mid = MID(n_tokens)
