@@ -119,13 +119,13 @@ NEAR = 2.0
 MID = mid_strength
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 # the strength on a moved chunk (order "move"): +2, against +1 on SmolLM2 at 6-8K tokens: the domain
-# set at ~7.6K +10/-2 (n = 12; the last slot, where +1 is weaker than the given order's +2 next to
-# the question, 25% -> 67%), KV at ~6.2K +3/-0 (n = 6), NQ at ~8K +3/-2 (the first 4 of 24 items) (docs/EVAL.md, "Moving the
-# best chunk by default?")
+# set at ~7.6K +10/-2 (n = 12; at the last slot, where +1 is weaker than the given order's +2 next
+# to the question, 25% -> 67%), KV at ~6.2K +3/-0 (n = 6), NQ at ~8K +3/-2 (the first 4 of 24 items)
+# (docs/EVAL.md, "Moving the best chunk by default?")
 MOVE_STRENGTH = 2.0
 # the order "auto": from MOVE_FROM prompt tokens the best chunk is moved to the documents' end in the
-# cache (MOVE_STRENGTH on it), where the model can take a move (EngramLlama.can_move: dense, its cache can shift
-# positions) and the settings allow one (the gate, whole chunks, no target share, a bias at all);
+# cache (MOVE_STRENGTH on it), where the model can take a move (EngramLlama.can_move: dense, its
+# cache can shift positions) and the settings allow one (the gate, whole chunks, no target share, a bias at all);
 # below that and elsewhere the given order with its profile. On SmolLM2 at 6.2-8K tokens: NQ ~8K
 # (n = 24, +1) 67 / 71 / 71% against the given order's 25 / 62 / 71% (+18/-6); KV ~6.2K (+2)
 # 100 / 100 / 50% against 67 / 33 / 50% (+6/-0); the domain set ~7.6K (+2) level (+5/-6). But at
