@@ -120,7 +120,7 @@ MID = mid_strength
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 # the strength on a moved chunk (order "move"): +2, against +1 on SmolLM2 at 6-8K tokens: the domain
 # set at ~7.6K +10/-2 (n = 12; at the last slot, where +1 is weaker than the given order's +2 next
-# to the question, 25% -> 67%), KV at ~6.2K +3/-0 (n = 6), NQ at ~8K +3/-2 (the first 4 of 24 items)
+# to the question, 25% -> 67%), KV at ~6.2K +3/-0 (n = 6), NQ at ~8K +3/-4 (the first 14 of 24 items)
 # (docs/EVAL.md, "Moving the best chunk by default?")
 MOVE_STRENGTH = 2.0
 # the order "auto": from MOVE_FROM prompt tokens the best chunk is moved to the documents' end in the
