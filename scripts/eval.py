@@ -165,8 +165,8 @@ PRESETS["movecore"] = PRESETS["core"] + PRESETS["midauto"] + PRESETS["move"]
 # ~8K, with +2 on the moved chunk (the given order's strength next to the question) beside +1
 PRESETS["movedomain"] = [c for c in PRESETS["core"] if c.gate and c.order == "keep"] + PRESETS["midauto"] + \
     PRESETS["move"][1:] + [Condition("move top1 + engram s2", strength=2.0, top_k=1, move=True)]
-# +2 on the moved chunk (preferred on the domain set at ~7.6K, +4/-1 over +1 in 8 items), alone and
-# with the core table, the default in the given order and the move: KV at its longest (75 records)
+# +2 on the moved chunk (ahead of +1 on the domain set at ~7.6K: +4/-1 after 8 items, +10/-2 at 12),
+# alone (NQ ~8K) and with the core table, the given order's default and the move (KV, 75 records)
 PRESETS["move2"] = PRESETS["movedomain"][-1:]
 PRESETS["movecore2"] = PRESETS["movecore"] + PRESETS["move2"]
 # Gemma-3-270M on KV answers with the record first only (the flat ramp, 48 records): is it strength

@@ -13,7 +13,7 @@ from engram_llama.move import moved_prompt, moved_tokens, shift_to_end
 
 def test_shift_to_end_equals_a_reordered_prefill_on_one_layer(tmp_path):
     """On a one-layer model the cached keys and values of a token depend only on the token and its
-    position, so moving a span's cells to the end (evaluate.shift_to_end) must give the logits of
+    position, so moving a span's cells to the end (move.shift_to_end) must give the logits of
     a prefill of the reordered tokens; shifting back must give the unmoved logits again."""
     path = tmp_path / "llama1.gguf"
     # weights large enough that attention is far from uniform (the default 0.1 leaves it flat)

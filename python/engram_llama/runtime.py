@@ -125,10 +125,10 @@ EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 MOVE_STRENGTH = 2.0
 # the order "auto": from MOVE_FROM prompt tokens the best chunk is moved to the documents' end in the
 # cache (MOVE_STRENGTH on it), where the model can take a move (EngramLlama.can_move: dense, its
-# cache can shift positions) and the settings allow one (the gate, whole chunks, no target share, a bias at all);
-# below that and elsewhere the given order with its profile. On SmolLM2 at 6.2-8K tokens: NQ ~8K
-# (n = 24, +1) 67 / 71 / 71% against the given order's 25 / 62 / 71% (+18/-6); KV ~6.2K (+2)
-# 100 / 100 / 50% against 67 / 33 / 50% (+6/-0); the domain set ~7.6K (+2) level (+5/-6). But at
+# cache can shift positions) and the settings allow one (the gate, whole chunks, no target share, a
+# bias at all); below that and elsewhere the given order with its profile. On SmolLM2 at 6.2-8K
+# tokens: NQ ~8K (n = 24, +1) 67 / 71 / 71% against the given order's 25 / 62 / 71% (+18/-6); KV
+# ~6.2K (+2) 100 / 100 / 50% against 67 / 33 / 50% (+6/-0); the domain set ~7.6K (+2) level (+5/-6). But at
 # ~4.6K the domain set lost 16 answers and gained 1 under the move (+1), and KV at ~3.5K was level
 # (docs/EVAL.md, "Moving the best chunk by default?"): 6144 lies between the lengths measured
 ORDER_AUTO, MOVE_FROM = "move", 6144
@@ -145,7 +145,8 @@ def chunk_choice(s: Settings, n_tokens: int, dense: bool = True) -> tuple[float,
     or cost answers at ~4K (docs/EVAL.md, "Against reordering"). Moved: MOVE_STRENGTH on it alone."""
     mid = s.mid or None  # 0: none (order "auto" unresolved reads as the given order)
     if s.order in ("edges", "move"):  # the best chunk next to the question either way
-        return (s.strength if s.strength is not None else MOVE_STRENGTH if s.order == "move" else EDGES_STRENGTH,
+        own = MOVE_STRENGTH if s.order == "move" else EDGES_STRENGTH
+        return (s.strength if s.strength is not None else own,
                 s.top_k if s.top_k is not None else EDGES_TOP_K, s.near, mid)
     if s.mid is None and s.strength is None and dense:  # a strength of one's own stays flat unless mid is given
         mid = MID(n_tokens)
