@@ -419,6 +419,8 @@ def main():
     r.add_argument("--slots", default="first,middle,last", help="gold slots to run, comma-separated")
     r.add_argument("--rerank", type=int, default=None, metavar="K",
                    help="chunks reread for the question's likelihood (default: the runtime's; 0: ranking r3)")
+    r.add_argument("--restate-key", action="store_true",
+                   help="KV: the answer starts 'Answer: \"KEY\": \"', so the value is its continuation")
     se = sub.add_parser("session", help="several questions on one fixed context: cached documents vs reordering")
     se.add_argument("--model", default=None)
     se.add_argument("--out", required=True)
@@ -468,6 +470,8 @@ def main():
         session(args.model or default_model(), args.out, n_questions=args.n, n_ctx=args.ctx_size,
                 chat=not args.no_chat, log=log, rerank=args.rerank)
         return 0
+    if args.restate_key and args.dataset != "kv":
+        ap.error("--restate-key is for --dataset kv")
     slots = tuple(args.slots.split(","))
     if not slots or any(x not in ("first", "middle", "last") for x in slots):
         ap.error(f"--slots {args.slots!r}: comma-separated first, middle, last")
@@ -476,7 +480,7 @@ def main():
         data = str(ROOT.parent / "shared" / "data" / "kv-retrieval-75-dev.jsonl.gz")
     run(args.model or default_model(), args.out, n_items=args.n, n_passages=args.passages,
         conditions=PRESETS[args.preset], data=data, n_ctx=args.ctx_size, chat=not args.no_chat,
-        log=log, dataset=args.dataset, slots=slots, rerank=args.rerank)
+        log=log, dataset=args.dataset, slots=slots, rerank=args.rerank, restate_key=args.restate_key)
     return 0
 
 

@@ -95,6 +95,10 @@ def test_kv_items(tmp_path):
     assert it.gold == ("record", '"k05-aaaa": "v05-bbbb"')
     # the other records in their order, the asked one left out, cut to n - 1
     assert [d[1] for d in it.distractors] == [f'"k{i:02d}-aaaa": "v{i:02d}-bbbb"' for i in range(12) if i != 5][:9]
+    assert it.answer_prefix is None
+    # restate_key: the answer starts as the gold record does, up to its value
+    it = datasets.load("kv", 10, path, restate_key=True)[0]
+    assert it.answer_prefix == 'Answer: "k05-aaaa": "' and it.gold[1].startswith(it.answer_prefix[len("Answer: "):])
 
 
 def test_parse_layers_specs():

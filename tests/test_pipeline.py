@@ -153,6 +153,22 @@ def test_alignment_matches_brute_force_on_hard_text(smol_tok):
     assert p.chunk_tokens[2][1] - 1 >= p.chunk_tokens[3][0]
 
 
+def test_answer_prefix_ends_the_prompt_and_moves_no_span():
+    chunks = [Chunk(i, f"d{i}", t) for i, t in enumerate(["Alpha text.", "Beta text."])]
+    base, spans, q = align.render(chunks, [0, 1], "Which?", None)
+    assert base.endswith("Question: Which?\nAnswer:")
+    text, spans2, q2 = align.render(chunks, [0, 1], "Which?", None, answer_prefix='Answer: "k1": "')
+    assert text == base[:-len("Answer:")] + 'Answer: "k1": "' and (spans2, q2) == (spans, q)
+    assert text[spans[1][0]:spans[1][1]] == "Beta text." and text[q:].startswith("Question: Which?")
+    assert align.render(chunks, [0, 1], "Which?", None, answer_prefix="")[0] == base[:-len("Answer:")]
+    # after a chat template's turn: appended to the rendered turn, spans where the template put them
+    tmpl = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    chat, cspans, cq = align.render(chunks, [0, 1], "Which?", tmpl)
+    chat2, cspans2, cq2 = align.render(chunks, [0, 1], "Which?", tmpl, answer_prefix="The answer is")
+    assert chat.endswith("</u><a>") and chat2 == chat + "The answer is" and (cspans2, cq2) == (cspans, cq)
+    assert chat2[cspans2[0][0]:cspans2[0][1]] == "Alpha text."
+
+
 def test_alignment_refuses_pieces_that_do_not_rebuild_the_text():
     with pytest.raises(align.AlignmentError, match="do not reproduce"):
         align.byte_offsets("abc", [b"a", b"x", b"c"], 0)

@@ -338,3 +338,20 @@ def test_move_refuses_models_that_do_not_keep_the_whole_context():
                 eng._moved_span(None, ["a selected chunk"])
         finally:
             eng.close()
+
+
+def test_answer_prefix_reaches_the_prompt_after_the_gate(chunks):
+    """The runtime's answer prefix ends a plain prompt, a call's own replaces it, and it lies after
+    the question's first token, so the gate steers it as it steers the question."""
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, chat=False, answer_prefix="Reply:")
+    try:
+        q = "Which district has its headquarters at Kakkanad?"
+        p, *_ = eng.prepare(q, chunks[:2], 4)
+        assert p.text.endswith(f"Question: {q}\nReply:")
+        p2, *_ = eng.prepare(q, chunks[:2], 4, answer_prefix='Answer: "k": "')
+        assert p2.text == p.text[:-len("Reply:")] + 'Answer: "k": "'
+        assert p2.chunk_tokens == p.chunk_tokens and p2.question_token == p.question_token
+        tail = eng.llm.detokenize(p2.tokens[p2.question_token:]).decode()
+        assert tail.startswith("Question:") and tail.endswith('Answer: "k": "')
+    finally:
+        eng.close()

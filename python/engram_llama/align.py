@@ -14,6 +14,8 @@ from .chunks import Chunk
 
 INSTRUCTION = ("Answer the question using only the documents below. "
                "Reply with a short answer.")
+# a plain prompt (no chat template, base models) ends here, so the next tokens are the answer
+ANSWER_PREFIX = "Answer:"
 
 
 class AlignmentError(Exception):
@@ -33,8 +35,11 @@ class Prompt:
 
 
 def render(chunks: list[Chunk], order: list[int], question: str, template: str | None,
-           bos: str = "", eos: str = "") -> tuple[str, dict[int, tuple[int, int]], int]:
-    """Prompt text, char span of each chunk's text, char offset of the question."""
+           bos: str = "", eos: str = "", answer_prefix: str | None = None) -> tuple[str, dict[int, tuple[int, int]], int]:
+    """Prompt text, char span of each chunk's text, char offset of the question. answer_prefix
+    starts the answer: on its own line of a plain prompt (default ANSWER_PREFIX), after a chat
+    template's turn (default none). A base model continues a prefix it can complete (KV
+    retrieval: the record's key, as Liu et al.'s prompt ends) better than a bare "Answer:"."""
     by_id = {c.id: c for c in chunks}
     parts, spans, pos = [], {}, 0
     head = INSTRUCTION + "\n\n"
@@ -59,8 +64,9 @@ def render(chunks: list[Chunk], order: list[int], question: str, template: str |
         at = text.find(content)
         if at < 0:
             raise AlignmentError("the chat template changed the message text; cannot locate the chunks")
+        text += answer_prefix or ""
     else:
-        text = content + "\nAnswer:"
+        text = content + "\n" + (ANSWER_PREFIX if answer_prefix is None else answer_prefix)
         at = 0
     return text, {cid: (a + at, b + at) for cid, (a, b) in spans.items()}, q_off + at
 

@@ -183,7 +183,8 @@ def cmd_run(args) -> int:
                         engram=not args.no_engram, rerank=args.rerank, target=args.target_share)
     try:
         eng = EngramLlama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                          seed=args.seed, settings=settings, table=table, chat=not args.no_chat)
+                          seed=args.seed, settings=settings, table=table, chat=not args.no_chat,
+                          answer_prefix=args.answer_prefix)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"llama.cpp could not load {model}: {e}") from None
     if layers == [-1]:
@@ -421,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-gate", action="store_true", help="bias every query, documents included")
     r.add_argument("--no-engram", action="store_true", help="vanilla: same prompt, no bias")
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
+    r.add_argument("--answer-prefix", metavar="TEXT",
+                   help="text the answer starts with (default with --no-chat: 'Answer:' on its own line; "
+                        "with a chat template: none); the model continues it, and it is not repeated in the output")
     r.add_argument("--explain", action="store_true", help="show what got biased and why")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("-i", "--interactive", action="store_true", help="ask follow-up questions on stdin")

@@ -21,6 +21,7 @@ class Item:
     answers: list[str]
     gold: tuple[str, str]                  # (title, text)
     distractors: list[tuple[str, str]]
+    answer_prefix: str | None = None       # align.render's; None: the prompt's default
 
 
 def nq(path: str | Path, n_passages: int) -> list[Item]:
@@ -42,16 +43,20 @@ def kv_text(key: str, value: str) -> str:
     return f'"{key}": "{value}"'
 
 
-def kv(path: str | Path, n_passages: int) -> list[Item]:
+def kv(path: str | Path, n_passages: int, restate_key: bool = False) -> list[Item]:
     """Each record is one passage; the other records of the item are the distractors, in their
-    given order, cut to n_passages - 1."""
+    given order, cut to n_passages - 1. restate_key: the answer starts by restating the record's
+    key, 'Answer: "KEY": "', so the value is its continuation (Liu et al.'s KV prompt ends with
+    the key likewise)."""
     out = []
     from .evaluate import load_nq  # the same JSON-lines reader
 
     for it in load_nq(path):
         others = [(KV_TITLE, kv_text(k, v)) for k, v in it["ordered_kv_records"] if k != it["key"]]
         q = f'What is the value of the key "{it["key"]}"?'
-        out.append(Item(it["id"], q, [it["value"]], (KV_TITLE, kv_text(it["key"], it["value"])), others[:n_passages - 1]))
+        prefix = f'Answer: {kv_text(it["key"], "")[:-1]}' if restate_key else None
+        out.append(Item(it["id"], q, [it["value"]], (KV_TITLE, kv_text(it["key"], it["value"])), others[:n_passages - 1],
+                        prefix))
     return out
 
 
@@ -138,11 +143,12 @@ def domain(n_items: int, n_passages: int, seed: int = 0) -> list[Item]:
     return out
 
 
-def load(name: str, n_passages: int, path: str | Path | None = None, n_items: int = 400, seed: int = 0) -> list[Item]:
+def load(name: str, n_passages: int, path: str | Path | None = None, n_items: int = 400, seed: int = 0,
+         restate_key: bool = False) -> list[Item]:
     if name == "nq":
         return nq(path, n_passages)
     if name == "kv":
-        return kv(path, n_passages)
+        return kv(path, n_passages, restate_key)
     if name == "domain":
         return domain(n_items, n_passages, seed)
     raise ValueError(f"unknown dataset {name!r} (nq, kv, domain)")

@@ -212,13 +212,17 @@ class Runner:
 def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slots=("first", "middle", "last"),
         conditions: list[Condition] | None = None, data: str = "../shared/data/nq-open-dev.jsonl.gz",
         n_ctx: int = 4096, answerable_only: bool = True, seed: int = 0, chat: bool = True, log=print,
-        dataset: str = "nq", max_new: int | None = None, rerank: int | None = None) -> None:
-    """rerank: chunks reread for the question's likelihood (Settings.rerank); 0 ranks as r3 did."""
+        dataset: str = "nq", max_new: int | None = None, rerank: int | None = None,
+        restate_key: bool = False) -> None:
+    """rerank: chunks reread for the question's likelihood (Settings.rerank); 0 ranks as r3 did.
+    restate_key: KV answers start with the record's key (datasets.kv), the closed-book filter too."""
     from . import datasets
     from .runtime import EngramLlama, Settings, auto_strength, default_layers, mid_strength
 
     conditions = conditions or [Condition("vanilla", "none"), Condition("engram"), Condition("oracle", "oracle")]
-    items = datasets.load(dataset, n_passages, data, n_items=max(4 * n_items, 200), seed=seed)
+    if restate_key and dataset != "kv":
+        raise ValueError("restate_key is for the KV set only")
+    items = datasets.load(dataset, n_passages, data, n_items=max(4 * n_items, 200), seed=seed, restate_key=restate_key)
     done, unanswerable = set(), set()
     out = Path(out_path)
     if out.exists():
@@ -318,7 +322,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
             if it.id in unanswerable:
                 continue
             if answerable_only and (it.id, "gold-only", "vanilla") not in done:
-                p, *_ = eng.prepare(it.question, [gold], 16)
+                p, *_ = eng.prepare(it.question, [gold], 16, it.answer_prefix)
                 eng.hook.clear()
                 runner.prefill_docs(p.tokens, p.question_token)
                 ans = runner.answer(p.tokens, p.question_token)
@@ -346,7 +350,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                 for (order_kind, _), conds in groups.items():
                     eng.settings.order = order_kind
                     t0 = time.perf_counter()
-                    prompt, pm, scored, dropped = eng.prepare(it.question, chunks, 16)
+                    prompt, pm, scored, dropped = eng.prepare(it.question, chunks, 16, it.answer_prefix)
                     if dropped:
                         log(f"{it.id}: {len(dropped)} passages did not fit")
                     # -1: the pipeline ranked the gold so low that it was dropped to fit the context

@@ -178,7 +178,7 @@ class EngramLlama:
     def __init__(self, model_path: str, n_ctx: int = 4096, n_threads: int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, settings: Settings | None = None,
                  extractor: Extractor | None = None, table=None, chat: bool = True, verbose: bool = False,
-                 probe: bool = False):
+                 probe: bool = False, answer_prefix: str | None = None):
         from . import llama_cpp
 
         quiet_logs()
@@ -195,6 +195,7 @@ class EngramLlama:
         self.extract = extractor or Extractor(table=table)  # warns once when spaCy's model is missing
         # chat=False: a plain prompt ending in an answer prefix (base models such as Gemma-3-270M)
         self.template = self.llm.metadata.get("tokenizer.chat_template") if chat else None
+        self.answer_prefix = answer_prefix  # None: align.render's default for the prompt's kind
         vocab = self.llm._model
         self._bos_id = self.llm.token_bos()
         self._eos_id = self.llm.token_eos()
@@ -216,8 +217,10 @@ class EngramLlama:
         pieces = [token_piece(vocab, t) for t in toks]
         return toks, pieces, n_prefix
 
-    def prepare(self, question: str, chunks: list[Chunk], max_tokens: int = 64):
-        """Score the chunks, fit the best that fit the context, render and align the prompt."""
+    def prepare(self, question: str, chunks: list[Chunk], max_tokens: int = 64, answer_prefix: str | None = None):
+        """Score the chunks, fit the best that fit the context, render and align the prompt
+        (answer_prefix: align.render's, else the one the runtime was made with)."""
+        prefix = self.answer_prefix if answer_prefix is None else answer_prefix
         s = self.settings
         ents = self.extract([question] + [c.text for c in chunks])
         pm = pointer_map.build(ents[0], chunks, ents[1:], self.table)
@@ -227,7 +230,7 @@ class EngramLlama:
         dropped: list[Chunk] = []
         while True:
             order = relevance.edges_order(sorted(keep, key=rank.get)) if s.order == "edges" else keep
-            text, spans, q_char = align.render(chunks, order, question, self.template, self._bos, self._eos)
+            text, spans, q_char = align.render(chunks, order, question, self.template, self._bos, self._eos, prefix)
             toks, pieces, n_prefix = self._tokenize(text)
             if len(toks) + max_tokens <= self.n_ctx:
                 break
@@ -269,8 +272,8 @@ class EngramLlama:
         return self.settings.layers if self.settings.layers is not None else default_layers(self.hook.kinds)
 
     def ask(self, question: str, chunks: list[Chunk], max_tokens: int = 64, temperature: float = 0.0,
-            on_token: Callable[[str], None] | None = None) -> Answer:
-        prompt, pm, scored, dropped = self.prepare(question, chunks, max_tokens)
+            on_token: Callable[[str], None] | None = None, answer_prefix: str | None = None) -> Answer:
+        prompt, pm, scored, dropped = self.prepare(question, chunks, max_tokens, answer_prefix)
         s = replace(self.settings, order=self.order(len(prompt.tokens)))
         strength, top_k, near, mid = chunk_choice(s, len(prompt.tokens), is_dense(self.hook.kinds))
         selected = relevance.select(scored, top_k)
