@@ -311,8 +311,9 @@ def report(path, against="vanilla"):
 
 def pooled(paths, condition, against, slot="first", exclude=()):
     """One condition against another over several files (models, lengths), paired by file and item
-    at one slot: the test across runs that each alone are too small. `exclude`: result files whose
-    items are left out (where a setting was chosen, so the rest is its held-out test)."""
+    at one slot ("all": every slot, paired by item and slot): the test across runs that each alone
+    are too small. `exclude`: result files whose items are left out (where a setting was chosen, so
+    the rest is its held-out test)."""
     skip = {r["id"] for f in exclude for r in load_rows(f)}
     print(f"{condition} against {against}, slot {slot}" + (f", leaving out the {len(skip)} items of "
                                                            f"{', '.join(exclude)}" if skip else "") + "\n")
@@ -332,10 +333,12 @@ def pooled(paths, condition, against, slot="first", exclude=()):
     for path in paths:
         res, top = {}, {}
         for r in load_rows(path):
-            if r["slot"] == slot and r["condition"] in (condition, against) and r["id"] not in skip:
-                res.setdefault(r["condition"], {})[r["id"]] = r["judge"] == "correct"
+            if slot in (r["slot"], "all") and r["slot"] != "gold-only" and r["condition"] in (condition, against) \
+                    and r["id"] not in skip:
+                key = (r["id"], r["slot"])
+                res.setdefault(r["condition"], {})[key] = r["judge"] == "correct"
                 if r["condition"] == against:
-                    top[r["id"]] = r.get("gold_rank") == 0
+                    top[key] = r.get("gold_rank") == 0
         a, c = res.get(against, {}), res.get(condition, {})
         ids = [i for i in c if i in a]
         row = tally(ids, a, c)
@@ -437,7 +440,7 @@ def main():
     po.add_argument("paths", nargs="+")
     po.add_argument("--condition", required=True)
     po.add_argument("--against", required=True)
-    po.add_argument("--slot", default="first")
+    po.add_argument("--slot", default="first", choices=["first", "middle", "last", "all"])
     po.add_argument("--exclude", nargs="*", default=[], help="result files whose items are left out")
     ag = sub.add_parser("agree", help="two conditions' judgements on the same prompts, by gold rank")
     ag.add_argument("paths", nargs="+")

@@ -1,4 +1,5 @@
 """Scoring and statistics of the evaluation harness."""
+import json
 import sys
 from pathlib import Path
 
@@ -110,3 +111,25 @@ def test_parse_layers_specs():
     assert parse_layers("last", gemma_global, gemma_soft) == [17]
     assert parse_layers("local", gemma_global, gemma_soft) == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16]
     assert parse_layers("3-6", gemma_global, gemma_soft) == [3, 4, 5, 6]
+
+
+def test_pooled_pairs_by_item_and_slot(tmp_path, capsys):
+    """`pooled --slot all` pairs each prompt (item, slot) across two conditions and sums the files;
+    the counts here are worked out by hand from the rows written."""
+    def rows(path, table):  # table: (id, slot) -> (a correct, b correct)
+        with open(path, "w") as f:
+            for (i, slot), verdicts in table.items():
+                for cond, ok in zip(("a", "b"), verdicts):
+                    f.write(json.dumps({"id": i, "slot": slot, "condition": cond, "answer": "x" if ok else "y",
+                                        "answers": ["x"], "gold_rank": 0}) + "\n")
+            f.write(json.dumps({"id": "q1", "slot": "gold-only", "condition": "a", "answer": "y", "answers": ["x"]}) + "\n")
+    f1, f2 = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    rows(f1, {("q1", "first"): (0, 1), ("q1", "last"): (1, 1), ("q2", "first"): (1, 0), ("q2", "middle"): (0, 1)})
+    rows(f2, {("q1", "first"): (0, 1), ("q3", "last"): (0, 0)})
+    ev.pooled([str(f1), str(f2)], "b", "a", slot="all")
+    out = capsys.readouterr().out
+    assert "| one.jsonl | 4 | 50% | 75% | +2/-1 |" in out
+    assert "| two.jsonl | 2 | 0% | 50% | +1/-0 |" in out
+    assert "| **all** | 6 | 33% | 67% | +3/-1 |" in out
+    ev.pooled([str(f1), str(f2)], "b", "a", slot="first")
+    assert "| **all** | 3 | 33% | 67% | +2/-1 |" in capsys.readouterr().out
