@@ -120,8 +120,9 @@ MID = mid_strength
 EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1
 # the strength on a moved chunk (order "move"): +2, against +1 on SmolLM2 at 6-8K tokens: the domain
 # set at ~7.6K +10/-2 (n = 12; at the last slot, where +1 is weaker than the given order's +2 next
-# to the question, 25% -> 67%), KV at ~6.2K +3/-0 (n = 6), NQ at ~8K +3/-4 (the first 14 of 24 items)
-# (docs/EVAL.md, "Moving the best chunk by default?")
+# to the question, 25% -> 67%), KV at ~6.2K +3/-0 (n = 6), NQ at ~8K +5/-6 (n = 24); against the
+# given order +27/-11 over the three, where +1 was +25/-19 (docs/EVAL.md, "Moving the best chunk by
+# default?")
 MOVE_STRENGTH = 2.0
 # the order "auto": from MOVE_FROM prompt tokens the best chunk is moved to the documents' end in the
 # cache (MOVE_STRENGTH on it), where the model can take a move (EngramLlama.can_move: dense, its
