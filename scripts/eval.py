@@ -173,6 +173,9 @@ PRESETS["movecore2"] = PRESETS["movecore"] + PRESETS["move2"]
 # (+6, +9 flat) or layers (the default profile on every softmax layer, local ones too)?
 PRESETS["kvgemma"] = [Condition(f"engram top1 s{x}", strength=float(x), top_k=1) for x in (6, 9)] + \
     [Condition("engram top1 near2 all-layers", strength=0, top_k=1, near=2.0, layers="all")]
+# with the key restated (--restate-key) the profile on every layer answered 58% at the last slot where
+# the global layers alone gave 33% (+6/+9 flat: 8% and 25%, copying the key): the other slots
+PRESETS["kvgemmaall"] = PRESETS["kvgemma"][-1:]
 # Gemma-3-270M on the domain set at ~6.5K: with the flat ramp (+4 far, +2 near) it recites the
 # biased bulletin at the first slot; flat +2 and +3 instead
 PRESETS["gemmalong"] = [Condition(f"engram top1 s{x}", strength=float(x), top_k=1) for x in (2, 3)]
@@ -423,7 +426,8 @@ def main():
     r.add_argument("--rerank", type=int, default=None, metavar="K",
                    help="chunks reread for the question's likelihood (default: the runtime's; 0: ranking r3)")
     r.add_argument("--restate-key", action="store_true",
-                   help="KV: the answer starts 'Answer: \"KEY\": \"', so the value is its continuation")
+                   help="KV: the answer starts 'Answer: \"KEY\": \"', so the value is its continuation "
+                        "(a file's rows do not record it: give it to every run on that file)")
     se = sub.add_parser("session", help="several questions on one fixed context: cached documents vs reordering")
     se.add_argument("--model", default=None)
     se.add_argument("--out", required=True)
