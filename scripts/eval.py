@@ -174,8 +174,9 @@ PRESETS["movecore2"] = PRESETS["movecore"] + PRESETS["move2"]
 PRESETS["kvgemma"] = [Condition(f"engram top1 s{x}", strength=float(x), top_k=1) for x in (6, 9)] + \
     [Condition("engram top1 near2 all-layers", strength=0, top_k=1, near=2.0, layers="all")]
 # with the key restated (--restate-key) the profile on every layer answered 58% at the last slot where
-# the global layers alone gave 33% (+6/+9 flat: 8% and 25%, copying the key): the other slots
-PRESETS["kvgemmaall"] = PRESETS["kvgemma"][-1:]
+# the global layers alone gave 33% (+6/+9 flat: 8% and 25%, copying the key): the other slots, and
+# NQ and the domain set, where the local layers once cost the last slot (NQ ~2K, fixed +2)
+PRESETS["gemmaall"] = PRESETS["kvgemma"][-1:]
 # Gemma-3-270M on the domain set at ~6.5K: with the flat ramp (+4 far, +2 near) it recites the
 # biased bulletin at the first slot; flat +2 and +3 instead
 PRESETS["gemmalong"] = [Condition(f"engram top1 s{x}", strength=float(x), top_k=1) for x in (2, 3)]
