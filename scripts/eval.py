@@ -169,6 +169,8 @@ PRESETS["movedomain"] = [c for c in PRESETS["core"] if c.gate and c.order == "ke
 # alone (NQ ~8K) and with the core table, the given order's default and the move (KV, 75 records)
 PRESETS["move2"] = PRESETS["movedomain"][-1:]
 PRESETS["movecore2"] = PRESETS["movecore"] + PRESETS["move2"]
+# below MOVE_FROM (6144): the move alone, with +1 and with +2 (the strength that ships) at ~4K and ~2K
+PRESETS["moveall"] = PRESETS["move"] + PRESETS["move2"]
 # Gemma-3-270M on KV answers with the record first only (the flat ramp, 48 records): is it strength
 # (+6, +9 flat) or layers (the default profile on every softmax layer, local ones too)?
 PRESETS["kvgemma"] = [Condition(f"engram top1 s{x}", strength=float(x), top_k=1) for x in (6, 9)] + \
