@@ -320,6 +320,8 @@ def pooled(paths, condition, against, slot="first", exclude=()):
     at one slot ("all": every slot, paired by item and slot): the test across runs that each alone
     are too small. `exclude`: result files whose items are left out (where a setting was chosen, so
     the rest is its held-out test)."""
+    if slot == "all" and condition.startswith("reorder") and against.startswith("reorder"):
+        sys.exit("eval pooled: two reordering conditions see one prompt at every slot; give --slot first")
     skip = {r["id"] for f in exclude for r in load_rows(f)}
     print(f"{condition} against {against}, slot {slot}" + (f", leaving out the {len(skip)} items of "
                                                            f"{', '.join(exclude)}" if skip else "") + "\n")
@@ -488,9 +490,12 @@ def main():
     data = args.data
     if args.dataset == "kv" and data.endswith("nq-open-dev.jsonl.gz"):
         data = str(ROOT.parent / "shared" / "data" / "kv-retrieval-75-dev.jsonl.gz")
-    run(args.model or default_model(), args.out, n_items=args.n, n_passages=args.passages,
-        conditions=PRESETS[args.preset], data=data, n_ctx=args.ctx_size, chat=not args.no_chat,
-        log=log, dataset=args.dataset, slots=slots, rerank=args.rerank, restate_key=args.restate_key)
+    try:
+        run(args.model or default_model(), args.out, n_items=args.n, n_passages=args.passages,
+            conditions=PRESETS[args.preset], data=data, n_ctx=args.ctx_size, chat=not args.no_chat,
+            log=log, dataset=args.dataset, slots=slots, rerank=args.rerank, restate_key=args.restate_key)
+    except ValueError as e:  # a file made with another prompt, a condition that cannot run
+        sys.exit(f"eval run: {e}")
     return 0
 
 

@@ -144,7 +144,8 @@ $PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset move --out 
 $PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset move --out $R/domain-smollm2-36p.jsonl
 $PY run --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset movedomain --out $R/domain-smollm2-60p.jsonl
 $PY run --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset core --out $R/domain-smollm2-60p.jsonl
-$PY run --n 24 --passages 30 -c 6144 --preset move --out $R/nq-smollm2-30p-r4.jsonl
+$PY run --n 24 --passages 30 -c 6144 --preset moveall --out $R/nq-smollm2-30p-r4.jsonl   # the move alone, +1, +2
+$PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset move2 --out $R/domain-smollm2-36p.jsonl
 # the longer lengths left by the target: KV on Gemma-3-270M at ~3.9K (the core table, then strength
 # and layers at the middle and last slots), the domain set on Gemma-3-270M at ~6.5K (the core table,
 # then flat +2/+3), KV at its longest on SmolLM2 (75 records, ~6.2K: the core table, the default,
@@ -153,7 +154,12 @@ $PY run --n 24 --passages 30 -c 6144 --preset move --out $R/nq-smollm2-30p-r4.js
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --n 6 --passages 48 -c 6144 --slots middle,last --preset kvgemma --out $R/kv-gemma3-270m-48r.jsonl || true
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 12 --passages 48 -c 6144 --preset core --out $R/kv-gemma3-270m-48r-key.jsonl || true
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 12 --passages 48 -c 6144 --slots last --preset kvgemma --out $R/kv-gemma3-270m-48r-key.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 12 --passages 48 -c 6144 --slots first,middle --preset gemmaall --out $R/kv-gemma3-270m-48r-key.jsonl || true
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 6 --passages 75 -c 8192 --preset core --out $R/kv-gemma3-270m-75r-key.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 6 --passages 75 -c 8192 --preset gemmaall --out $R/kv-gemma3-270m-75r-key.jsonl || true
+# every softmax layer on the sets that chose Gemma 3's default (the NQ run was stopped after 9 items)
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset gemmaall --out $R/domain-gemma3-270m-36p-r4.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 9 --passages 30 -c 6144 --preset gemmaall --out $R/nq-gemma3-270m-30p-r4.jsonl || true
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset core --out $R/domain-gemma3-270m-60p.jsonl || true
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset gemmalong --out $R/domain-gemma3-270m-60p.jsonl || true
 $PY run --rerank 0 --dataset kv --n 6 --passages 75 -c 8192 --preset movecore2 --out $R/kv-smollm2-75r.jsonl

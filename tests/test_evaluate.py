@@ -122,7 +122,9 @@ def test_pooled_pairs_by_item_and_slot(tmp_path, capsys):
                 for cond, ok in zip(("a", "b"), verdicts):
                     f.write(json.dumps({"id": i, "slot": slot, "condition": cond, "answer": "x" if ok else "y",
                                         "answers": ["x"], "gold_rank": 0}) + "\n")
-            f.write(json.dumps({"id": "q1", "slot": "gold-only", "condition": "a", "answer": "y", "answers": ["x"]}) + "\n")
+            for cond, ok in (("a", False), ("b", True)):  # closed-book rows: never paired
+                f.write(json.dumps({"id": "q1", "slot": "gold-only", "condition": cond, "answer": "x" if ok else "y",
+                                    "answers": ["x"]}) + "\n")
     f1, f2 = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     rows(f1, {("q1", "first"): (0, 1), ("q1", "last"): (1, 1), ("q2", "first"): (1, 0), ("q2", "middle"): (0, 1)})
     rows(f2, {("q1", "first"): (0, 1), ("q3", "last"): (0, 0)})
@@ -133,3 +135,25 @@ def test_pooled_pairs_by_item_and_slot(tmp_path, capsys):
     assert "| **all** | 6 | 33% | 67% | +3/-1 |" in out
     ev.pooled([str(f1), str(f2)], "b", "a", slot="first")
     assert "| **all** | 3 | 33% | 67% | +2/-1 |" in capsys.readouterr().out
+    # two reordering conditions share one prompt across slots: refused rather than counted three times
+    with pytest.raises(SystemExit, match="one prompt at every slot"):
+        ev.pooled([str(f1)], "reorder+engram s1 top1", "reorder", slot="all")
+
+
+def test_resume_refuses_a_file_made_with_the_other_prompt(tmp_path):
+    """A KV file written with the key restated is not resumed without it, nor the reverse: the
+    rows record the prefix, and the check runs before any model is loaded."""
+    import gzip
+
+    from engram_llama import evaluate
+
+    data = tmp_path / "kv.jsonl.gz"
+    with gzip.open(data, "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"id": "kv-1", "ordered_kv_records": [["k1", "v1"], ["k2", "v2"]], "key": "k1",
+                            "value": "v1"}) + "\n")
+    for restated, row in ((False, {"prefix": "key"}), (True, {})):
+        out = tmp_path / f"out-{restated}.jsonl"
+        out.write_text(json.dumps({"id": "kv-1", "slot": "gold-only", "condition": "vanilla", "answer": "v1",
+                                   "judge": "correct", "answers": ["v1"], **row}) + "\n")
+        with pytest.raises(ValueError, match="the key restated; resume it " + ("with" if not restated else "without")):
+            evaluate.run("no-model.gguf", str(out), dataset="kv", data=str(data), n_passages=2, restate_key=restated)
