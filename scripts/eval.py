@@ -290,8 +290,7 @@ def report(path, against="vanilla"):
             both = [i for i in d if i in base]
             b = sum(d[i] == "correct" and base[i] != "correct" for i in both)
             cc = sum(d[i] != "correct" and base[i] == "correct" for i in both)
-            # two reordering conditions see one prompt at every slot: pooling would count it 3 times
-            same_prompt = s == "all" and c.startswith("reorder") and against.startswith("reorder")
+            same_prompt = s == "all" and one_prompt(c, against)
             vs = f"+{b}/-{cc}" if c != against and base and not same_prompt else ""
             p = fmt_p(mcnemar(b, cc)) if c != against and base and not same_prompt else ""
             print(f"| {c} | {s} | {n} | {100 * k / max(n, 1):.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {wr} | {rf} | {vs} | {p} |")
@@ -315,12 +314,17 @@ def report(path, against="vanilla"):
     print("(median (range) over the prompts)")
 
 
+def one_prompt(a, b):
+    """Two reordering conditions see one prompt at every slot: pooling the slots would count it 3 times."""
+    return a.startswith("reorder") and b.startswith("reorder")
+
+
 def pooled(paths, condition, against, slot="first", exclude=()):
     """One condition against another over several files (models, lengths), paired by file and item
     at one slot ("all": every slot, paired by item and slot): the test across runs that each alone
     are too small. `exclude`: result files whose items are left out (where a setting was chosen, so
     the rest is its held-out test)."""
-    if slot == "all" and condition.startswith("reorder") and against.startswith("reorder"):
+    if slot == "all" and one_prompt(condition, against):
         sys.exit("eval pooled: two reordering conditions see one prompt at every slot; give --slot first")
     skip = {r["id"] for f in exclude for r in load_rows(f)}
     print(f"{condition} against {against}, slot {slot}" + (f", leaving out the {len(skip)} items of "

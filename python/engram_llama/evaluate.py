@@ -225,13 +225,14 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
     items = datasets.load(dataset, n_passages, data, n_items=max(4 * n_items, 200), seed=seed, restate_key=restate_key)
     done, unanswerable = set(), set()
     out = Path(out_path)
-    prefix = "key" if restate_key else None  # recorded in every row: one file, one prompt
+    prefix = "key" if restate_key else None
+    tag = {"prefix": prefix} if prefix else {}  # in every row: one file, one prompt
     if out.exists():
         for l in out.read_text().splitlines():
             r = json.loads(l)
             if r.get("prefix") != prefix:
-                raise ValueError(f"{out_path} holds rows {'with' if r.get('prefix') else 'without'} the key restated; "
-                                 f"resume it {'with' if r.get('prefix') else 'without'} restate_key")
+                how = "with" if r.get("prefix") else "without"
+                raise ValueError(f"{out_path} holds rows {how} the key restated; resume it {how} restate_key")
             done.add((r["id"], r["slot"], r["condition"]))
             if r["slot"] == "gold-only" and r["judge"] != "correct":
                 unanswerable.add(r["id"])
@@ -332,8 +333,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                 ans = runner.answer(p.tokens, p.question_token)
                 verdict = judge(ans, it.answers)
                 f.write(json.dumps({"id": it.id, "slot": "gold-only", "condition": "vanilla", "answer": ans,
-                                    "judge": verdict, "answers": it.answers, **({"prefix": prefix} if prefix else {})})
-                        + "\n")
+                                    "judge": verdict, "answers": it.answers, **tag}) + "\n")
                 f.flush()
                 if verdict != "correct":
                     continue
@@ -389,7 +389,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                                "judge": judge(cache[(key, c.name)]["answer"], it.answers), "answers": it.answers,
                                "gold_rank": rank,
                                "gold_pos": pos, "n_passages": len(prompt.chunk_order), "n_tokens": len(prompt.tokens),
-                               "table": n_table, "ranking": ranking, **({"prefix": prefix} if prefix else {})}
+                               "table": n_table, "ranking": ranking, **tag}
                         f.write(json.dumps(rec) + "\n")
                         f.flush()
                     eng.settings.order = "keep"
