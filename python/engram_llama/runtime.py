@@ -130,7 +130,7 @@ MOVE_STRENGTH = 2.0
 # bias at all); below that and elsewhere the given order with its profile. On SmolLM2 at 6.2-8K
 # tokens (+2): NQ ~8K (n = 24) 71 / 67 / 67% against the given order's 25 / 62 / 71% (+16/-5); KV
 # ~6.2K 100 / 100 / 50% against 67 / 33 / 50% (+6/-0); the domain set ~7.6K level (+5/-6). Below: on
-# NQ ~4K the move + 2 gained (+7/-1, 13 items) but the domain set at ~4.6K lost 11 answers and gained
+# NQ ~4K the move + 2 gained (+12/-4, n = 24) but the domain set at ~4.6K lost 11 answers and gained
 # 1 under it (16 to 1 with +1), and KV at ~3.5K was level (docs/EVAL.md, "Moving the best chunk by
 # default?"): 6144 lies between the domain set's loss at ~4.6K and the gains from 6.2K
 ORDER_AUTO, MOVE_FROM = "move", 6144
