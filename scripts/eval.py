@@ -134,6 +134,27 @@ PRESETS["coremid"] = PRESETS["core"] + PRESETS["mid5"]  # ~2K and ~8K: in one pr
 # length. First +2 at 1K rising to +5 at ~2.9K (mid1k: the sample got +3.0 and answered the MGNREGA
 # question, but recited at +2.35 on the Ayushman Bharat one); now +2 up to 1.5K, +5 from 3K
 # (runtime.mid_strength; equal to mid5 from 3K)
+# KV with the key restated, Gemma's last slot: the model copies the key, which the record shares with
+# the question; lifted with the record, the echo is what gets copied (more at +6 and +9). The
+# record less its echoes of the question (bias.echoes), at the default's ramp and flat +6
+PRESETS["novel"] = [Condition("engram top1 near2 novel", strength=0, top_k=1, near=2.0, granularity="novel"),
+                    Condition("engram top1 s6 novel", strength=6.0, top_k=1, granularity="novel")]
+# the same on the other sets, each model's default with novel spans: Gemma's flat ramp, SmolLM2's
+# middle by length below 6144 tokens and the move + 2 from there
+PRESETS["novelgemma"] = PRESETS["novel"][:1]
+# novel costs KV's first and middle slots a little (75% -> 67%, 92% -> 75%): the key helps the
+# question find the record and harms only the answer's copy, so the whole chunk for the question's
+# queries and the novel spans from the question's end on (the answer prefix, the answer)
+PRESETS["novelans"] = [Condition("engram top1 near2 novel-answer", strength=0, top_k=1, near=2.0,
+                                 answer_granularity="novel")]
+PRESETS["novelboth"] = PRESETS["novel"] + PRESETS["novelans"]
+PRESETS["novelgemma2"] = PRESETS["novelgemma"] + PRESETS["novelans"]
+PRESETS["novelsmol"] = [Condition("engram top1 near2 midauto novel", strength=0, top_k=1, near=2.0, mid="auto",
+                                  granularity="novel")]
+PRESETS["novelmove"] = [Condition("move top1 + engram s2 novel", strength=2.0, top_k=1, move=True, granularity="novel")]
+PRESETS["novelsmol2"] = PRESETS["novelsmol"] + [
+    Condition("engram top1 near2 midauto novel-answer", strength=0, top_k=1, near=2.0, mid="auto",
+              answer_granularity="novel")]
 PRESETS["mid1k"] = [Condition("engram top1 near2 mid1k", strength=0, top_k=1, near=2.0, mid=(1024, 2896.31))]
 PRESETS["midauto"] = [Condition("engram top1 near2 midauto", strength=0, top_k=1, near=2.0, mid="auto")]
 # SmolLM2 ~8K: the first slot does not move under any strength on the second half's layers (the
@@ -314,6 +335,48 @@ def report(path, against="vanilla"):
     print("(median (range) over the prompts)")
 
 
+def questions(rows):
+    """Each row's question: the row's own (files from 2026-11-27 on), else rebuilt from the data
+    by id (NQ, KV with its key, the generated domain set at the row's passage count)."""
+    from engram_llama import datasets
+    from engram_llama.evaluate import load_nq
+
+    out = {r["id"]: r["question"] for r in rows if "question" in r}
+    need = {r["id"]: r.get("n_passages", 2) for r in rows if r["id"] not in out}
+    data = ROOT.parent / "shared" / "data"
+    if any(i.startswith("kv") for i in need):
+        out.update((it.id, it.question) for it in datasets.kv(data / "kv-retrieval-75-dev.jsonl.gz", 2))
+    if any(not i.startswith(("kv", "dom-")) for i in need):
+        out.update((it["id"], it["question"]) for it in load_nq(data / "nq-open-dev.jsonl.gz"))
+    for n in sorted({n for i, n in need.items() if i.startswith("dom-")}):
+        out.update((it.id, it.question) for it in datasets.domain(400, n, 0))
+    return out
+
+
+def misses(path):
+    """The wrong answers by kind (evaluate.miss_kind), per condition and slot."""
+    from engram_llama.evaluate import miss_kind
+
+    rows = [r for r in load_rows(path) if r["slot"] != "gold-only"]
+    qs = questions(rows)
+    tally = {}
+    for r in rows:
+        t = tally.setdefault((r["condition"], r["slot"]), {"n": 0, "correct": 0, "refusal": 0, "echo": 0, "near": 0,
+                                                           "other": 0})
+        t["n"] += 1
+        kind = r["judge"] if r["judge"] != "wrong" else miss_kind(r["answer"], r["answers"], qs[r["id"]])
+        t[kind] += 1
+    print(f"{path}: answers by kind (echo: repeats >= 16 characters of the question, a KV key copied; near: "
+          f"a garbled copy of the gold answer)\n")
+    print("| condition | slot | n | correct | refusal | echo | near | other |\n|---|---|---|---|---|---|---|---|")
+    slots = ("first", "middle", "last")
+    for c in dict.fromkeys(r["condition"] for r in rows):
+        for s in slots:
+            if (c, s) in tally:
+                t = tally[(c, s)]
+                print(f"| {c} | {s} | {t['n']} | {t['correct']} | {t['refusal']} | {t['echo']} | {t['near']} | {t['other']} |")
+
+
 def one_prompt(a, b):
     """Two reordering conditions see one prompt at every slot: pooling the slots would count it 3 times."""
     return a.startswith("reorder") and b.startswith("reorder")
@@ -449,6 +512,7 @@ def main():
     p = sub.add_parser("report")
     p.add_argument("path")
     p.add_argument("--against", default="vanilla", help="the condition the paired test compares with")
+    p.add_argument("--misses", action="store_true", help="instead: the wrong answers by kind (echo, near, other)")
     po = sub.add_parser("pooled", help="one condition against another over several result files, paired")
     po.add_argument("paths", nargs="+")
     po.add_argument("--condition", required=True)
@@ -464,7 +528,7 @@ def main():
     g.add_argument("-o", "--out", required=True)
     args = ap.parse_args()
     if args.cmd == "report":
-        report(args.path, args.against)
+        misses(args.path) if args.misses else report(args.path, args.against)
         return 0
     if args.cmd == "pooled":
         pooled(args.paths, args.condition, args.against, args.slot, args.exclude)

@@ -157,3 +157,31 @@ def test_resume_refuses_a_file_made_with_the_other_prompt(tmp_path):
                                    "judge": "correct", "answers": ["v1"], **row}) + "\n")
         with pytest.raises(ValueError, match="the key restated; resume it " + ("with" if not restated else "without")):
             evaluate.run("no-model.gguf", str(out), dataset="kv", data=str(data), n_passages=2, restate_key=restated)
+
+
+def test_miss_kind_and_the_misses_report(tmp_path, capsys):
+    """A KV key copied is an echo, a gold UUID with a piece repeated a near miss, a sentence other;
+    the report tallies rows written here by hand."""
+    from engram_llama.evaluate import miss_kind
+
+    key, gold = "2a8d601d-1d69-4e64-9f90-8ad825a74195", "bb3ba2a5-7de8-434b-a86e-a88bb9fa7289"
+    q = f'What is the value of the key "{key}"?'
+    assert miss_kind(key + '"', [gold], q) == "echo"
+    assert miss_kind(key[:14], [gold], q) == "other"  # 12 normalised characters: under ECHO_CHARS
+    assert miss_kind("bb3ba2a5-7de8-7de8-434b-a86e-a88bb9fa7289", [gold], q) == "near"
+    assert miss_kind("bb3ba2a5-0000-0000-0000-000000000000", [gold], q) == "other"
+    assert miss_kind("The value of the key is 0.000", [gold], q) == "other"
+    # a run shared with a gold answer is not an echo (the question quotes the answer's words)
+    assert miss_kind("Lord of the Rings trilogy, by Tolkien", ["Peter Jackson's Lord of the Rings trilogy"],
+                     "which films are the lord of the rings trilogy") == "other"
+    assert miss_kind("Lord of the Rings trilogy, by Tolkien", ["Peter Jackson"],
+                     "which films are the lord of the rings trilogy") == "echo"
+    path = tmp_path / "r.jsonl"
+    with open(path, "w") as f:
+        for i, (slot, ans) in enumerate([("last", key), ("last", gold), ("last", "I don't know"), ("first", "x y z")]):
+            f.write(json.dumps({"id": f"kv{i}", "slot": slot, "condition": "c", "answer": ans, "answers": [gold],
+                                "question": q}) + "\n")
+    ev.misses(str(path))
+    out = capsys.readouterr().out
+    assert "| c | first | 1 | 0 | 0 | 0 | 0 | 1 |" in out
+    assert "| c | last | 3 | 1 | 1 | 1 | 0 | 0 |" in out

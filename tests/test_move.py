@@ -51,5 +51,7 @@ def test_shift_to_end_equals_a_reordered_prefill_on_one_layer(tmp_path):
     assert np.abs(back - plain).max() < tol * gap
     # the chunk spans the runner biases after the move: [a, b) at the end, the rest moved up
     p = Prompt("", ids, [0, 1, 2], {}, {0: (0, 4), 1: (4, 12), 2: (12, 32)}, q0, [], 0)
-    assert moved_prompt(p, a, b).chunk_tokens == {0: (0, 4), 1: (24, 32), 2: (4, 24)}
+    mp = moved_prompt(p, a, b)
+    assert mp.chunk_tokens == {0: (0, 4), 1: (24, 32), 2: (4, 24)}
+    assert [mp.tokens[x:y] for x, y in (mp.chunk_tokens[1], mp.chunk_tokens[2])] == [ids[4:12], ids[12:32]]
     assert moved_tokens(list(range(36)), a, b, q0) == list(range(4)) + list(range(12, 32)) + list(range(4, 12)) + [32, 33, 34, 35]

@@ -216,6 +216,30 @@ def test_sentence_spans_and_sentence_granularity():
     assert [s.tokens for s in spans] == [(0, len(offsets) - 1)]
 
 
+def test_novel_granularity_leaves_the_questions_echoes_unbiased():
+    """A run of >= ECHO_RUN token ids that the question repeats (a KV record's key) is left out;
+    shorter shared runs (one or two tokens) stay biased."""
+    # chunk 0 = tokens [1, 11): 7 8 9 | 50 | 7 8 | 51 52 53 54; question from 12: 60 7 8 9 61 7 8
+    toks = [0, 7, 8, 9, 50, 7, 8, 51, 52, 53, 54, 0, 60, 7, 8, 9, 61, 7, 8]
+    prompt = align.Prompt(text="", tokens=toks, chunk_order=[0], chunk_chars={0: (0, 10)}, chunk_tokens={0: (1, 11)},
+                          question_token=12, offsets=list(range(len(toks) + 1)), n_prefix=0)
+    assert bias.echoes(prompt, 1, 11).tolist() == [True] * 3 + [False] * 7
+    assert bias.echoes(prompt, 1, 11, n=2).tolist() == [True] * 3 + [False] + [True] * 2 + [False] * 4
+    sel = [(relevance.Scored(Chunk(0, "a", "x"), 1.0, 0.0, 1.0), 1.0)]
+    b, spans = bias.build(prompt, sel, 2.0, "novel")
+    assert [s.tokens for s in spans] == [(4, 11)]
+    want = np.zeros(len(toks), np.float32)
+    want[4:11] = 2.0
+    np.testing.assert_array_equal(b, want)
+    # an echo inside the chunk splits it into two spans; nothing echoed: the whole chunk
+    toks2 = [0, 50, 7, 8, 9, 51, 0, 7, 8, 9]
+    p2 = align.Prompt(text="", tokens=toks2, chunk_order=[0], chunk_chars={0: (0, 5)}, chunk_tokens={0: (1, 6)},
+                      question_token=7, offsets=list(range(11)), n_prefix=0)
+    assert [s.tokens for s in bias.build(p2, sel, 1.0, "novel")[1]] == [(1, 2), (5, 6)]
+    p2.tokens = [0, 50, 7, 8, 9, 51, 0, 7, 8, 3]
+    assert [s.tokens for s in bias.build(p2, sel, 1.0, "novel")[1]] == [(1, 6)]
+
+
 def test_extractor_without_spacy_model_warns_once_and_falls_back(capsys):
     ex = Extractor(model="xx_no_such_model")
     err = capsys.readouterr().err.strip().splitlines()

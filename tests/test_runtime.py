@@ -209,10 +209,33 @@ def test_lifted_bias_steers_the_question_and_not_the_answer(chunks):
         logits = runner.decode([t], pos, True)
         pos += 1
     want = eng.llm.detokenize(out).decode("utf-8", "ignore").split("\n")[0].strip()
+    # then=(a, bias2): the question's queries keep b, those from the question's end on get bias2
+    from engram_llama.align import answer_token
+
+    at = answer_token(prompt, q)
+    assert eng.llm.detokenize(prompt.tokens[q0:at]).decode().endswith(q)
+    assert not eng.llm.detokenize(prompt.tokens[at:]).decode().startswith(q[-1])
+    switched = with_bias(then=(at, np.zeros_like(b)))
+    runner.prefill_docs(prompt.tokens, q0)
+    eng.hook.set_bias(b, gate=q0)
+    runner.decode(prompt.tokens[q0:at], q0, False)
+    eng.hook.clear()
+    logits = runner.decode(prompt.tokens[at:], at, True)
+    out, pos = [], len(prompt.tokens)
+    for _ in range(6):
+        t = int(np.argmax(logits))
+        if t in runner.stop_ids:
+            break
+        out.append(t)
+        logits = runner.decode([t], pos, True)
+        pos += 1
+    want_switched = eng.llm.detokenize(out).decode("utf-8", "ignore").split("\n")[0].strip()
+    same = with_bias(then=(at, b))
     eng.close()
     assert lifted == want
     # here the answer's own queries matter: with the bias kept on them the answer differs
     assert kept != lifted
+    assert switched == want_switched and same == kept
 
 
 def test_rerank_reads_each_chunk_once_per_question(chunks):

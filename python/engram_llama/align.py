@@ -105,6 +105,15 @@ def token_span(offsets: list[int], n_prefix: int, b0: int, b1: int) -> tuple[int
     return a, b
 
 
+def answer_token(prompt: Prompt, question: str) -> int:
+    """The first token after the question's text (the template's tail, the answer prefix): where
+    the queries that choose the answer begin."""
+    at = prompt.text.rfind(f"Question: {question}")
+    if at < 0:
+        raise AlignmentError("the question's text is not in the prompt")
+    return token_span(prompt.offsets, prompt.n_prefix, 0, char_to_byte(prompt.text)[at + len("Question: ") + len(question)])[1]
+
+
 def align(text: str, tokens: list[int], pieces: list[bytes], n_prefix: int,
           spans: dict[int, tuple[int, int]], q_char: int, order: list[int]) -> Prompt:
     offs = byte_offsets(text, pieces, n_prefix)

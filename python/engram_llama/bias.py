@@ -10,7 +10,8 @@ from .align import Prompt, char_to_byte, token_span
 from .pointer_map import PointerMap
 from .relevance import Scored
 
-GRANULARITIES = ("chunk", "sentence", "entity", "body")
+GRANULARITIES = ("chunk", "sentence", "entity", "body", "novel")
+ECHO_RUN = 3  # novel: a run of this many tokens that the question (or answer prefix) repeats is an echo
 
 _STOP = set("the a an of in on at to for and or is are was were be been by with from as that this what which who "
             "whom when where why how does do did has have had it its into per under each".split())
@@ -66,6 +67,20 @@ def chunk_strength(prompt: Prompt, chunk_id: int, strength: float, near: float |
     return near + (strength - near) * min(1.0, dist / RAMP)
 
 
+def echoes(prompt: Prompt, a: int, b: int, n: int = ECHO_RUN) -> np.ndarray:
+    """Which tokens of [a, b) lie in a run of n or more tokens that also stands after the
+    question's first token (the question, the answer prefix): by token ids, so a key, a name or
+    a phrase the question quotes, not a shared word."""
+    tail = prompt.tokens[prompt.question_token:]
+    grams = {tuple(tail[i:i + n]) for i in range(len(tail) - n + 1)}
+    toks = prompt.tokens[a:b]
+    out = np.zeros(b - a, dtype=bool)
+    for i in range(len(toks) - n + 1):
+        if tuple(toks[i:i + n]) in grams:
+            out[i:i + n] = True
+    return out
+
+
 def others(prompt: Prompt, bias: np.ndarray, keep: list[int], value: float) -> np.ndarray:
     """`value` over every chunk not in `keep` (an evaluation probe): a negative value pushes the
     distractors down, which leaves the kept chunk where it was against the tokens outside the
@@ -86,7 +101,9 @@ def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
     chunk: the whole chunk; sentence: the chunk's sentences that share the most content words
     or entities with the question (the whole chunk when none does); entity: only the
     question's entities where they occur in the chunk; body: the chunk after its first sentence
-    (an evaluation probe: biased whole, small models recite a passage from its opening).
+    (an evaluation probe: biased whole, small models recite a passage from its opening);
+    novel: the chunk less its echoes of the question (`echoes`): a lifted echo is what a small
+    model copies back (a KV record's key, the question restated) instead of what follows it.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
@@ -108,6 +125,19 @@ def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
                 base = prompt.chunk_chars[cid][0]
                 a, b = token_span(prompt.offsets, prompt.n_prefix, c2b[base + sents[1][0]], c2b[base + len(s.chunk.text)])
                 spans.append(BiasSpan(cid, (a, b), value, "body"))
+        elif granularity == "novel":
+            a, b = prompt.chunk_tokens[cid]
+            echo = echoes(prompt, a, b)
+            i = 0
+            while i < b - a:
+                if echo[i]:
+                    i += 1
+                    continue
+                j = i
+                while j < b - a and not echo[j]:
+                    j += 1
+                spans.append(BiasSpan(cid, (a + i, a + j), value, "novel"))
+                i = j
         elif granularity == "sentence":
             c2b = c2b or char_to_byte(prompt.text)
             base = prompt.chunk_chars[cid][0]

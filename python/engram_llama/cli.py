@@ -156,8 +156,8 @@ def cmd_run(args) -> int:
         raise UsageError("--target-share reads the documents without bias: it cannot go with --no-gate")
     if args.order == "move" and args.no_gate:
         raise UsageError("--order move reads the documents before it moves one: it cannot go with --no-gate")
-    if args.order == "move" and args.granularity != "chunk":
-        raise UsageError(f"--order move biases the whole moved chunk: it cannot go with --granularity {args.granularity}")
+    if args.order == "move" and args.granularity not in ("chunk", "novel"):
+        raise UsageError(f"--order move biases the moved chunk by its tokens: it cannot go with --granularity {args.granularity}")
     if args.order == "move" and args.target_share is not None:
         raise UsageError("--target-share reads the chunk where it was read, not where --order move puts it: "
                          "it cannot go with --order move")
@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rerank", type=int, default=None, metavar="K",
                    help="reread the K best chunks and rank them by how likely the model finds the question "
                         "after each (default 8; 0: BM25 and entities only)")
-    r.add_argument("--granularity", choices=["chunk", "sentence", "entity"], default="chunk")
+    r.add_argument("--granularity", choices=["chunk", "sentence", "entity", "novel"], default="chunk")
     r.add_argument("--order", choices=["auto", "keep", "edges", "move"], default="auto",
                    help="chunk order: keep yours, or edges (best last, next to the question; then +1 on that chunk alone "
                         "unless --strength/--top-k say otherwise), or move (dense models: the best chunk moved to the "

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import bias as bias_mod, relevance
+from .align import answer_token
 from .move import moved_prompt, moved_span, restore_seq, save_seq, shift_to_end
 from .probe import strength_over_rival, strengths
 from .chunks import Chunk
@@ -44,6 +45,29 @@ def judge(output: str, answers: list[str]) -> str:
     if not out or REFUSAL.search(output.lower()):
         return "refusal"
     return "wrong"
+
+
+ECHO_CHARS = 16  # miss_kind: a wrong answer that repeats this much of the question echoes it
+NEAR = 0.8       # miss_kind: similarity to a gold answer of a near miss (a copy that slipped)
+
+
+def miss_kind(output: str, answers: list[str], question: str) -> str:
+    """Why a wrong answer is wrong, for the report: "echo" (it repeats >= ECHO_CHARS normalised
+    characters of the question that no gold answer holds: a KV key copied, the question restated),
+    "near" (it opens with a gold answer of >= 8 characters garbled, similarity >= NEAR: a copy with
+    a piece repeated or dropped), or "other"."""
+    from difflib import SequenceMatcher
+
+    out, q = normalize(output), normalize(question)
+    m = SequenceMatcher(None, out, q, autojunk=False).find_longest_match(0, len(out), 0, len(q))
+    run = out[m.a:m.a + m.size]
+    if m.size >= ECHO_CHARS and not any(run in normalize(a) for a in answers):
+        return "echo"
+    for a in map(normalize, answers):
+        if len(a) >= 8 and max(SequenceMatcher(None, out[:len(a) + d], a, autojunk=False).ratio()
+                               for d in range(-4, 5)) >= NEAR:
+            return "near"
+    return "other"
 
 
 def load_nq(path: str | Path) -> list[dict]:
@@ -97,6 +121,8 @@ class Condition:
                                     # to the length's at the start; "auto": by length (runtime.mid_strength),
                                     # (lo, hi): mid_strength's +2 at lo tokens rising to +5 at hi
     lift: bool = False            # True: no bias on the answer's own queries (Runner.answer)
+    answer_granularity: str | None = None  # the spans for the queries from the question's end on
+                                    # (the answer prefix, the answer); None: `granularity` for all
     margin: float | None = None   # chunk weights exp(-(s_max - s_i)/margin) (relevance.select); None: s_i/s_max
     target: float | None = None   # the top chunk's share of the question's attention to reach (probe.py)
     per_layer: bool = True        # with target: a strength per layer from its own share, or one from their mean
@@ -187,10 +213,18 @@ class Runner:
         self.lc.llama_memory_clear(self.mem, True)
         self.decode(tokens[:q0], 0, False)
 
-    def answer(self, tokens: list[int], q0: int, lift: bool = False) -> str:
+    def answer(self, tokens: list[int], q0: int, lift: bool = False,
+               then: tuple[int, np.ndarray] | None = None) -> str:
         """Greedy answer after the documents' KV. lift: clear the bias once the prompt is read, so
-        only the question's queries (and the first answer token's choice) are steered."""
-        logits = self.decode(tokens[q0:], q0, True)
+        only the question's queries (and the first answer token's choice) are steered. then:
+        (a0, bias): the bias for the queries from token a0 on (the question's keep the one set)."""
+        if then:
+            a0, b2 = then
+            self.decode(tokens[q0:a0], q0, False)
+            self.eng.hook.set_bias(b2, gate=q0)
+            logits = self.decode(tokens[a0:], a0, True)
+        else:
+            logits = self.decode(tokens[q0:], q0, True)
         if lift:
             self.eng.hook.clear()
         out: list[int] = []
@@ -251,6 +285,7 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
 
     probed: dict[str, float] = {}  # condition -> the top chunk's unbiased share (target conditions)
     moved: dict[str, tuple[int, int]] = {}  # condition -> the span Runner.move shifted (undone after the answer)
+    switch: dict[str, tuple[int, np.ndarray]] = {}  # condition -> (answer token, its bias) (answer_granularity)
 
     def apply(c: Condition, prompt, pm, scored, gold_id, question) -> float:
         if c.relevance == "none":
@@ -280,6 +315,10 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         mid = (mid_strength(len(prompt.tokens)) if c.mid == "auto" else
                mid_strength(len(prompt.tokens), *c.mid) if isinstance(c.mid, tuple) else c.mid)
         b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far, mid=mid)
+        if c.answer_granularity:
+            b2, _ = bias_mod.build(prompt, sel, strength, c.answer_granularity, pm, question, near=c.near, far=far,
+                                   mid=mid)
+            switch[c.name] = (answer_token(prompt, question), b2)
         if c.others is not None:
             b = bias_mod.others(prompt, b, [s.chunk.id for s, _ in sel], c.others)
         eng.hook.set_layers(parse_layers(c.layers, dflt, softmax), 1.0)
@@ -376,7 +415,8 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                             t1 = time.perf_counter()
                             try:
                                 strength = apply(c, prompt, pm, scored, k, it.question)
-                                ans = runner.answer(prompt.tokens, prompt.question_token, lift=c.lift)
+                                ans = runner.answer(prompt.tokens, prompt.question_token, lift=c.lift,
+                                                    then=switch.pop(c.name, None))
                             finally:
                                 eng.hook.clear()
                                 if c.name in moved:
@@ -385,7 +425,8 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                                                     **probed.pop(c.name, {}),
                                                     "prefill_s": round(t_prefill, 2),
                                                     "answer_s": round(time.perf_counter() - t1, 2)}
-                        rec = {"id": it.id, "slot": slot, "condition": c.name, **cache[(key, c.name)],
+                        rec = {"id": it.id, "slot": slot, "condition": c.name, "question": it.question,
+                               **cache[(key, c.name)],
                                "judge": judge(cache[(key, c.name)]["answer"], it.answers), "answers": it.answers,
                                "gold_rank": rank,
                                "gold_pos": pos, "n_passages": len(prompt.chunk_order), "n_tokens": len(prompt.tokens),

@@ -36,14 +36,15 @@ def moved_span(prompt: Prompt, cid: int) -> tuple[int, int]:
 
 def moved_prompt(prompt: Prompt, a: int, b: int) -> Prompt:
     """The prompt's chunk spans once the tokens [a, b) sit at the end of the documents, those after
-    them moved up by b - a: the positions the cache holds after shift_to_end(..., a, b, q0)."""
+    them moved up by b - a: the positions the cache holds after shift_to_end(..., a, b, q0), and
+    the tokens in that order (the text, char spans and offsets stay the original's)."""
     q0, n = prompt.question_token, b - a
 
     def at(x: int) -> int:
         return x + (q0 - b) if a <= x < b else x - n if b <= x < q0 else x
 
     spans = {cid: (at(x), at(y - 1) + 1) for cid, (x, y) in prompt.chunk_tokens.items()}
-    return replace(prompt, chunk_tokens=spans)
+    return replace(prompt, chunk_tokens=spans, tokens=moved_tokens(prompt.tokens, a, b, q0))
 
 
 def shift_to_end(lc, mem, a: int, b: int, q0: int, back: bool = False, seq: int = 0) -> None:

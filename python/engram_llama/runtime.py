@@ -30,7 +30,7 @@ class Settings:
     mid: float | None = None          # strength a quarter to half the prompt before the question, falling to
                                       # `strength` at its start (bias.chunk_strength); None: by length
                                       # (MID) on dense models unless `strength` is set, 0: none
-    granularity: str = "chunk"        # "chunk", "sentence" or "entity"
+    granularity: str = "chunk"        # "chunk", "sentence", "entity" or "novel" (bias.build)
     gate: bool = True                 # bias only the question's and the answer's queries
     order: str = "auto"               # "keep" the given order, put the best chunks at the "edges", or
                                       # "move" the best chunk to the end of the cached documents
@@ -342,8 +342,8 @@ class EngramLlama:
             return "order 'move' needs the query gate: the documents are read before the move"
         if s.target is not None:
             return "order 'move' cannot take a target share: the probe reads the chunk before the move"
-        if s.granularity != "chunk":
-            return "order 'move' biases the whole moved chunk: granularity must be 'chunk'"
+        if s.granularity not in ("chunk", "novel"):
+            return "order 'move' biases the moved chunk by its tokens: granularity must be 'chunk' or 'novel'"
         return None
 
     def _moved_span(self, prompt, selected) -> tuple[int, int] | None:
