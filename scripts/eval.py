@@ -136,25 +136,29 @@ PRESETS["coremid"] = PRESETS["core"] + PRESETS["mid5"]  # ~2K and ~8K: in one pr
 # (runtime.mid_strength; equal to mid5 from 3K)
 # KV with the key restated, Gemma's last slot: the model copies the key, which the record shares with
 # the question; lifted with the record, the echo is what gets copied (more at +6 and +9). The
-# record less its echoes of the question (bias.echoes), at the default's ramp and flat +6
-PRESETS["novel"] = [Condition("engram top1 near2 novel", strength=0, top_k=1, near=2.0, granularity="novel"),
-                    Condition("engram top1 s6 novel", strength=6.0, top_k=1, granularity="novel")]
+# record less its echoes of the question (bias.echoes, runs of 3+ tokens), at the default's ramp
+# and flat +6
+PRESETS["novel"] = [Condition("engram top1 near2 novel", strength=0, top_k=1, near=2.0, granularity="novel", echo_run=3),
+                    Condition("engram top1 s6 novel", strength=6.0, top_k=1, granularity="novel", echo_run=3)]
 # the same on the other sets, each model's default with novel spans: Gemma's flat ramp, SmolLM2's
-# middle by length below 6144 tokens and the move + 2 from there
+# middle by length below 6144 tokens
 PRESETS["novelgemma"] = PRESETS["novel"][:1]
-# novel costs KV's first and middle slots a little (75% -> 67%, 92% -> 75%): the key helps the
-# question find the record and harms only the answer's copy, so the whole chunk for the question's
-# queries and the novel spans from the question's end on (the answer prefix, the answer)
-PRESETS["novelans"] = [Condition("engram top1 near2 novel-answer", strength=0, top_k=1, near=2.0,
-                                 answer_granularity="novel")]
-PRESETS["novelboth"] = PRESETS["novel"] + PRESETS["novelans"]
-PRESETS["novelgemma2"] = PRESETS["novelgemma"] + PRESETS["novelans"]
 PRESETS["novelsmol"] = [Condition("engram top1 near2 midauto novel", strength=0, top_k=1, near=2.0, mid="auto",
-                                  granularity="novel")]
-PRESETS["novelmove"] = [Condition("move top1 + engram s2 novel", strength=2.0, top_k=1, move=True, granularity="novel")]
-PRESETS["novelsmol2"] = PRESETS["novelsmol"] + [
-    Condition("engram top1 near2 midauto novel-answer", strength=0, top_k=1, near=2.0, mid="auto",
-              answer_granularity="novel")]
+                                  granularity="novel", echo_run=3)]
+# novel costs KV's first and middle slots a little (75% -> 67%, 92% -> 75%): is it the question's
+# queries that need the key to find the record? The whole chunk for them and the novel spans from
+# the question's end on (the answer prefix, the answer)
+PRESETS["novelans"] = [Condition("engram top1 near2 novel-answer", strength=0, top_k=1, near=2.0,
+                                 answer_granularity="novel", echo_run=3)]
+# runs of 3-5 tokens are the names NQ's questions are about (none of 6+ in 80 gold passages), and
+# unbiasing them cost NQ three answers on Gemma: echoes from 6 tokens (bias.ECHO_RUN), the keys,
+# codes and restated phrases; each model's default with them (SmolLM2 from 6144: the move + 2)
+PRESETS["novel6gemma"] = [Condition("engram top1 near2 novel6", strength=0, top_k=1, near=2.0, granularity="novel",
+                                    echo_run=6)]
+PRESETS["novel6smol"] = [Condition("engram top1 near2 midauto novel6", strength=0, top_k=1, near=2.0, mid="auto",
+                                   granularity="novel", echo_run=6)]
+PRESETS["novel6move"] = [Condition("move top1 + engram s2 novel6", strength=2.0, top_k=1, move=True,
+                                   granularity="novel", echo_run=6)]
 PRESETS["mid1k"] = [Condition("engram top1 near2 mid1k", strength=0, top_k=1, near=2.0, mid=(1024, 2896.31))]
 PRESETS["midauto"] = [Condition("engram top1 near2 midauto", strength=0, top_k=1, near=2.0, mid="auto")]
 # SmolLM2 ~8K: the first slot does not move under any strength on the second half's layers (the
@@ -495,6 +499,7 @@ def main():
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
     r.add_argument("--dataset", choices=["nq", "kv", "domain"], default="nq")
     r.add_argument("--slots", default="first,middle,last", help="gold slots to run, comma-separated")
+    r.add_argument("--ids", default=None, help="only these item ids, comma-separated (where a condition can differ)")
     r.add_argument("--rerank", type=int, default=None, metavar="K",
                    help="chunks reread for the question's likelihood (default: the runtime's; 0: ranking r3)")
     r.add_argument("--restate-key", action="store_true",
@@ -561,7 +566,8 @@ def main():
     try:
         run(args.model or default_model(), args.out, n_items=args.n, n_passages=args.passages,
             conditions=PRESETS[args.preset], data=data, n_ctx=args.ctx_size, chat=not args.no_chat,
-            log=log, dataset=args.dataset, slots=slots, rerank=args.rerank, restate_key=args.restate_key)
+            log=log, dataset=args.dataset, slots=slots, rerank=args.rerank, restate_key=args.restate_key,
+            only=set(args.ids.split(",")) if args.ids else None)
     except ValueError as e:  # a file made with another prompt, a condition that cannot run
         sys.exit(f"eval run: {e}")
     return 0

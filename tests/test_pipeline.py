@@ -217,17 +217,19 @@ def test_sentence_spans_and_sentence_granularity():
 
 
 def test_novel_granularity_leaves_the_questions_echoes_unbiased():
-    """A run of >= ECHO_RUN token ids that the question repeats (a KV record's key) is left out;
-    shorter shared runs (one or two tokens) stay biased."""
+    """A run of >= echo_run token ids that the question repeats (a KV record's key) is left out;
+    shorter shared runs stay biased (at the default ECHO_RUN = 6, NQ's names of 3-5 tokens)."""
     # chunk 0 = tokens [1, 11): 7 8 9 | 50 | 7 8 | 51 52 53 54; question from 12: 60 7 8 9 61 7 8
     toks = [0, 7, 8, 9, 50, 7, 8, 51, 52, 53, 54, 0, 60, 7, 8, 9, 61, 7, 8]
     prompt = align.Prompt(text="", tokens=toks, chunk_order=[0], chunk_chars={0: (0, 10)}, chunk_tokens={0: (1, 11)},
                           question_token=12, offsets=list(range(len(toks) + 1)), n_prefix=0)
-    assert bias.echoes(prompt, 1, 11).tolist() == [True] * 3 + [False] * 7
+    assert bias.echoes(prompt, 1, 11, n=3).tolist() == [True] * 3 + [False] * 7
     assert bias.echoes(prompt, 1, 11, n=2).tolist() == [True] * 3 + [False] + [True] * 2 + [False] * 4
     sel = [(relevance.Scored(Chunk(0, "a", "x"), 1.0, 0.0, 1.0), 1.0)]
-    b, spans = bias.build(prompt, sel, 2.0, "novel")
-    assert [s.tokens for s in spans] == [(4, 11)]
+    assert bias.ECHO_RUN == 6 and not bias.echoes(prompt, 1, 11).any()  # 3 tokens: kept at the default
+    assert [(s.tokens, s.what) for s in bias.build(prompt, sel, 2.0, "novel")[1]] == [((1, 11), "chunk")]
+    b, spans = bias.build(prompt, sel, 2.0, "novel", echo_run=3)
+    assert [(s.tokens, s.what) for s in spans] == [((4, 11), "novel")]
     want = np.zeros(len(toks), np.float32)
     want[4:11] = 2.0
     np.testing.assert_array_equal(b, want)
@@ -235,9 +237,14 @@ def test_novel_granularity_leaves_the_questions_echoes_unbiased():
     toks2 = [0, 50, 7, 8, 9, 51, 0, 7, 8, 9]
     p2 = align.Prompt(text="", tokens=toks2, chunk_order=[0], chunk_chars={0: (0, 5)}, chunk_tokens={0: (1, 6)},
                       question_token=7, offsets=list(range(11)), n_prefix=0)
-    assert [s.tokens for s in bias.build(p2, sel, 1.0, "novel")[1]] == [(1, 2), (5, 6)]
+    assert [s.tokens for s in bias.build(p2, sel, 1.0, "novel", echo_run=3)[1]] == [(1, 2), (5, 6)]
     p2.tokens = [0, 50, 7, 8, 9, 51, 0, 7, 8, 3]
-    assert [s.tokens for s in bias.build(p2, sel, 1.0, "novel")[1]] == [(1, 6)]
+    assert [s.tokens for s in bias.build(p2, sel, 1.0, "novel", echo_run=3)[1]] == [(1, 6)]
+    # a six-token echo (a key, a code) at the default
+    p3 = align.Prompt(text="", tokens=[0, 5, 1, 2, 3, 4, 5, 6, 9, 0, 1, 2, 3, 4, 5, 6], chunk_order=[0],
+                      chunk_chars={0: (0, 8)}, chunk_tokens={0: (1, 9)}, question_token=9,
+                      offsets=list(range(17)), n_prefix=0)
+    assert [s.tokens for s in bias.build(p3, sel, 1.0, "novel")[1]] == [(1, 2), (8, 9)]
 
 
 def test_extractor_without_spacy_model_warns_once_and_falls_back(capsys):

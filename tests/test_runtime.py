@@ -16,6 +16,25 @@ def chunks():
     return split(docs)
 
 
+def test_prefill_reuses_nothing_from_the_gate_on_across_bias_settings(chunks):
+    """The question's KV depends on the bias: a question prefilled unbiased is decoded again once a
+    bias is set, and one decoded under a bias is not reused unbiased; the documents are."""
+    q = "What is the health cover per family under Ayushman Bharat?"
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
+    p, *_ = eng.prepare(q, chunks, 6)
+    q0, n = p.question_token, len(p.tokens)
+    assert eng.hook.gate() is None and eng.prefill(p.tokens) == 0
+    assert eng.prefill(p.tokens) == n - 1              # no bias before or now: all of it
+    eng.hook.set_layers(default_layers(eng.hook.kinds), 1.0)
+    eng.hook.set_bias(np.zeros(n, np.float32), gate=q0)
+    assert eng.hook.gate() == q0 and eng.prefill(p.tokens) == q0   # the question again, under the bias
+    assert eng.prefill(p.tokens) == q0                 # a bias now: never past the gate
+    eng.hook.clear()
+    assert eng.hook.gate() is None and eng.prefill(p.tokens) == q0  # the cached question was biased
+    assert eng.prefill(p.tokens) == n - 1
+    eng.close()
+
+
 def test_follow_up_reuses_the_documents_and_answers_as_a_fresh_run(chunks):
     q1 = "How much money does a farmer family get each year under PM-KISAN?"
     q2 = "What is the health cover per family under Ayushman Bharat?"
@@ -321,9 +340,18 @@ def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question
     assert a.moved == (lo, hi)
     moved_text = eng.llm.detokenize(prompt.tokens[lo:hi]).decode()
     assert moved_text.startswith(f"Document [{a.citations[0].position}] (") and moved_text.endswith("\n\n")
-    # MOVE_STRENGTH on the chunk's text where the cache holds it: shifted by q0 - hi, up to the blank line
+    # MOVE_STRENGTH on the chunk's text where the cache holds it: shifted by q0 - hi, up to the blank
+    # line; the default granularity (novel) leaves out the question's echoes, read at the old place
+    from engram_llama import bias as bias_mod
+
     x, y = prompt.chunk_tokens[best]
-    assert [(s.chunk_id, s.tokens, s.value) for s in a.spans] == [(best, (x + q0 - hi, y + q0 - hi), pytest.approx(MOVE_STRENGTH))]
+    want = np.zeros(len(prompt.tokens), np.float32)
+    want[x + q0 - hi:y + q0 - hi] = np.where(bias_mod.echoes(prompt, x, y), 0.0, MOVE_STRENGTH)
+    got = np.zeros_like(want)
+    for s in a.spans:
+        assert s.chunk_id == best and s.value == pytest.approx(MOVE_STRENGTH)
+        got[s.tokens[0]:s.tokens[1]] = s.value
+    np.testing.assert_allclose(got, want)
     assert f"order move: chunk {best} (document [{a.citations[0].position}]) moved" in _explain(a, len(chunks))
     # a second moved question decodes only its question and answer: the documents stay cached
     decoded = []
@@ -339,7 +367,10 @@ def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question
     p3, *_ = eng.prepare(q3, chunks, 4)
     last = p3.chunk_order[-1]
     assert c.order == "move" and c.moved is None and c.citations[0].chunk.id == last
-    assert [(s.chunk_id, s.tokens) for s in c.spans] == [(last, p3.chunk_tokens[last])]
+    lx, ly = p3.chunk_tokens[last]
+    assert {s.chunk_id for s in c.spans} == {last}
+    assert sorted(t for s in c.spans for t in range(*s.tokens)) == [
+        t for t, e in zip(range(lx, ly), bias_mod.echoes(p3, lx, ly)) if not e]
     assert "is already last: not moved" in _explain(c, len(chunks))
     # the cache holds the documents in the given order again: a follow-up in the given order
     # reuses them and answers as a fresh run does

@@ -104,6 +104,7 @@ class Hook:
         self._ctx = ffi.cast("struct llama_context *", _address(ctx_ptr))
         self._model_ptr = model_ptr
         self.kinds = layer_kinds(model_ptr)
+        self._gates: dict[int, int] = {}  # seq -> the first query position its bias applies to
 
     @property
     def n_layer(self) -> int:
@@ -159,10 +160,20 @@ class Hook:
             raise EngramError(lib.LLAMA_ENGRAM_ERR_VALUE, f"bias must be one-dimensional, got shape {arr.shape}")
         ptr = ffi.cast("const float *", ffi.from_buffer(arr)) if arr.size else ffi.NULL
         _check(lib.llama_engram_set_seq(self._ctx, int(seq_id), ptr, int(arr.size), int(gate)))
+        self._gates[int(seq_id)] = int(gate)
 
     def clear(self, seq_id: int | None = None) -> None:
         """Remove the bias of one sequence, or of all."""
         _check(lib.llama_engram_clear_seq(self._ctx, -1 if seq_id is None else int(seq_id)))
+        if seq_id is None:
+            self._gates.clear()
+        else:
+            self._gates.pop(int(seq_id), None)
+
+    def gate(self, seq_id: int = 0) -> int | None:
+        """The first query position that a sequence's bias applies to; None: no bias set. A
+        decode's KV from that position on depends on the bias (what a cache may reuse)."""
+        return self._gates.get(int(seq_id))
 
     @property
     def active(self) -> bool:

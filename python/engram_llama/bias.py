@@ -11,7 +11,7 @@ from .pointer_map import PointerMap
 from .relevance import Scored
 
 GRANULARITIES = ("chunk", "sentence", "entity", "body", "novel")
-ECHO_RUN = 3  # novel: a run of this many tokens that the question (or answer prefix) repeats is an echo
+ECHO_RUN = 6  # novel: a run of this many tokens that the question (or answer prefix) repeats is an echo
 
 _STOP = set("the a an of in on at to for and or is are was were be been by with from as that this what which who "
             "whom when where why how does do did has have had it its into per under each".split())
@@ -95,7 +95,7 @@ def others(prompt: Prompt, bias: np.ndarray, keep: list[int], value: float) -> n
 def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
           granularity: str = "chunk", pm: PointerMap | None = None, question: str = "",
           near: float | None = None, far: float | None = None,
-          mid: float | None = None) -> tuple[np.ndarray, list[BiasSpan]]:
+          mid: float | None = None, echo_run: int = ECHO_RUN) -> tuple[np.ndarray, list[BiasSpan]]:
     """One float per prompt token (0 outside the biased spans) and the spans, for --explain.
 
     chunk: the whole chunk; sentence: the chunk's sentences that share the most content words
@@ -127,17 +127,13 @@ def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
                 spans.append(BiasSpan(cid, (a, b), value, "body"))
         elif granularity == "novel":
             a, b = prompt.chunk_tokens[cid]
-            echo = echoes(prompt, a, b)
-            i = 0
-            while i < b - a:
-                if echo[i]:
-                    i += 1
-                    continue
-                j = i
-                while j < b - a and not echo[j]:
-                    j += 1
-                spans.append(BiasSpan(cid, (a + i, a + j), value, "novel"))
-                i = j
+            keep = ~echoes(prompt, a, b, echo_run)
+            if keep.all():
+                spans.append(BiasSpan(cid, (a, b), value, "chunk"))
+            else:  # the runs between the echoes: +1 where one starts, -1 where it ends
+                edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.astype(np.int8), [0]))))
+                spans.extend(BiasSpan(cid, (a + int(x), a + int(y)), value, "novel")
+                             for x, y in zip(edges[::2], edges[1::2]))
         elif granularity == "sentence":
             c2b = c2b or char_to_byte(prompt.text)
             base = prompt.chunk_chars[cid][0]

@@ -413,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rerank", type=int, default=None, metavar="K",
                    help="reread the K best chunks and rank them by how likely the model finds the question "
                         "after each (default 8; 0: BM25 and entities only)")
-    r.add_argument("--granularity", choices=["chunk", "sentence", "entity", "novel"], default="chunk")
+    r.add_argument("--granularity", choices=["novel", "chunk", "sentence", "entity"], default="novel",
+                   help="what of a chunk gets the bias: novel (default) leaves out the runs of 6+ tokens "
+                        "that the question repeats (a key, a code), which small models copy back instead "
+                        "of what follows them; chunk: all of it")
     r.add_argument("--order", choices=["auto", "keep", "edges", "move"], default="auto",
                    help="chunk order: keep yours, or edges (best last, next to the question; then +1 on that chunk alone "
                         "unless --strength/--top-k say otherwise), or move (dense models: the best chunk moved to the "

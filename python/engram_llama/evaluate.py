@@ -121,6 +121,7 @@ class Condition:
                                     # to the length's at the start; "auto": by length (runtime.mid_strength),
                                     # (lo, hi): mid_strength's +2 at lo tokens rising to +5 at hi
     lift: bool = False            # True: no bias on the answer's own queries (Runner.answer)
+    echo_run: int | None = None   # novel: bias.build's echo_run (None: bias.ECHO_RUN)
     answer_granularity: str | None = None  # the spans for the queries from the question's end on
                                     # (the answer prefix, the answer); None: `granularity` for all
     margin: float | None = None   # chunk weights exp(-(s_max - s_i)/margin) (relevance.select); None: s_i/s_max
@@ -247,9 +248,10 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
         conditions: list[Condition] | None = None, data: str = "../shared/data/nq-open-dev.jsonl.gz",
         n_ctx: int = 4096, answerable_only: bool = True, seed: int = 0, chat: bool = True, log=print,
         dataset: str = "nq", max_new: int | None = None, rerank: int | None = None,
-        restate_key: bool = False) -> None:
+        restate_key: bool = False, only: set[str] | None = None) -> None:
     """rerank: chunks reread for the question's likelihood (Settings.rerank); 0 ranks as r3 did.
-    restate_key: KV answers start with the record's key (datasets.kv), the closed-book filter too."""
+    restate_key: KV answers start with the record's key (datasets.kv), the closed-book filter too.
+    only: these item ids alone (the items where a condition can differ from one already run)."""
     from . import datasets
     from .runtime import EngramLlama, Settings, auto_strength, default_layers, mid_strength
 
@@ -314,10 +316,11 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                 return 0.0
         mid = (mid_strength(len(prompt.tokens)) if c.mid == "auto" else
                mid_strength(len(prompt.tokens), *c.mid) if isinstance(c.mid, tuple) else c.mid)
-        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far, mid=mid)
+        run = {"echo_run": c.echo_run} if c.echo_run else {}
+        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far, mid=mid, **run)
         if c.answer_granularity:
             b2, _ = bias_mod.build(prompt, sel, strength, c.answer_granularity, pm, question, near=c.near, far=far,
-                                   mid=mid)
+                                   mid=mid, **run)
             switch[c.name] = (answer_token(prompt, question), b2)
         if c.others is not None:
             b = bias_mod.others(prompt, b, [s.chunk.id for s, _ in sel], c.others)
@@ -361,6 +364,8 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
             if used >= n_items:
                 break
             it = items[idx]
+            if only is not None and it.id not in only:
+                continue
             gold = Chunk(0, *it.gold)
             # closed-book filter: keep questions the model answers from the gold passage alone
             if it.id in unanswerable:

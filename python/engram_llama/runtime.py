@@ -30,7 +30,9 @@ class Settings:
     mid: float | None = None          # strength a quarter to half the prompt before the question, falling to
                                       # `strength` at its start (bias.chunk_strength); None: by length
                                       # (MID) on dense models unless `strength` is set, 0: none
-    granularity: str = "chunk"        # "chunk", "sentence", "entity" or "novel" (bias.build)
+    granularity: str = "novel"        # "novel" (the chunk less its echoes of the question: a KV key,
+                                      # a restated phrase; docs/EVAL.md "Novel spans"), "chunk",
+                                      # "sentence" or "entity" (bias.build)
     gate: bool = True                 # bias only the question's and the answer's queries
     order: str = "auto"               # "keep" the given order, put the best chunks at the "edges", or
                                       # "move" the best chunk to the end of the cached documents
@@ -192,6 +194,7 @@ class EngramLlama:
             self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
                                        n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose)
         self.hook = Hook(self.llm)
+        self._unbiased = 0  # how many cached tokens were decoded with no bias on their queries (prefill)
         self.settings = settings or Settings()
         self.table = table
         self.extract = extractor or Extractor(table=table)  # warns once when spaCy's model is missing
@@ -430,16 +433,20 @@ class EngramLlama:
         follow-up question comes on the same chunks); returns how many tokens were reused.
 
         With the query gate the documents' KV does not depend on the bias, so reusing it across
-        questions and bias settings is exact. Recurrent and hybrid memories cannot be cut back to a
-        prefix, so they prefill again.
+        questions and bias settings is exact; the question's does, so nothing from the gate on
+        (of the cached decode or of this one) is reused: a question asked again, or prefilled
+        before its bias was set, is decoded again under the bias it gets now. Recurrent and
+        hybrid memories cannot be cut back to a prefix, so they prefill again.
         """
         llm = self.llm
         n_old = llm.n_tokens
+        gate = self.hook.gate(0)
         p = 0
-        for a, b in zip(llm.input_ids[:n_old], tokens[:-1]):
+        for a, b in zip(llm.input_ids[:min(n_old, self._unbiased)], tokens[:-1][:gate]):
             if a != b:
                 break
             p += 1
+        self._unbiased = sys.maxsize if gate is None else gate  # the cache from here on: decoded under the bias
         if p == 0 or not llm._ctx.kv_cache_seq_rm(-1, p, -1):
             llm.reset()
             llm._ctx.kv_cache_clear()
