@@ -164,3 +164,22 @@ $PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset move2 
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset gemmalong --out $R/domain-gemma3-270m-60p.jsonl || true
 $PY run --rerank 0 --dataset kv --n 6 --passages 75 -c 8192 --preset movecore2 --out $R/kv-smollm2-75r.jsonl
 $PY run --n 24 --passages 58 -c 8192 --preset move2 --out $R/nq-smollm2-58p-r4.jsonl
+# novel spans (the chunk less its echoes of the question): runs of 3+ first, then 6+ (the default)
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 12 --passages 48 -c 6144 --preset novel --out $R/kv-gemma3-270m-48r-key.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 12 --passages 48 -c 6144 --preset novelans --out $R/kv-gemma3-270m-48r-key.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 6 --passages 75 -c 8192 --preset novel --out $R/kv-gemma3-270m-75r-key.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 6 --passages 75 -c 8192 --preset novelans --out $R/kv-gemma3-270m-75r-key.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset novelgemma --out $R/domain-gemma3-270m-36p-r4.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --n 24 --passages 30 -c 6144 --preset novelgemma --out $R/nq-gemma3-270m-30p-r4.jsonl || true
+$PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset novelsmol --out $R/kv-smollm2-42r.jsonl
+$PY run --rerank 0 --dataset domain --n 1 --passages 36 -c 6144 --preset novelsmol --out $R/domain-smollm2-36p.jsonl   # stopped after one item
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 12 --passages 48 -c 6144 --preset novel6gemma --out $R/kv-gemma3-270m-48r-key.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --dataset domain --n 12 --passages 36 -c 6144 --preset novel6gemma --out $R/domain-gemma3-270m-36p-r4.jsonl || true
+$PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset novel6smol --out $R/domain-smollm2-36p.jsonl
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 6 --passages 75 -c 8192 --preset novel6gemma --out $R/kv-gemma3-270m-75r-key.jsonl || true
+$PY run --rerank 0 --dataset kv --n 6 --passages 75 -c 8192 --preset novel6move --out $R/kv-smollm2-75r.jsonl
+# NQ: the one answered item whose chunks hold a 6-token echo (scripts/echo_runs.py --n 6)
+$PY run --n 24 --passages 7 -c 2048 --preset novel6smol --ids nq-2463 --out $R/nq-smollm2-7p-r4.jsonl
+$PY run --n 24 --passages 15 -c 4096 --preset novel6smol --ids nq-2463 --out $R/nq-smollm2-15p-r4.jsonl
+$PY run --n 24 --passages 30 -c 6144 --preset novel6smol --ids nq-2463 --out $R/nq-smollm2-30p-r4.jsonl
+$PY run --n 24 --passages 58 -c 8192 --preset novel6move --ids nq-2463 --out $R/nq-smollm2-58p-r4.jsonl
