@@ -316,11 +316,11 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                 return 0.0
         mid = (mid_strength(len(prompt.tokens)) if c.mid == "auto" else
                mid_strength(len(prompt.tokens), *c.mid) if isinstance(c.mid, tuple) else c.mid)
-        run = {"echo_run": c.echo_run} if c.echo_run else {}
-        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far, mid=mid, **run)
+        echo = {"echo_run": c.echo_run} if c.echo_run else {}
+        b, _ = bias_mod.build(prompt, sel, strength, c.granularity, pm, question, near=c.near, far=far, mid=mid, **echo)
         if c.answer_granularity:
             b2, _ = bias_mod.build(prompt, sel, strength, c.answer_granularity, pm, question, near=c.near, far=far,
-                                   mid=mid, **run)
+                                   mid=mid, **echo)
             switch[c.name] = (answer_token(prompt, question), b2)
         if c.others is not None:
             b = bias_mod.others(prompt, b, [s.chunk.id for s, _ in sel], c.others)
