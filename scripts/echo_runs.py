@@ -36,10 +36,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=None, help="count the evaluated NQ items' chunks with a run of n+")
     args = ap.parse_args()
-    from llama_cpp import Llama
-
-    import engram_llama  # noqa: F401  (the patched libllama first)
+    import engram_llama  # noqa: F401  (the patched libllama before llama_cpp)
     from engram_llama import datasets
+    from llama_cpp import Llama
     from engram_llama.cli import default_model
 
     models = [("SmolLM2-135M", default_model(), "nq-smollm2-*")]

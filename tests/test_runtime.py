@@ -215,21 +215,24 @@ def test_lifted_bias_steers_the_question_and_not_the_answer(chunks):
         eng.hook.set_bias(b, gate=q0)
         return runner.answer(prompt.tokens, q0, **kw)
 
+    def greedy(logits):  # the reference: Runner.answer's loop written out
+        out, pos = [], len(prompt.tokens)
+        for _ in range(6):
+            t = int(np.argmax(logits))
+            if t in runner.stop_ids:
+                break
+            out.append(t)
+            logits = runner.decode([t], pos, True)
+            pos += 1
+        return eng.llm.detokenize(out).decode("utf-8", "ignore").split("\n")[0].strip()
+
     kept, lifted = with_bias(), with_bias(lift=True)
     assert not eng.hook.active
     runner.prefill_docs(prompt.tokens, q0)
     eng.hook.set_bias(b, gate=q0)
     logits = runner.decode(prompt.tokens[q0:], q0, True)
     eng.hook.clear()
-    out, pos = [], len(prompt.tokens)
-    for _ in range(6):
-        t = int(np.argmax(logits))
-        if t in runner.stop_ids:
-            break
-        out.append(t)
-        logits = runner.decode([t], pos, True)
-        pos += 1
-    want = eng.llm.detokenize(out).decode("utf-8", "ignore").split("\n")[0].strip()
+    want = greedy(logits)
     # then=(a, bias2): the question's queries keep b, those from the question's end on get bias2
     from engram_llama.align import answer_token
 
@@ -242,15 +245,7 @@ def test_lifted_bias_steers_the_question_and_not_the_answer(chunks):
     runner.decode(prompt.tokens[q0:at], q0, False)
     eng.hook.clear()
     logits = runner.decode(prompt.tokens[at:], at, True)
-    out, pos = [], len(prompt.tokens)
-    for _ in range(6):
-        t = int(np.argmax(logits))
-        if t in runner.stop_ids:
-            break
-        out.append(t)
-        logits = runner.decode([t], pos, True)
-        pos += 1
-    want_switched = eng.llm.detokenize(out).decode("utf-8", "ignore").split("\n")[0].strip()
+    want_switched = greedy(logits)
     same = with_bias(then=(at, b))
     eng.close()
     assert lifted == want
