@@ -178,6 +178,7 @@ $PY run --rerank 0 --dataset domain --n 1 --passages 36 -c 6144 --preset novelsm
 $PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset novel6smol --out $R/domain-smollm2-36p.jsonl
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 6 --passages 75 -c 8192 --preset novel6gemma --out $R/kv-gemma3-270m-75r-key.jsonl || true
 $PY run --rerank 0 --dataset kv --n 6 --passages 75 -c 8192 --preset novel6move --out $R/kv-smollm2-75r.jsonl
+$PY run --rerank 0 --dataset kv --n 6 --passages 42 -c 6144 --preset novel6smol --out $R/kv-smollm2-42r.jsonl
 # NQ: the one answered item whose chunks hold a 6-token echo (scripts/echo_runs.py --n 6)
 $PY run --n 24 --passages 7 -c 2048 --preset novel6smol --ids nq-2463 --out $R/nq-smollm2-7p-r4.jsonl
 $PY run --n 24 --passages 15 -c 4096 --preset novel6smol --ids nq-2463 --out $R/nq-smollm2-15p-r4.jsonl
