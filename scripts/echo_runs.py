@@ -38,6 +38,7 @@ def main() -> int:
     args = ap.parse_args()
     import engram_llama  # noqa: F401  (the patched libllama before llama_cpp)
     from engram_llama import datasets
+    from engram_llama.bias import echo_mask
     from llama_cpp import Llama
     from engram_llama.cli import default_model
 
@@ -58,11 +59,9 @@ def main() -> int:
             n_chunks = 0
             for it in items:
                 q = tok(f"Question: {it.question}\nAnswer:")
-                grams = {tuple(q[i:i + args.n]) for i in range(len(q) - args.n + 1)}
                 for _, text in [it.gold, *it.distractors]:
-                    t = tok(text)
                     n_chunks += 1
-                    if any(tuple(t[i:i + args.n]) in grams for i in range(len(t) - args.n + 1)):
+                    if echo_mask(tok(text), q, args.n).any():
                         hits[it.id] += 1
             print(f"{name}: {len(items)} NQ items answered in docs/results, 58 passages each: {sum(hits.values())} of "
                   f"{n_chunks} chunks hold a run of {args.n}+ tokens of the question, in items {dict(hits)}")

@@ -71,10 +71,13 @@ def echoes(prompt: Prompt, a: int, b: int, n: int = ECHO_RUN) -> np.ndarray:
     """Which tokens of [a, b) lie in a run of n or more tokens that also stands after the
     question's first token (the question, the answer prefix): by token ids, so a key, a name or
     a phrase the question quotes, not a shared word."""
-    tail = prompt.tokens[prompt.question_token:]
+    return echo_mask(prompt.tokens[a:b], prompt.tokens[prompt.question_token:], n)
+
+
+def echo_mask(toks: list[int], tail: list[int], n: int = ECHO_RUN) -> np.ndarray:
+    """`echoes` on bare token lists (scripts/echo_runs.py counts chunks tokenized on their own)."""
     grams = {tuple(tail[i:i + n]) for i in range(len(tail) - n + 1)}
-    toks = prompt.tokens[a:b]
-    out = np.zeros(b - a, dtype=bool)
+    out = np.zeros(len(toks), dtype=bool)
     for i in range(len(toks) - n + 1):
         if tuple(toks[i:i + n]) in grams:
             out[i:i + n] = True
