@@ -159,6 +159,8 @@ PRESETS["novel6smol"] = [Condition("engram top1 near2 midauto novel6", strength=
                                    granularity="novel", echo_run=6)]
 PRESETS["novel6move"] = [Condition("move top1 + engram s2 novel6", strength=2.0, top_k=1, move=True,
                                    granularity="novel", echo_run=6)]
+# KV with "Answer:" at 75 records on Gemma-3-270M: the default (novel spans) against vanilla and reordering
+PRESETS["kvnovel"] = [c for c in PRESETS["core"] if c.name in ("vanilla", "reorder")] + PRESETS["novel6gemma"]
 PRESETS["mid1k"] = [Condition("engram top1 near2 mid1k", strength=0, top_k=1, near=2.0, mid=(1024, 2896.31))]
 PRESETS["midauto"] = [Condition("engram top1 near2 midauto", strength=0, top_k=1, near=2.0, mid="auto")]
 # SmolLM2 ~8K: the first slot does not move under any strength on the second half's layers (the

@@ -184,3 +184,7 @@ $PY run --n 24 --passages 7 -c 2048 --preset novel6smol --ids nq-2463 --out $R/n
 $PY run --n 24 --passages 15 -c 4096 --preset novel6smol --ids nq-2463 --out $R/nq-smollm2-15p-r4.jsonl
 $PY run --n 24 --passages 30 -c 6144 --preset novel6smol --ids nq-2463 --out $R/nq-smollm2-30p-r4.jsonl
 $PY run --n 24 --passages 58 -c 8192 --preset novel6move --ids nq-2463 --out $R/nq-smollm2-58p-r4.jsonl
+# novel spans at 6+ on the sets at 60 bulletins (~7.6K SmolLM2 moved, ~6.5K Gemma) and on Gemma's KV with "Answer:"
+$PY run --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset novel6move --out $R/domain-smollm2-60p.jsonl
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset novel6gemma --out $R/domain-gemma3-270m-60p.jsonl || true
+[ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --n 6 --passages 48 -c 6144 --preset novel6gemma --out $R/kv-gemma3-270m-48r.jsonl || true
