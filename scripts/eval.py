@@ -161,6 +161,10 @@ PRESETS["novel6move"] = [Condition("move top1 + engram s2 novel6", strength=2.0,
                                    granularity="novel", echo_run=6)]
 # KV with "Answer:" at 75 records on Gemma-3-270M: the default (novel spans) against vanilla and reordering
 PRESETS["kvnovel"] = [c for c in PRESETS["core"] if c.name in ("vanilla", "reorder")] + PRESETS["novel6gemma"]
+# the move's first slot on the domain set (17% at ~4.6K and ~7.6K, the given order 83% / 33%): the moved
+# chunk's cells were computed where it was read; read again at the end instead (a chunk's prefill)
+PRESETS["reread"] = [Condition("move top1 + engram s2 novel6 reread", strength=2.0, top_k=1, move=True,
+                               granularity="novel", echo_run=6, reread=True)]
 PRESETS["mid1k"] = [Condition("engram top1 near2 mid1k", strength=0, top_k=1, near=2.0, mid=(1024, 2896.31))]
 PRESETS["midauto"] = [Condition("engram top1 near2 midauto", strength=0, top_k=1, near=2.0, mid="auto")]
 # SmolLM2 ~8K: the first slot does not move under any strength on the second half's layers (the

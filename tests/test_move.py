@@ -8,7 +8,7 @@ from conftest import N_GPU_LAYERS
 from engram_llama import llama_cpp, synth
 from engram_llama.align import Prompt
 from engram_llama.lowlevel import Context, Model
-from engram_llama.move import moved_prompt, moved_tokens, shift_to_end
+from engram_llama.move import moved_prompt, moved_tokens, reread_to_end, shift_to_end
 
 
 def test_shift_to_end_equals_a_reordered_prefill_on_one_layer(tmp_path):
@@ -55,3 +55,57 @@ def test_shift_to_end_equals_a_reordered_prefill_on_one_layer(tmp_path):
     assert mp.chunk_tokens == {0: (0, 4), 1: (24, 32), 2: (4, 24)}
     assert [mp.tokens[x:y] for x, y in (mp.chunk_tokens[1], mp.chunk_tokens[2])] == [ids[4:12], ids[12:32]]
     assert moved_tokens(list(range(36)), a, b, q0) == list(range(4)) + list(range(12, 32)) + list(range(4, 12)) + [32, 33, 34, 35]
+
+
+def test_reread_to_end_reads_the_chunk_where_reordering_would():
+    """reread_to_end recomputes the moved chunk's cells at the documents' end. On one layer that is
+    a reordered prefill with no re-rotation at all (tighter than the shift); on two layers, where a
+    cell depends on the tokens before it, a chunk already last read again must leave every logit as
+    it was (the cells removed and computed again at the same places, the same context)."""
+    from tempfile import TemporaryDirectory
+    from pathlib import Path
+
+    ids = None
+    out = {}
+    with TemporaryDirectory() as d:
+        for n_layer in (1, 2):
+            path = Path(d) / f"llama{n_layer}.gguf"
+            synth.make_model(synth.Shape("llama", n_layer=n_layer), path, seed=7, stdev=1.0)
+            model = Model(path, n_gpu_layers=N_GPU_LAYERS)
+            ids = ids or [int(t) for t in np.random.default_rng(3).integers(0, model.n_vocab, 40)]
+            q0 = 32
+            with Context(model, n_ctx=128) as ctx:
+                mem = llama_cpp.llama_get_memory(ctx.ptr)
+
+                def ask() -> np.ndarray:
+                    o = ctx.decode_seq(ids[q0:], start=q0, all_logits=False)[-1]
+                    llama_cpp.llama_memory_seq_rm(mem, 0, q0, -1)
+                    return o
+
+                def decode(toks, pos0):
+                    ctx.decode_seq(toks, start=pos0, all_logits=False)
+
+                def fresh(order):
+                    ctx.clear_kv()
+                    ctx.decode_seq(order, all_logits=False)
+
+                fresh(ids[:q0])
+                plain = ask()
+                reread_to_end(llama_cpp, mem, decode, ids, 24, 32, q0)  # already last
+                assert (llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0)) == (0, q0 - 1)
+                out[n_layer, "last"] = (plain, ask())
+                if n_layer == 1:
+                    fresh(ids[:q0])
+                    reread_to_end(llama_cpp, mem, decode, ids, 4, 12, q0)
+                    reread = ask()
+                    fresh(ids[:4] + ids[12:q0] + ids[4:12])
+                    out[n_layer, "front"] = (plain, reread, ask())
+            model.close()
+    plain, reread, reordered = out[1, "front"]
+    gap = np.abs(reordered - plain).max()
+    assert gap > 1e-2
+    # the same cells, the same positions: equal up to the batch's float order
+    assert np.abs(reread - reordered).max() < 1e-3 * gap
+    for n_layer in (1, 2):
+        plain, again = out[n_layer, "last"]
+        assert np.abs(again - plain).max() < 1e-3 * np.abs(plain).max()

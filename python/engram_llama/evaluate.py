@@ -19,7 +19,7 @@ import numpy as np
 
 from . import bias as bias_mod, relevance
 from .align import answer_token
-from .move import moved_prompt, moved_span, restore_seq, save_seq, shift_to_end
+from .move import moved_prompt, moved_span, reread_to_end, restore_seq, save_seq, shift_to_end
 from .probe import strength_over_rival, strengths
 from .chunks import Chunk
 
@@ -132,6 +132,8 @@ class Condition:
     move: bool = False            # the top chunk (with its label) moved to the end of the documents by
                                     # shifting the cached cells' positions: reordering without a prefill
                                     # (strength 0 here: the move alone, no bias)
+    reread: bool = False          # with move: the moved chunk read again at the documents' end (its cells
+                                    # computed there, after every other chunk) instead of its cells shifted
     others: float | None = None   # the bias on every chunk not selected (negative: the distractors pushed
                                     # down instead of the chunk lifted above the question and the answer)
 
@@ -200,15 +202,19 @@ class Runner:
             out = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         return out
 
-    def move(self, a: int, b: int, q0: int, back: bool = False) -> None:
+    def move(self, a: int, b: int, q0: int, back: bool = False, reread: list[int] | None = None) -> None:
         """Shift [a, b) to the end of the documents (move.shift_to_end); back: restore the
-        documents' cells from the copy taken before."""
+        documents' cells from the copy taken before. reread: the prompt's tokens, the chunk's
+        decoded again at the end instead of shifted (move.reread_to_end: b - a tokens read)."""
         if back:
             restore_seq(self.lc, self.ctx, self._saved)
             self._saved = None
         else:
             self._saved = save_seq(self.lc, self.ctx)
-            shift_to_end(self.lc, self.mem, a, b, q0)
+            if reread is not None:
+                reread_to_end(self.lc, self.mem, lambda ids, pos0: self.decode(ids, pos0, False), reread, a, b, q0)
+            else:
+                shift_to_end(self.lc, self.mem, a, b, q0)
 
     def prefill_docs(self, tokens: list[int], q0: int) -> None:
         self.lc.llama_memory_clear(self.mem, True)
@@ -308,7 +314,9 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                 eng.hook.clear()
                 return 0.0
             a, b = moved_span(prompt, sel[0][0].chunk.id)
-            runner.move(a, b, prompt.question_token)
+            if c.reread:
+                eng.hook.clear()  # the chunk is read as a document: no bias on its own queries
+            runner.move(a, b, prompt.question_token, reread=prompt.tokens if c.reread else None)
             moved[c.name] = (a, b)
             prompt = moved_prompt(prompt, a, b)
             if not c.strength:  # no bias: the move alone

@@ -63,6 +63,16 @@ def shift_to_end(lc, mem, a: int, b: int, q0: int, back: bool = False, seq: int 
         add(mem, seq, q0 + n, q0 + 2 * n, a - q0 - n)  # -> [a, b)
 
 
+def reread_to_end(lc, mem, decode, tokens: list[int], a: int, b: int, q0: int, seq: int = 0) -> None:
+    """Like shift_to_end, but the chunk's cells are computed again at the documents' end (decode(ids,
+    pos0) reads them after every other chunk, b - a tokens), not kept from where it was read: the
+    chunk as reordering would read it; the other chunks' cells stay as they are."""
+    n = b - a
+    shift_to_end(lc, mem, a, b, q0, seq=seq)
+    lc.llama_memory_seq_rm(mem, seq, q0 - n, q0)
+    decode(tokens[a:b], q0 - n)
+
+
 def moved_tokens(tokens: list[int], a: int, b: int, q0: int) -> list[int]:
     """The token order the cache holds after shift_to_end (what a prefix match must compare with)."""
     return tokens[:a] + tokens[b:q0] + tokens[a:b] + tokens[q0:]
