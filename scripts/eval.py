@@ -165,6 +165,7 @@ PRESETS["kvnovel"] = [c for c in PRESETS["core"] if c.name in ("vanilla", "reord
 # chunk's cells were computed where it was read; read again at the end instead (a chunk's prefill)
 PRESETS["reread"] = [Condition("move top1 + engram s2 novel6 reread", strength=2.0, top_k=1, move=True,
                                granularity="novel", echo_run=6, reread=True)]
+PRESETS["rereadpair"] = PRESETS["novel6move"] + PRESETS["reread"]  # the shift beside it, on one prefill
 PRESETS["mid1k"] = [Condition("engram top1 near2 mid1k", strength=0, top_k=1, near=2.0, mid=(1024, 2896.31))]
 PRESETS["midauto"] = [Condition("engram top1 near2 midauto", strength=0, top_k=1, near=2.0, mid="auto")]
 # SmolLM2 ~8K: the first slot does not move under any strength on the second half's layers (the
