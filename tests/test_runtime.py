@@ -406,3 +406,39 @@ def test_answer_prefix_reaches_the_prompt_after_the_gate(chunks):
         assert tail.startswith("Question:") and tail.endswith('Answer: "k": "')
     finally:
         eng.close()
+
+
+def test_reread_move_reads_the_chunk_again_at_the_documents_end(chunks):
+    """Settings.reread: EngramLlama._move decodes the moved chunk again at the documents' end
+    through llama-cpp-python's bookkeeping. Reference: the eval Runner's own path
+    (move.reread_to_end on raw batches); the plain shift differs, so the comparison can fail."""
+    from engram_llama import move
+    from engram_llama.evaluate import Runner
+
+    q = "Which district has its headquarters at Kakkanad?"
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="move", reread=True))
+    prompt, _, scored, _ = eng.prepare(q, chunks, 6)
+    q0 = prompt.question_token
+    lo, hi = move.moved_span(prompt, scored[0].chunk.id)
+    assert hi < q0
+    tokens, saved = eng._move(prompt, lo, hi)
+    assert tokens == move.moved_tokens(prompt.tokens, lo, hi, q0) and eng.llm.n_tokens == q0
+    assert list(eng.llm.input_ids[:q0]) == tokens[:q0]
+    eng.llm.eval(prompt.tokens[q0:])
+    from engram_llama import llama_cpp
+    got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(eng.llm.ctx, -1), shape=(eng.llm.n_vocab(),)).copy()
+    eng._unmove(prompt, saved)
+    runner = Runner(eng)
+
+    def logits(reread):
+        runner.prefill_docs(prompt.tokens, q0)
+        runner.move(lo, hi, q0, reread=prompt.tokens if reread else None)
+        out = runner.decode(prompt.tokens[q0:], q0, True)
+        runner.move(lo, hi, q0, back=True)
+        return out
+
+    want, shifted = logits(True), logits(False)
+    eng.close()
+    gap = np.abs(shifted - want).max()
+    assert gap > 0.05  # the chunk's own cells matter to this 30-layer model
+    assert np.abs(got - want).max() < 0.02 * gap

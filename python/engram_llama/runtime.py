@@ -38,6 +38,9 @@ class Settings:
                                       # "move" the best chunk to the end of the cached documents
                                       # (positions shifted, no prefill; dense models); "auto": ORDER_AUTO
                                       # from MOVE_FROM prompt tokens where a move is possible, else keep
+    reread: bool = False              # with order "move": the moved chunk read again at the documents'
+                                      # end (its tokens decoded there) instead of its cells shifted
+                                      # (docs/EVAL.md "The moved chunk read again")
     engram: bool = True               # False: vanilla, the same prompt without bias
     rerank: int | None = None         # chunks reread for the question's likelihood; None: RERANK_K, 0: off
     # the top chunk's share of the question's attention to reach (probe.py), read before biasing;
@@ -374,6 +377,12 @@ class EngramLlama:
             tokens = move.moved_tokens(prompt.tokens, a, b, q0)
             self.llm.input_ids[:q0] = tokens[:q0]
             self.llm.n_tokens = q0
+            if self.settings.reread:
+                # move.reread_to_end through llama-cpp-python's bookkeeping: eval drops the cells from
+                # n_tokens on (the shifted chunk) and reads the chunk there; the gate keeps its
+                # queries unbiased, as a document's
+                self.llm.n_tokens = q0 - (b - a)
+                self.llm.eval(tokens[q0 - (b - a):q0])
         except BaseException:  # never leave the documents moved under the given order's bookkeeping
             self._unmove(prompt, saved)
             raise
