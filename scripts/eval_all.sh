@@ -191,3 +191,4 @@ $PY run --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset novel6
 [ -f "$GEMMA" ] && $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --n 6 --passages 75 -c 8192 --preset kvnovel --out $R/kv-gemma3-270m-75r.jsonl || true
 # the move's chunk read again at the documents' end (reread) beside the shift, the domain set ~4.6K
 $PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset rereadpair --out $R/domain-smollm2-36p.jsonl
+$PY run --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset reread --out $R/domain-smollm2-60p.jsonl
