@@ -11,6 +11,13 @@ from engram_llama.lowlevel import Context, Model
 from engram_llama.move import moved_prompt, moved_tokens, reread_to_end, shift_to_end
 
 
+def _ask(ctx, ids: list[int], q0: int) -> np.ndarray:
+    """The last logits of the question ids[q0:] on the cached documents, then the question dropped."""
+    out = ctx.decode_seq(ids[q0:], start=q0, all_logits=False)[-1]
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx.ptr), 0, q0, -1)
+    return out
+
+
 def test_shift_to_end_equals_a_reordered_prefill_on_one_layer(tmp_path):
     """On a one-layer model the cached keys and values of a token depend only on the token and its
     position, so moving a span's cells to the end (move.shift_to_end) must give the logits of
@@ -25,9 +32,7 @@ def test_shift_to_end_equals_a_reordered_prefill_on_one_layer(tmp_path):
         mem = llama_cpp.llama_get_memory(ctx.ptr)
 
         def ask() -> np.ndarray:
-            out = ctx.decode_seq(ids[q0:], start=q0, all_logits=False)[-1]
-            llama_cpp.llama_memory_seq_rm(mem, 0, q0, -1)
-            return out
+            return _ask(ctx, ids, q0)
 
         ctx.decode_seq(ids[:q0], all_logits=False)
         plain = ask()
@@ -57,50 +62,44 @@ def test_shift_to_end_equals_a_reordered_prefill_on_one_layer(tmp_path):
     assert moved_tokens(list(range(36)), a, b, q0) == list(range(4)) + list(range(12, 32)) + list(range(4, 12)) + [32, 33, 34, 35]
 
 
-def test_reread_to_end_reads_the_chunk_where_reordering_would():
+def test_reread_to_end_reads_the_chunk_where_reordering_would(tmp_path):
     """reread_to_end recomputes the moved chunk's cells at the documents' end. On one layer that is
     a reordered prefill with no re-rotation at all (tighter than the shift); on two layers, where a
     cell depends on the tokens before it, a chunk already last read again must leave every logit as
     it was (the cells removed and computed again at the same places, the same context)."""
-    from tempfile import TemporaryDirectory
-    from pathlib import Path
-
     ids = None
     out = {}
-    with TemporaryDirectory() as d:
-        for n_layer in (1, 2):
-            path = Path(d) / f"llama{n_layer}.gguf"
-            synth.make_model(synth.Shape("llama", n_layer=n_layer), path, seed=7, stdev=1.0)
-            model = Model(path, n_gpu_layers=N_GPU_LAYERS)
-            ids = ids or [int(t) for t in np.random.default_rng(3).integers(0, model.n_vocab, 40)]
-            q0 = 32
-            with Context(model, n_ctx=128) as ctx:
-                mem = llama_cpp.llama_get_memory(ctx.ptr)
+    for n_layer in (1, 2):
+        path = tmp_path / f"llama{n_layer}.gguf"
+        synth.make_model(synth.Shape("llama", n_layer=n_layer), path, seed=7, stdev=1.0)
+        model = Model(path, n_gpu_layers=N_GPU_LAYERS)
+        ids = ids or [int(t) for t in np.random.default_rng(3).integers(0, model.n_vocab, 40)]
+        q0 = 32
+        with Context(model, n_ctx=128) as ctx:
+            mem = llama_cpp.llama_get_memory(ctx.ptr)
 
-                def ask() -> np.ndarray:
-                    o = ctx.decode_seq(ids[q0:], start=q0, all_logits=False)[-1]
-                    llama_cpp.llama_memory_seq_rm(mem, 0, q0, -1)
-                    return o
+            def ask() -> np.ndarray:
+                return _ask(ctx, ids, q0)
 
-                def decode(toks, pos0):
-                    ctx.decode_seq(toks, start=pos0, all_logits=False)
+            def decode(toks, pos0):
+                ctx.decode_seq(toks, start=pos0, all_logits=False)
 
-                def fresh(order):
-                    ctx.clear_kv()
-                    ctx.decode_seq(order, all_logits=False)
+            def fresh(order):
+                ctx.clear_kv()
+                ctx.decode_seq(order, all_logits=False)
 
+            fresh(ids[:q0])
+            plain = ask()
+            reread_to_end(llama_cpp, mem, decode, ids, 24, 32, q0)  # already last
+            assert (llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0)) == (0, q0 - 1)
+            out[n_layer, "last"] = (plain, ask())
+            if n_layer == 1:
                 fresh(ids[:q0])
-                plain = ask()
-                reread_to_end(llama_cpp, mem, decode, ids, 24, 32, q0)  # already last
-                assert (llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0)) == (0, q0 - 1)
-                out[n_layer, "last"] = (plain, ask())
-                if n_layer == 1:
-                    fresh(ids[:q0])
-                    reread_to_end(llama_cpp, mem, decode, ids, 4, 12, q0)
-                    reread = ask()
-                    fresh(ids[:4] + ids[12:q0] + ids[4:12])
-                    out[n_layer, "front"] = (plain, reread, ask())
-            model.close()
+                reread_to_end(llama_cpp, mem, decode, ids, 4, 12, q0)
+                reread = ask()
+                fresh(ids[:4] + ids[12:q0] + ids[4:12])
+                out[n_layer, "front"] = (plain, reread, ask())
+        model.close()
     plain, reread, reordered = out[1, "front"]
     gap = np.abs(reordered - plain).max()
     assert gap > 1e-2
