@@ -314,8 +314,6 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                 eng.hook.clear()
                 return 0.0
             a, b = moved_span(prompt, sel[0][0].chunk.id)
-            if c.reread:
-                eng.hook.clear()  # the chunk is read as a document: no bias on its own queries
             runner.move(a, b, prompt.question_token, reread=prompt.tokens if c.reread else None)
             moved[c.name] = (a, b)
             prompt = moved_prompt(prompt, a, b)

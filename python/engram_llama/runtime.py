@@ -373,16 +373,19 @@ class EngramLlama:
         ctx = self.llm.ctx
         saved = move.save_seq(llama_cpp, ctx)
         try:
-            move.shift_to_end(llama_cpp, llama_cpp.llama_get_memory(ctx), a, b, q0)
+            mem = llama_cpp.llama_get_memory(ctx)
+            if self.settings.reread:
+                # through llama-cpp-python's bookkeeping: eval reads the chunk from n_tokens on; the
+                # gate keeps its queries unbiased, as a document's
+                def decode(ids, pos0):
+                    self.llm.n_tokens = pos0
+                    self.llm.eval(ids)
+                move.reread_to_end(llama_cpp, mem, decode, prompt.tokens, a, b, q0)
+            else:
+                move.shift_to_end(llama_cpp, mem, a, b, q0)
             tokens = move.moved_tokens(prompt.tokens, a, b, q0)
             self.llm.input_ids[:q0] = tokens[:q0]
             self.llm.n_tokens = q0
-            if self.settings.reread:
-                # move.reread_to_end through llama-cpp-python's bookkeeping: eval drops the cells from
-                # n_tokens on (the shifted chunk) and reads the chunk there; the gate keeps its
-                # queries unbiased, as a document's
-                self.llm.n_tokens = q0 - (b - a)
-                self.llm.eval(tokens[q0 - (b - a):q0])
         except BaseException:  # never leave the documents moved under the given order's bookkeeping
             self._unmove(prompt, saved)
             raise
