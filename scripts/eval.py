@@ -164,8 +164,13 @@ PRESETS["kvnovel"] = [c for c in PRESETS["core"] if c.name in ("vanilla", "reord
 # the move's first slot on the domain set (17% at ~4.6K and ~7.6K, the given order 83% / 33%): the moved
 # chunk's cells were computed where it was read; read again at the end instead (a chunk's prefill)
 PRESETS["reread"] = [Condition("move top1 + engram s2 novel6 reread", strength=2.0, top_k=1, move=True,
-                               granularity="novel", echo_run=6, reread=True)]
+                               granularity="novel", echo_run=6, reread="always")]
 PRESETS["rereadpair"] = PRESETS["novel6move"] + PRESETS["reread"]  # the shift beside it, on one prefill
+# read again only when the moved chunk is the documents' first (the first slot's stale cells; the middle
+# lost by reading again): where the gold ranks first this is the reread row at the first slot and the
+# shift's elsewhere (`report --compose` puts those together; this runs the prompts it cannot decide)
+PRESETS["rereadfirst"] = [Condition("move top1 + engram s2 novel6 reread first", strength=2.0, top_k=1, move=True,
+                                    granularity="novel", echo_run=6, reread="first")]
 PRESETS["mid1k"] = [Condition("engram top1 near2 mid1k", strength=0, top_k=1, near=2.0, mid=(1024, 2896.31))]
 PRESETS["midauto"] = [Condition("engram top1 near2 midauto", strength=0, top_k=1, near=2.0, mid="auto")]
 # SmolLM2 ~8K: the first slot does not move under any strength on the second half's layers (the
@@ -293,8 +298,40 @@ def session_report(path):
               f"{secs / n:.1f} | {vs} | {p} |")
 
 
-def report(path, against="vanilla"):
+def compose(rows, name, first, rest):
+    """Rows of a rule that reads the moved chunk again only when it is the documents' first
+    (reread "first"), from the rows of reading it again (`first`) and of shifting it (`rest`, a
+    list: the first with a row for the prompt), where the rule's own rows are missing: exact where
+    the gold ranked first (then the moved chunk is the gold, first exactly at the first slot) and at
+    the first slot (the gold is chunk 0; any other moved chunk is not); a prompt neither covers
+    (gold not top-1 at the middle or last slot) is named, to be run with `--preset rereadfirst`."""
+    by = {(r["id"], r["slot"], r["condition"]): r for r in rows}
+    out, undecided = [], []
+    for i, slot in dict.fromkeys((r["id"], r["slot"]) for r in rows if r["condition"] in [first, *rest]):
+        own = by.get((i, slot, name))
+        if own:
+            out.append(own)
+            continue
+        shift = next((by[i, slot, c] for c in rest if (i, slot, c) in by), None)
+        again = by.get((i, slot, first))
+        if shift is None or again is None:
+            continue
+        if shift["gold_rank"] != 0 and slot != "first":
+            undecided.append(f"{i}@{slot}")
+            continue
+        src = again if slot == "first" and shift["gold_rank"] == 0 else shift
+        out.append({**src, "condition": name, "composed_from": src["condition"]})
+    if undecided:
+        print(f"compose: {name}: {len(undecided)} prompts left out, the gold not ranked first there: "
+              f"{', '.join(undecided)}\n")
+    return out
+
+
+def report(path, against="vanilla", comp=None):
     rows = [r for r in load_rows(path) if r["slot"] != "gold-only"]
+    if comp:
+        name, first, *rest = comp
+        rows = [r for r in rows if r["condition"] != name] + compose(rows, name, first, rest)
     res = {}
     for r in rows:
         res.setdefault((r["condition"], r["slot"]), {})[r["id"]] = r["judge"]
@@ -525,6 +562,9 @@ def main():
     p.add_argument("path")
     p.add_argument("--against", default="vanilla", help="the condition the paired test compares with")
     p.add_argument("--misses", action="store_true", help="instead: the wrong answers by kind (echo, near, other)")
+    p.add_argument("--compose", nargs="+", metavar="COND",
+                   help="NAME REREAD SHIFT [SHIFT...]: adds the rule reread 'first' as NAME, from the rows of "
+                        "reading the moved chunk again and of shifting it (eval.compose)")
     po = sub.add_parser("pooled", help="one condition against another over several result files, paired")
     po.add_argument("paths", nargs="+")
     po.add_argument("--condition", required=True)
@@ -540,7 +580,9 @@ def main():
     g.add_argument("-o", "--out", required=True)
     args = ap.parse_args()
     if args.cmd == "report":
-        misses(args.path) if args.misses else report(args.path, args.against)
+        if args.compose and len(args.compose) < 3:
+            sys.exit("eval report: --compose takes NAME REREAD SHIFT [SHIFT...]")
+        misses(args.path) if args.misses else report(args.path, args.against, args.compose)
         return 0
     if args.cmd == "pooled":
         pooled(args.paths, args.condition, args.against, args.slot, args.exclude)

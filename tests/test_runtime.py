@@ -409,19 +409,19 @@ def test_answer_prefix_reaches_the_prompt_after_the_gate(chunks):
 
 
 def test_reread_move_reads_the_chunk_again_at_the_documents_end(chunks):
-    """Settings.reread: EngramLlama._move decodes the moved chunk again at the documents' end
+    """EngramLlama._move(reread=True) decodes the moved chunk again at the documents' end
     through llama-cpp-python's bookkeeping. Reference: the eval Runner's own path
     (move.reread_to_end on raw batches); the plain shift differs, so the comparison can fail."""
     from engram_llama import move
     from engram_llama.evaluate import Runner
 
     q = "Which district has its headquarters at Kakkanad?"
-    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="move", reread=True))
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="move", reread="always"))
     prompt, _, scored, _ = eng.prepare(q, chunks, 6)
     q0 = prompt.question_token
     lo, hi = move.moved_span(prompt, scored[0].chunk.id)
     assert hi < q0
-    tokens, saved = eng._move(prompt, lo, hi)
+    tokens, saved = eng._move(prompt, lo, hi, reread=True)
     assert tokens == move.moved_tokens(prompt.tokens, lo, hi, q0) and eng.llm.n_tokens == q0
     assert list(eng.llm.input_ids[:q0]) == tokens[:q0]
     eng.llm.eval(prompt.tokens[q0:])
@@ -442,3 +442,36 @@ def test_reread_move_reads_the_chunk_again_at_the_documents_end(chunks):
     gap = np.abs(shifted - want).max()
     assert gap > 0.05  # the chunk's own cells matter to this 30-layer model
     assert np.abs(got - want).max() < 0.02 * gap
+
+
+def test_reread_first_reads_again_only_the_documents_first_chunk(chunks, monkeypatch):
+    """Settings.reread "first": the moved chunk is decoded again only when it was the documents'
+    first (its cells computed with no chunk before it); any other is shifted. Counted at the two
+    calls that do each, so a rule that picked by rank or slot instead would fail here."""
+    from engram_llama import move
+    from engram_llama.cli import _explain
+
+    calls = []
+    real_reread, real_shift = move.reread_to_end, move.shift_to_end
+    monkeypatch.setattr(move, "reread_to_end", lambda *a, **k: (calls.append("reread"), real_reread(*a, **k))[1])
+    monkeypatch.setattr(move, "shift_to_end", lambda *a, **k: (calls.append("shift"), real_shift(*a, **k))[1])
+    with pytest.raises(ValueError, match="reread must be one of never, first, always"):
+        Settings(reread="sometimes")
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="move", reread="first"))
+    try:
+        first = "What is the health cover per family under Ayushman Bharat?"  # chunk 0 ranks first
+        later = "Which district has its headquarters at Kakkanad?"           # chunk 2 of 7
+        p, *_ = eng.prepare(first, chunks, 4)
+        assert [move.rereads(m, p, p.chunk_order[0]) for m in move.REREAD] == [False, True, True]
+        assert [move.rereads(m, p, p.chunk_order[2]) for m in move.REREAD] == [False, False, True]
+        a = eng.ask(first, chunks, max_tokens=4)
+        assert a.citations[0].position == 1 and a.moved and a.reread
+        # reread_to_end shifts the chunk's cells first, then replaces them: one of each, in that order
+        assert calls == ["reread", "shift"] and "read again at the documents' end" in _explain(a, len(chunks))
+        calls.clear()
+        b = eng.ask(later, chunks, max_tokens=4)
+        assert b.citations[0].position == 3 and b.moved and not b.reread
+        assert calls[:1] == ["shift"] and "reread" not in calls
+        assert "moved to the documents' end in the cache" in _explain(b, len(chunks))
+    finally:
+        eng.close()

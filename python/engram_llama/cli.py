@@ -266,8 +266,9 @@ def _explain(ans, n_chunks: int) -> str:
         lines.append(f"    {sc.score:5.2f}  bm25 {sc.bm25:5.2f}  entities {sc.entity:4.2f}{lm}  {sc.chunk.source}: {snippet}...")
     if ans.order == "move" and ans.citations:
         c = ans.citations[0]
-        lines.append(f"  order move: chunk {c.chunk.id} (document [{c.position}]) moved to the documents' end in the "
-                     "cache; the token positions below are its positions there" if ans.moved else
+        how = "read again at the documents' end" if ans.reread else "moved to the documents' end in the cache"
+        lines.append(f"  order move: chunk {c.chunk.id} (document [{c.position}]) {how}; the token positions "
+                     "below are its positions there" if ans.moved else
                      f"  order move: chunk {c.chunk.id} (document [{c.position}]) is already last: not moved")
     if ans.layers:
         lines.append(f"  bias on layers {_ranges(ans.layers)}, from token {ans.gate} on (the question and the answer)")

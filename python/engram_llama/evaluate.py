@@ -19,7 +19,7 @@ import numpy as np
 
 from . import bias as bias_mod, relevance
 from .align import answer_token
-from .move import moved_prompt, moved_span, reread_to_end, restore_seq, save_seq, shift_to_end
+from .move import moved_prompt, moved_span, reread_to_end, rereads, restore_seq, save_seq, shift_to_end
 from .probe import strength_over_rival, strengths
 from .chunks import Chunk
 
@@ -132,8 +132,9 @@ class Condition:
     move: bool = False            # the top chunk (with its label) moved to the end of the documents by
                                     # shifting the cached cells' positions: reordering without a prefill
                                     # (strength 0 here: the move alone, no bias)
-    reread: bool = False          # with move: the moved chunk read again at the documents' end (its cells
-                                    # computed there, after every other chunk) instead of its cells shifted
+    reread: str = "never"         # with move: when the moved chunk is read again at the documents' end (its
+                                    # cells computed there, after every other chunk) instead of its cells
+                                    # shifted: "never", "first" (the documents' first chunk) or "always"
     others: float | None = None   # the bias on every chunk not selected (negative: the distractors pushed
                                     # down instead of the chunk lifted above the question and the answer)
 
@@ -314,7 +315,11 @@ def run(model: str, out_path: str, n_items: int = 40, n_passages: int = 15, slot
                 eng.hook.clear()
                 return 0.0
             a, b = moved_span(prompt, sel[0][0].chunk.id)
-            runner.move(a, b, prompt.question_token, reread=prompt.tokens if c.reread else None)
+            again = rereads(c.reread, prompt, sel[0][0].chunk.id)
+            runner.move(a, b, prompt.question_token, reread=prompt.tokens if again else None)
+            # where the moved chunk sat (chunk_order index) and whether it was read again
+            probed[c.name] = {**probed.get(c.name, {}), "moved_pos": prompt.chunk_order.index(sel[0][0].chunk.id),
+                              "reread": again}
             moved[c.name] = (a, b)
             prompt = moved_prompt(prompt, a, b)
             if not c.strength:  # no bias: the move alone

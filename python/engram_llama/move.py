@@ -73,6 +73,19 @@ def reread_to_end(lc, mem, decode, tokens: list[int], a: int, b: int, q0: int, s
     decode(tokens[a:b], q0 - n)
 
 
+REREAD = ("never", "first", "always")
+
+
+def rereads(mode: str, prompt: Prompt, cid: int) -> bool:
+    """Whether moving chunk `cid` reads it again (reread_to_end) rather than shifting its cells.
+    "first": only the documents' first chunk, whose cells were computed with no other chunk before
+    them; read again it answered where its shifted cells did not, while a chunk from further in
+    lost by it (docs/EVAL.md, "The moved chunk read again")."""
+    if mode not in REREAD:
+        raise ValueError(f"reread must be one of {', '.join(REREAD)}, not {mode!r}")
+    return mode == "always" or (mode == "first" and prompt.chunk_order.index(cid) == 0)
+
+
 def moved_tokens(tokens: list[int], a: int, b: int, q0: int) -> list[int]:
     """The token order the cache holds after shift_to_end (what a prefix match must compare with)."""
     return tokens[:a] + tokens[b:q0] + tokens[a:b] + tokens[q0:]

@@ -38,15 +38,20 @@ class Settings:
                                       # "move" the best chunk to the end of the cached documents
                                       # (positions shifted, no prefill; dense models); "auto": ORDER_AUTO
                                       # from MOVE_FROM prompt tokens where a move is possible, else keep
-    reread: bool = False              # with order "move": the moved chunk read again at the documents'
-                                      # end (its tokens decoded there) instead of its cells shifted
-                                      # (docs/EVAL.md "The moved chunk read again")
+    reread: str = "never"             # with order "move": when the moved chunk is read again at the
+                                      # documents' end (its tokens decoded there) instead of its cells
+                                      # shifted: "never", "first" (the documents' first chunk only) or
+                                      # "always" (move.rereads; docs/EVAL.md "The moved chunk read again")
     engram: bool = True               # False: vanilla, the same prompt without bias
     rerank: int | None = None         # chunks reread for the question's likelihood; None: RERANK_K, 0: off
     # the top chunk's share of the question's attention to reach (probe.py), read before biasing;
     # replaces strength and near (an option, not the default: docs/EVAL.md, "A strength set from
     # the attention the chunk already gets")
     target: float | None = None
+
+    def __post_init__(self):
+        if self.reread not in move.REREAD:  # before a move fails on it, and the documents are read
+            raise ValueError(f"reread must be one of {', '.join(move.REREAD)}, not {self.reread!r}")
 
 
 @dataclass
@@ -71,6 +76,7 @@ class Answer:
     near: float | None = None   # the profile around `strength` (bias.chunk_strength; each span has
     mid: float | None = None    # its chunk's value); None where nothing was biased
     moved: tuple[int, int] | None = None  # order "move": the tokens shifted to the documents' end
+    reread: bool = False        # order "move": those tokens read again there, not their cells shifted
 
 
 class ContextTooSmall(Exception):
@@ -287,6 +293,7 @@ class EngramLlama:
         selected = relevance.select(scored, top_k)
         layers = self.layers()
         moved = self._moved_span(prompt, selected) if s.order == "move" else None
+        again = bool(moved) and move.rereads(s.reread, prompt, selected[0][0].chunk.id)
         if s.engram and selected and s.target is not None:
             selected = selected[:1]
             strength, near, mid = self._strength_for_share(prompt, selected[0][0].chunk.id, layers, s.target), None, None
@@ -303,7 +310,7 @@ class EngramLlama:
         try:
             tokens = prompt.tokens
             if moved:
-                tokens, saved = self._move(prompt, *moved)
+                tokens, saved = self._move(prompt, *moved, reread=again)
             else:
                 self.prefill(prompt.tokens)
             text = "".join(self._generate(tokens, max_tokens, temperature, on_token))
@@ -316,7 +323,7 @@ class EngramLlama:
         steered = bool(s.engram and selected)
         return Answer(text.strip(), cites, spans if steered else [], layers if steered else [], strength,
                       gate if steered else None, len(prompt.tokens), dropped, scored, s.order,
-                      near if steered else None, mid if steered else None, moved)
+                      near if steered else None, mid if steered else None, moved, again)
 
     def order(self, n_tokens: int) -> str:
         """The settings' order for a prompt of n_tokens, "auto" resolved: ORDER_AUTO from MOVE_FROM
@@ -362,9 +369,9 @@ class EngramLlama:
         # already last: nothing to move (a shift there and back would only re-round the keys)
         return (a, b) if b < prompt.question_token else None
 
-    def _move(self, prompt, a: int, b: int):
+    def _move(self, prompt, a: int, b: int, reread: bool = False):
         """The documents prefilled in the given order (reused when cached), a copy of their cells,
-        then [a, b) shifted to their end. llama-cpp-python's bookkeeping is told the moved order,
+        then [a, b) shifted to their end (reread: its tokens decoded there again instead). llama-cpp-python's bookkeeping is told the moved order,
         so that its prefix match decodes only the question."""
         from . import llama_cpp
 
@@ -374,7 +381,7 @@ class EngramLlama:
         saved = move.save_seq(llama_cpp, ctx)
         try:
             mem = llama_cpp.llama_get_memory(ctx)
-            if self.settings.reread:
+            if reread:
                 # through llama-cpp-python's bookkeeping: eval reads the chunk from n_tokens on; the
                 # gate keeps its queries unbiased, as a document's
                 def decode(ids, pos0):
