@@ -313,14 +313,14 @@ def compose(rows, name, first, rest):
             out.append(own)
             continue
         shift = next((by[i, slot, c] for c in rest if (i, slot, c) in by), None)
-        again = by.get((i, slot, first))
-        if shift is None or again is None:
+        if shift is None:
             continue
         if shift["gold_rank"] != 0 and slot != "first":
             undecided.append(f"{i}@{slot}")
             continue
-        src = again if slot == "first" and shift["gold_rank"] == 0 else shift
-        out.append({**src, "condition": name, "composed_from": src["condition"]})
+        src = by.get((i, slot, first)) if slot == "first" and shift["gold_rank"] == 0 else shift
+        if src is not None:
+            out.append({**src, "condition": name, "composed_from": src["condition"]})
     if undecided:
         print(f"compose: {name}: {len(undecided)} prompts left out, the gold not ranked first there: "
               f"{', '.join(undecided)}\n")

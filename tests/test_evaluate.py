@@ -185,3 +185,25 @@ def test_miss_kind_and_the_misses_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| c | first | 1 | 0 | 0 | 0 | 0 | 1 |" in out
     assert "| c | last | 3 | 1 | 1 | 1 | 0 | 0 |" in out
+
+
+def test_compose_takes_the_reread_row_only_where_the_moved_chunk_was_first(capsys):
+    """The rule reread "first" from other conditions' rows, worked out by hand: at the first slot
+    the reread row when the gold ranked first (it is chunk 0, so it was moved), the shift's when it
+    did not; at the middle and last slots the shift's when the gold ranked first (the moved chunk
+    is then not chunk 0), nothing when it did not (which chunk moved is unknown: named instead);
+    the rule's own rows are kept; the second shift condition fills in for the first."""
+    def row(i, slot, cond, ans, rank=0):
+        return {"id": i, "slot": slot, "condition": cond, "answer": ans, "gold_rank": rank}
+    rows = [row("q1", "first", "again", "A1"), row("q1", "first", "shift", "S1"),
+            row("q2", "first", "again", "A2", 3), row("q2", "first", "shift", "S2", 3),
+            row("q1", "middle", "again", "A3"), row("q1", "middle", "shift", "S3"),
+            row("q2", "middle", "shift", "S4", 2),
+            row("q3", "last", "old shift", "S5"),
+            row("q4", "last", "shift", "S6", 1), row("q4", "last", "rule", "R6", 1)]
+    out = ev.compose(rows, "rule", "again", ["shift", "old shift"])
+    got = {(r["id"], r["slot"]): r["answer"] for r in out}
+    assert got == {("q1", "first"): "A1", ("q2", "first"): "S2", ("q1", "middle"): "S3",
+                   ("q3", "last"): "S5", ("q4", "last"): "R6"}
+    assert all(r["condition"] == "rule" for r in out)
+    assert "1 prompts left out, the gold not ranked first there: q2@middle" in capsys.readouterr().out

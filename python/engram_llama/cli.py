@@ -180,7 +180,8 @@ def cmd_run(args) -> int:
     table = _open_table(args.table)
     settings = Settings(strength=args.strength, top_k=args.top_k, near=args.near, mid=args.mid,
                         granularity=args.granularity, gate=not args.no_gate, order=args.order,
-                        engram=not args.no_engram, rerank=args.rerank, target=args.target_share)
+                        engram=not args.no_engram, rerank=args.rerank, target=args.target_share,
+                        **({"reread": args.reread} if args.reread else {}))
     try:
         eng = EngramLlama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                           seed=args.seed, settings=settings, table=table, chat=not args.no_chat,
@@ -423,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless --strength/--top-k say otherwise), or move (dense models: the best chunk moved to the "
                         "end in the cache, follow-ups reuse the documents; then +2 on it); default auto: move "
                         "from 6144 prompt tokens where the model and the other options allow it, else keep")
+    r.add_argument("--reread", choices=["never", "first", "always"], default=None,
+                   help="with a move: read the moved chunk again at the documents' end (its tokens decoded "
+                        "there) instead of shifting its cached cells: never, first (only when it was the "
+                        "documents' first chunk) or always (default: the library's, see docs/EVAL.md)")
     r.add_argument("--no-gate", action="store_true", help="bias every query, documents included")
     r.add_argument("--no-engram", action="store_true", help="vanilla: same prompt, no bias")
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
