@@ -155,6 +155,10 @@ PRESETS["novelans"] = [Condition("engram top1 near2 novel-answer", strength=0, t
 # codes and restated phrases; each model's default with them (SmolLM2 from 6144: the move + 2)
 PRESETS["novel6gemma"] = [Condition("engram top1 near2 novel6", strength=0, top_k=1, near=2.0, granularity="novel",
                                     echo_run=6)]
+# Gemma KV ~6.1K with the key restated, n = 12: the last slot (58%) under the middle (83%): the near
+# ramp gives the record next to the question +2 only; with the key unbiased (novel spans) more may copy
+PRESETS["novelnear"] = [Condition(f"engram top1 near{n} novel6", strength=0, top_k=1, near=float(n), granularity="novel",
+                                  echo_run=6) for n in (3, 4)]
 PRESETS["novel6smol"] = [Condition("engram top1 near2 midauto novel6", strength=0, top_k=1, near=2.0, mid="auto",
                                    granularity="novel", echo_run=6)]
 PRESETS["novel6move"] = [Condition("move top1 + engram s2 novel6", strength=2.0, top_k=1, move=True,

@@ -192,3 +192,14 @@ $PY run --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset novel6
 # the move's chunk read again at the documents' end (reread) beside the shift, the domain set ~4.6K
 $PY run --rerank 0 --dataset domain --n 12 --passages 36 -c 6144 --preset rereadpair --out $R/domain-smollm2-36p.jsonl
 $PY run --rerank 0 --dataset domain --n 12 --passages 60 -c 8192 --preset reread --out $R/domain-smollm2-60p.jsonl
+$PY run --rerank 0 --dataset kv --n 6 --passages 75 -c 8192 --preset reread --out $R/kv-smollm2-75r.jsonl
+# NQ ~8K read again at the first slot; the rule reread "first" where `report --compose` cannot decide
+$PY run --n 24 --passages 58 -c 8192 --slots first --preset reread --out $R/nq-smollm2-58p-r4.jsonl
+$PY run --n 24 --passages 58 -c 8192 --ids nq-821,nq-1817 --slots middle,last --preset rereadfirst --out $R/nq-smollm2-58p-r4.jsonl
+# Gemma KV at 75 records, n = 12 (both answer formats), and the near ramp's strength at the last slot
+if [ -f "$GEMMA" ]; then
+  $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 12 --passages 75 -c 8192 --preset kvnovel --out $R/kv-gemma3-270m-75r-key.jsonl
+  $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --n 12 --passages 75 -c 8192 --preset kvnovel --out $R/kv-gemma3-270m-75r.jsonl
+  $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --restate-key --n 12 --passages 75 -c 8192 --slots last --preset novelnear --out $R/kv-gemma3-270m-75r-key.jsonl
+  $PY run --model "$GEMMA" --no-chat --rerank 0 --dataset kv --n 12 --passages 75 -c 8192 --slots last --preset novelnear --out $R/kv-gemma3-270m-75r.jsonl
+fi
