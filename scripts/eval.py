@@ -331,11 +331,34 @@ def compose(rows, name, first, rest):
     return out
 
 
-def report(path, against="vanilla", comp=None):
+def fill_near(rows, name, base):
+    """Rows of a condition that differs from `base` only in its strength next to the question
+    (`near`: the chunks in the prompt's last quarter, bias.chunk_strength), run at the last slot
+    alone: at the first and middle slots `base`'s row stands in where the gold ranked first (the
+    one chunk biased then lies before that quarter, so the bias is the same vector); its own rows
+    where it has them. A prompt it lacks with the gold not ranked first is named, to be run."""
+    have = {(r["id"], r["slot"]) for r in rows if r["condition"] == name}
+    out, missing = [], []
+    for r in rows:
+        if r["condition"] != base or (r["id"], r["slot"]) in have or r["slot"] == "last":
+            continue
+        if r["gold_rank"] != 0:
+            missing.append(f"{r['id']}@{r['slot']}")
+            continue
+        out.append({**r, "condition": name, "composed_from": base})
+    if missing:
+        print(f"fill: {name}: {len(missing)} prompts left out, the gold not ranked first there: "
+              f"{', '.join(missing)}\n")
+    return out
+
+
+def report(path, against="vanilla", comp=None, near=None):
     rows = [r for r in load_rows(path) if r["slot"] != "gold-only"]
     if comp:
         name, first, *rest = comp
         rows = [r for r in rows if r["condition"] != name] + compose(rows, name, first, rest)
+    if near:
+        rows = rows + fill_near(rows, *near)
     res = {}
     for r in rows:
         res.setdefault((r["condition"], r["slot"]), {})[r["id"]] = r["judge"]
@@ -566,6 +589,9 @@ def main():
     p.add_argument("path")
     p.add_argument("--against", default="vanilla", help="the condition the paired test compares with")
     p.add_argument("--misses", action="store_true", help="instead: the wrong answers by kind (echo, near, other)")
+    p.add_argument("--fill-near", nargs=2, metavar=("COND", "BASE"),
+                   help="COND differs from BASE only next to the question: BASE's first- and middle-slot rows "
+                        "stand in for it where the gold ranked first (eval.fill_near)")
     p.add_argument("--compose", nargs="+", metavar="COND",
                    help="NAME REREAD SHIFT [SHIFT...]: adds the rule reread 'first' as NAME, from the rows of "
                         "reading the moved chunk again and of shifting it (eval.compose)")
@@ -586,7 +612,7 @@ def main():
     if args.cmd == "report":
         if args.compose and len(args.compose) < 3:
             sys.exit("eval report: --compose takes NAME REREAD SHIFT [SHIFT...]")
-        misses(args.path) if args.misses else report(args.path, args.against, args.compose)
+        misses(args.path) if args.misses else report(args.path, args.against, args.compose, args.fill_near)
         return 0
     if args.cmd == "pooled":
         pooled(args.paths, args.condition, args.against, args.slot, args.exclude)

@@ -207,3 +207,18 @@ def test_compose_takes_the_reread_row_only_where_the_moved_chunk_was_first(capsy
                    ("q3", "last"): "S5", ("q4", "last"): "R6"}
     assert all(r["condition"] == "rule" for r in out)
     assert "1 prompts left out, the gold not ranked first there: q2@middle" in capsys.readouterr().out
+
+
+def test_fill_near_stands_in_only_before_the_last_quarter(capsys):
+    """A condition run at the last slot alone borrows the base's first- and middle-slot rows where
+    the gold ranked first (the same bias vector there); its own rows win, the base's last-slot rows
+    never stand in, and a prompt whose top-1 was another chunk is named instead. By hand."""
+    def row(i, slot, cond, ans, rank=0):
+        return {"id": i, "slot": slot, "condition": cond, "answer": ans, "gold_rank": rank}
+    rows = [row("q1", "first", "base", "B1"), row("q1", "middle", "base", "B2"), row("q1", "last", "base", "B3"),
+            row("q1", "last", "near3", "N3"), row("q2", "first", "base", "B4", 5), row("q2", "first", "near3", "N4", 5),
+            row("q2", "middle", "base", "B5", 5)]
+    out = ev.fill_near(rows, "near3", "base")
+    assert {(r["id"], r["slot"]): r["answer"] for r in out} == {("q1", "first"): "B1", ("q1", "middle"): "B2"}
+    assert all(r["condition"] == "near3" for r in out)
+    assert "1 prompts left out, the gold not ranked first there: q2@middle" in capsys.readouterr().out

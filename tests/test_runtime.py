@@ -89,8 +89,9 @@ def test_the_middle_default_is_for_dense_models():
     # measured: +14/-4 against the flat ramp on SmolLM2 (dense), +9/-14 on Gemma-3-270M (docs/EVAL.md)
     F, S, N = LayerKind.FULL, LayerKind.SWA, LayerKind.NONE
     assert is_dense([F] * 30) and not is_dense([S] * 5 + [F]) and not is_dense([N, N, N, F] * 2) and not is_dense([])
-    assert chunk_choice(Settings(), 4096, dense=False) == (4.0, 1, 2.0, None)
-    assert chunk_choice(Settings(mid=5.0), 4096, dense=False) == (4.0, 1, 2.0, 5.0)
+    assert chunk_choice(Settings(), 4096, dense=False) == (4.0, 1, 3.0, None)
+    assert chunk_choice(Settings(mid=5.0), 4096, dense=False) == (4.0, 1, 3.0, 5.0)
+    assert chunk_choice(Settings(near=2.0), 4096, dense=False) == (4.0, 1, 2.0, None)
     # the kinds the hook reads from real GGUFs of each family
     for arch, dense in (("llama", True), ("gemma3", False), ("qwen35", False)):
         eng = EngramLlama(str(synth.cached_model(arch)), n_ctx=256, n_threads=2, chat=False)
