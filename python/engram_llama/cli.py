@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "strength at the prompt's start, the middle gets --mid)")
     r.add_argument("--near", type=float, default=None,
                    help="strength for a chunk next to the question, rising to --strength a quarter of the "
-                        "prompt away (default 2 in the given order; none with --order edges)")
+                        "prompt away (default in the given order: 2 on dense models, 3 on sliding-window and "
+                        "hybrid ones; none with --order edges)")
     r.add_argument("--mid", type=float, default=None,
                    help="strength a quarter to half the prompt before the question, falling back to --strength "
                         "at the prompt's start (default on dense models: by length, 2 up to 1.5K prompt tokens, "
