@@ -325,10 +325,15 @@ def compose(rows, name, first, rest):
         src = by.get((i, slot, first)) if slot == "first" and shift["gold_rank"] == 0 else shift
         if src is not None:
             out.append({**src, "condition": name, "composed_from": src["condition"]})
-    if undecided:
-        print(f"compose: {name}: {len(undecided)} prompts left out, the gold not ranked first there: "
-              f"{', '.join(undecided)}\n")
+    _left_out("compose", name, undecided)
     return out
+
+
+def _left_out(what, name, prompts):
+    """compose and fill_near decide a prompt only where the gold ranked first: the rest, named."""
+    if prompts:
+        print(f"{what}: {name}: {len(prompts)} prompts left out, the gold not ranked first there: "
+              f"{', '.join(prompts)}\n")
 
 
 def fill_near(rows, name, base):
@@ -346,9 +351,7 @@ def fill_near(rows, name, base):
             missing.append(f"{r['id']}@{r['slot']}")
             continue
         out.append({**r, "condition": name, "composed_from": base})
-    if missing:
-        print(f"fill: {name}: {len(missing)} prompts left out, the gold not ranked first there: "
-              f"{', '.join(missing)}\n")
+    _left_out("fill", name, missing)
     return out
 
 

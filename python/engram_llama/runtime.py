@@ -122,11 +122,11 @@ TOP_K = 1
 NEAR = 2.0
 # models with sliding-window or recurrent layers (the flat ramp): +3 next to the question. On
 # Gemma-3-270M with novel spans (the key a KV record shares with the question left unbiased, which
-# the model had copied back under more strength) the last slot gained +14/-8 against +2 over NQ
-# ~2K/~4K/~8K, the domain set at ~3.9K/~6.5K and KV at 75 records in both answer formats (KV with
-# the key restated 58% -> 92%, the target met there; the domain set at ~6.5K lost 42% -> 25%, still
-# above vanilla's 17%); +4 lost the domain set's last slot below vanilla's (docs/EVAL.md, "The
-# strength next to the question on Gemma-3-270M")
+# the model had copied back under more strength) the last slot gained +18/-8 against +2 over nine
+# sets: NQ ~2K/~4K/~8K, the domain set at ~3.9K/~6.5K, KV at 48 and 75 records in both answer
+# formats (KV at 75 records with the key restated 58% -> 92%, the target met there; the domain set
+# at ~6.5K lost 42% -> 25%, still above vanilla's 17%); +4 took the domain set's last slot below
+# vanilla's (docs/EVAL.md, "The strength next to the question on Gemma-3-270M")
 NEAR_WINDOWED = 3.0
 # in the given order on dense models, the strength from a quarter to half the prompt before the
 # question, falling back to the length's strength at the first token: by length (mid_strength). On
@@ -159,8 +159,8 @@ def chunk_choice(s: Settings, n_tokens: int, dense: bool = True) -> tuple[float,
     """Strength, top-k, near-question strength and middle strength for a prompt of n_tokens.
 
     In the given order: the length's strength (auto_strength) on the top-1 chunk, NEAR next to the
-    question (NEAR_WINDOWED on models with sliding-window or recurrent layers), on a dense model MID(n_tokens) in the middle of the prompt (not under a strength of
-    one's own). Reordered (best chunk last, next to the question): +1 on that best chunk alone. On
+    question (NEAR_WINDOWED on models with sliding-window or recurrent layers), on a dense model
+    MID(n_tokens) in the middle of the prompt (not under a strength of one's own). Reordered (best chunk last, next to the question): +1 on that best chunk alone. On
     NQ at ~4K and ~8K with hard distractors that beat reordering alone on SmolLM2 and Gemma-3-270M
     (n = 40 each, pooled +28/-5 over 160 pairs), while the length's strength on the top 3 matched
     or cost answers at ~4K (docs/EVAL.md, "Against reordering"). Moved: MOVE_STRENGTH on it alone."""
@@ -380,8 +380,9 @@ class EngramLlama:
 
     def _move(self, prompt, a: int, b: int, reread: bool = False):
         """The documents prefilled in the given order (reused when cached), a copy of their cells,
-        then [a, b) shifted to their end (reread: its tokens decoded there again instead). llama-cpp-python's bookkeeping is told the moved order,
-        so that its prefix match decodes only the question."""
+        then [a, b) shifted to their end (reread: its tokens decoded there again instead).
+        llama-cpp-python's bookkeeping is told the moved order, so that its prefix match decodes
+        only the question."""
         from . import llama_cpp
 
         q0 = prompt.question_token
