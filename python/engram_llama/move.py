@@ -76,13 +76,17 @@ def reread_to_end(lc, mem, decode, tokens: list[int], a: int, b: int, q0: int, s
 REREAD = ("never", "first", "always")
 
 
+def check_reread(mode: str) -> None:
+    if mode not in REREAD:
+        raise ValueError(f"reread must be one of {', '.join(REREAD)}, not {mode!r}")
+
+
 def rereads(mode: str, prompt: Prompt, cid: int) -> bool:
     """Whether moving chunk `cid` reads it again (reread_to_end) rather than shifting its cells.
     "first": only the documents' first chunk, whose cells were computed with no other chunk before
     them; read again it answered where its shifted cells did not, while a chunk from further in
     lost by it (docs/EVAL.md, "The moved chunk read again")."""
-    if mode not in REREAD:
-        raise ValueError(f"reread must be one of {', '.join(REREAD)}, not {mode!r}")
+    check_reread(mode)
     return mode == "always" or (mode == "first" and prompt.chunk_order.index(cid) == 0)
 
 

@@ -50,8 +50,7 @@ class Settings:
     target: float | None = None
 
     def __post_init__(self):
-        if self.reread not in move.REREAD:  # before a move fails on it, and the documents are read
-            raise ValueError(f"reread must be one of {', '.join(move.REREAD)}, not {self.reread!r}")
+        move.check_reread(self.reread)  # before a move fails on it, and the documents are read
 
 
 @dataclass
@@ -160,10 +159,10 @@ def chunk_choice(s: Settings, n_tokens: int, dense: bool = True) -> tuple[float,
 
     In the given order: the length's strength (auto_strength) on the top-1 chunk, NEAR next to the
     question (NEAR_WINDOWED on models with sliding-window or recurrent layers), on a dense model
-    MID(n_tokens) in the middle of the prompt (not under a strength of one's own). Reordered (best chunk last, next to the question): +1 on that best chunk alone. On
-    NQ at ~4K and ~8K with hard distractors that beat reordering alone on SmolLM2 and Gemma-3-270M
-    (n = 40 each, pooled +28/-5 over 160 pairs), while the length's strength on the top 3 matched
-    or cost answers at ~4K (docs/EVAL.md, "Against reordering"). Moved: MOVE_STRENGTH on it alone."""
+    MID(n_tokens) in the middle of the prompt (not under a strength of one's own). Reordered (best
+    chunk last, next to the question): +1 on that best chunk alone. On NQ at ~4K and ~8K with
+    hard distractors that beat reordering alone on SmolLM2 and Gemma-3-270M (n = 40 each, pooled
+    +28/-5 over 160 pairs), while the length's strength on the top 3 matched or cost answers at ~4K (docs/EVAL.md, "Against reordering"). Moved: MOVE_STRENGTH on it alone."""
     mid = s.mid or None  # 0: none (order "auto" unresolved reads as the given order)
     if s.order in ("edges", "move"):  # the best chunk next to the question either way
         own = MOVE_STRENGTH if s.order == "move" else EDGES_STRENGTH
