@@ -13,7 +13,7 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DENGRAM_SANIT
 cmake --build "$BUILD" --target test-engram-c -j "$(nproc)"
 MODELS=$("$VPY" -c "
 import engram_llama
-from engram_llama import synth
+from research import synth
 print(' '.join(str(synth.cached_model(n)) for n in ('qwen35', 'gemma3', 'llama')))")
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0
 status=0

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # research/ (the generated models)
 VARIANTS = ["unpatched", "cleared", "active2", "active_all"]
 
 
@@ -116,7 +117,7 @@ def main():
     from engram_llama.cli import default_model
     model = args.model or default_model()
     if model.startswith("synth:"):
-        from engram_llama import synth
+        from research import synth
         _, name, *quant = model.split(":")
         model = str(synth.cached_model(name, quant=quant[0] if quant else None))
     libs = {"unpatched": Path(args.unpatched_lib) if args.unpatched_lib else unpatched_lib(),

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # research/ (the data sets)
 
 BARE = r'''
 import sys, engram_llama
@@ -45,7 +46,7 @@ def main():
     ap.add_argument("-c", "--ctx-size", type=int, default=4096)
     args = ap.parse_args()
     import engram_llama  # noqa: F401
-    from engram_llama import datasets
+    from research import datasets
     from engram_llama.cli import default_model
 
     model = args.model or default_model()

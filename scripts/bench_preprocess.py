@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # research/ (the data sets)
 
 import engram_llama  # noqa: E402,F401
-from engram_llama import align, bias as bias_mod, datasets, pointer_map, relevance  # noqa: E402
+from engram_llama import align, bias as bias_mod, pointer_map, relevance  # noqa: E402
+from research import datasets  # noqa: E402
 from engram_llama.chunks import Chunk  # noqa: E402
 from engram_llama.extract import Extractor  # noqa: E402
 from engram_llama.runtime import TOP_K  # noqa: E402

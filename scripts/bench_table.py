@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # research/ (the data sets)
 
 CHILD = r'''
 import json, sys, time
@@ -28,7 +29,7 @@ def rss_mb():
             return int(l.split()[1]) / 1024
 path, data = sys.argv[1], sys.argv[2]
 import numpy as np, gguf, hashlib  # imports are not the table's cost
-from engram_llama import datasets
+from research import datasets
 from engram_llama.table import Table
 items = datasets.nq(data, 58)
 texts = [f"{t}. {x}" for t, x in [items[0].gold] + items[0].distractors]

@@ -24,7 +24,7 @@ L=$D/logs; mkdir -p "$L"   # long logs; $OUT keeps the few files worth bringing 
 step "python packages"
 $PY -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --target "$D/site" "$D"/whl/*.whl \
     > "$L/pip.log" 2>&1 || { tail -3 "$L/pip.log"; exit 1; }
-export PYTHONPATH=$D/site:$D/py:$PWD/python:$PWD/tests
+export PYTHONPATH=$D/site:$D/py:$PWD/python:$PWD
 export ENGRAM_LLAMA_CACHE=$D/cache
 
 if [ ! -e "$B/bin-unpatched/libllama.so" ]; then
@@ -48,7 +48,7 @@ BENCH=${BENCH:-1}
 TESTS=${TESTS:-tests/test_hook_numeric.py tests/test_hook_api.py}
 mk=""
 [ "$BENCH" = 0 ] || { step "model $model (Q8_0, background)"
-$PY -c "import engram_llama; from engram_llama import synth; print(synth.cached_model('$model', quant='q8_0'))" \
+$PY -c "from research import synth; print(synth.cached_model('$model', quant='q8_0'))" \
     > "$L/model.log" 2>&1 &
 mk=$!; }
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 import engram_llama
-from engram_llama import synth
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from research import synth
 from engram_llama.lowlevel import Context, Model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import smollm2_path  # noqa: E402
 
 N = 48

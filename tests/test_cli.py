@@ -7,15 +7,21 @@ import sys
 
 import pytest
 
-from engram_llama import synth
-from engram_llama.runtime import MOVE_FROM, MOVE_STRENGTH
+from research import synth
+from engram_llama.plan import MOVE_FROM, MOVE_STRENGTH
 
-from conftest import smollm2_path
+from conftest import ROOT, smollm2_path
 
 
 def cli(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "engram_llama.cli", *args], capture_output=True, text=True,
                           input=stdin, timeout=600)
+
+
+def research_ask(*args):
+    """`python -m research ask`: `run` with the settings that left the user CLI."""
+    return subprocess.run([sys.executable, "-m", "research", "ask", *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
 
 
 def one_line_error(r, *fragments):
@@ -77,17 +83,19 @@ def test_empty_question_and_bad_layers(docs):
     one_line_error(cli("run", model, "--chunks", str(docs), "  "), "question is empty")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "3-x"), "invalid --layers")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "40"), "layer 40", "30 layers")
-    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--top-k", "0"), "invalid --top-k 0")
-    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--mid", "nan"), "invalid --mid nan")
-    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--target-share", "1.5"), "invalid --target-share 1.5")
-    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--target-share", "0.4", "--no-gate"),
-                   "cannot go with --no-gate")
-    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--order", "move", "--no-gate"),
-                   "--order move", "cannot go with --no-gate")
-    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--order", "move", "--target-share", "0.2"),
-                   "cannot go with --order move")
-    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--order", "move", "--granularity", "sentence"),
-                   "--order move", "--granularity sentence")
+    # the options that lost on the project's measurements are not the user's: one line, exit 2
+    for flag in ("--top-k", "--mid", "--near", "--granularity", "--reread", "--target-share"):
+        r = cli("run", model, "q?", "--chunks", str(docs), flag, "1")
+        one_line_error(r, "unrecognized arguments", flag)
+        assert r.returncode == 2
+    # the research entry point takes them, and checks them as the library does
+    one_line_error(research_ask(model, "q?", "--chunks", str(docs), "--top-k", "0"), "invalid top_k 0")
+    one_line_error(research_ask(model, "q?", "--chunks", str(docs), "--mid", "nan"), "invalid mid nan")
+    one_line_error(research_ask(model, "q?", "--chunks", str(docs), "--order", "move", "--no-gate"),
+                   "order 'move' needs the query gate")
+    one_line_error(research_ask(model, "q?", "--chunks", str(docs), "--order", "move", "--granularity", "sentence"),
+                   "order 'move'", "granularity must be 'chunk' or 'novel'")
+    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--max-ctx", "100"), "invalid --max-ctx 100")
     gemma = str(synth.cached_model("gemma3"))
     one_line_error(cli("run", gemma, "q?", "--chunks", str(docs), "--order", "move", "--no-chat"),
                    "--order move needs a model whose every layer keeps the whole context")
@@ -100,11 +108,11 @@ def test_explain_gives_the_profile_and_each_span(docs):
     # a ~60-token prompt: +2 everywhere (the length's strength, the middle's by length, near)
     assert "strength +2.00 next to the question, +2.00 in the middle, +2.00 at the start" in r.stdout
     assert re.search(r"\+2\.00 on tokens \d+-\d+ \(chunk of chunk 0\)", r.stdout), r.stdout
-    # --strength 3 --mid 5 --near 1: the one chunk ends d = (q0 - end) / q0 before the question,
-    # inside the near ramp (d < 1/4): 1 + (5 - 1) d / (1/4)
-    r = cli("run", model, q, "--chunks", str(docs), "--explain", "-n", "2", "--strength", "3", "--mid", "5", "--near", "1",
-            "--order", "keep")
-    assert "strength +1.00 next to the question, +5.00 in the middle, +3.00 at the start" in r.stdout, r.stdout
+    # (research) --strength 3 --mid 5 --near 1: the one chunk ends d = (q0 - end) / q0 before the
+    # question, inside the near ramp (d < 1/4): 1 + (5 - 1) d / (1/4)
+    r = research_ask(model, q, "--chunks", str(docs), "--explain", "-n", "2", "--strength", "3", "--mid", "5",
+                     "--near", "1", "--order", "keep")
+    assert "strength +1.00 next to the question, +5.00 in the middle, +3.00 at the start" in r.stdout, r.stdout + r.stderr
     q0 = int(re.search(r"from token (\d+) on", r.stdout).group(1))
     value, end = re.search(r"\+(\d+\.\d+) on tokens \d+-(\d+) ", r.stdout).groups()
     d = (q0 - int(end) - 1) / q0
@@ -127,24 +135,50 @@ def test_default_run_end_to_end():
     assert out["citations"][0]["source"] == "mgnrega.md" and out["citations"][0]["relevance"] == 1.0
     assert "100 days" in out["answer"]
     # under MOVE_FROM tokens the default order is the given one (ORDER_AUTO moves from there on)
-    assert out["order"] == "keep" and out["moved_tokens"] is None and out["prompt_tokens"] < MOVE_FROM
-    assert out["bias"]["layers"] == list(range(15, 30)) and out["bias"]["strength"] == 2.0
-    span = out["bias"]["spans"][0]
-    n, q0 = out["prompt_tokens"], out["bias"]["gate_token"]
+    plan = out["plan"]
+    assert plan["order"] == "keep" and plan["moved_tokens"] is None and out["prompt_tokens"] < MOVE_FROM
+    assert plan["layers"] == list(range(15, 30)) and plan["strength"] == 2.0 and plan["steered"]
+    # every part of the plan is in the output
+    assert (plan["top_k"], plan["granularity"], plan["rerank"], plan["reread"]) == (1, "novel", 8, False)
+    span = plan["spans"][0]
+    n, q0 = out["prompt_tokens"], plan["gate_token"]
     assert span["tokens"][1] <= q0 < n and 1024 < n < 2048
     # its strength by hand: the middle's +2 + 3 log2(n / 1536) (at least +2), reached a quarter of
     # the prompt before the question from +2 there, held to the middle, back to +2 at the start
     d, mid = (q0 - span["tokens"][1]) / q0, max(2.0, 2.0 + 3.0 * math.log2(n / 1536))
-    assert out["bias"]["near"] == 2.0 and out["bias"]["mid"] == pytest.approx(mid, abs=1e-9)
+    assert plan["near"] == 2.0 and plan["mid"] == pytest.approx(mid, abs=1e-9)
     want = 2.0 + (mid - 2.0) * d / 0.25 if d < 0.25 else mid if d <= 0.5 else mid + (2.0 - mid) * (d - 0.5) / 0.5
     assert span["value"] == pytest.approx(want, abs=2e-4) and n < 1536 and span["value"] == 2.0
     vanilla = json.loads(cli("run", "--default", "--json", "-n", "32", "--no-engram").stdout)
-    assert vanilla["bias"]["layers"] == [] and vanilla["bias"]["spans"] == [] and vanilla["bias"]["mid"] is None
-    assert vanilla["order"] == "keep" and "100 days" not in vanilla["answer"]
+    vp = vanilla["plan"]
+    assert vp["layers"] == [] and vp["spans"] == [] and vp["mid"] is None and not vp["steered"]
+    assert vp["order"] == "keep" and "100 days" not in vanilla["answer"]
     # the help names the bar (argparse may wrap the line anywhere)
     help_text = cli("run", "--help").stdout
     assert re.search(rf"from\s+{MOVE_FROM}\s+prompt\s+tokens", help_text)
     assert re.search(rf"then\s+\+{MOVE_STRENGTH:g}\s+on\s+it\)", help_text)
+
+
+def test_context_defaults_to_what_the_documents_need(docs, tmp_path):
+    """-c by default: the documents' prompt and the answer, rounded up to 256 (at least 512); capped
+    by --max-ctx, with one note saying how many chunks were left out and why."""
+    model = str(smollm2_path())
+    r = cli("run", model, "What is the delivery code for Indore?", "--chunks", str(docs), "--explain", "-n", "4")
+    assert r.returncode == 0, r.stderr
+    n = int(re.search(r"explain: (\d+) prompt tokens in a (\d+)-token context", r.stdout).group(1))
+    ctx = int(re.search(r"in a (\d+)-token context", r.stdout).group(1))
+    assert ctx == max(512, -(-(n + 4 + 64) // 256) * 256)
+    big = tmp_path / "big"
+    big.mkdir()
+    for k in range(12):  # ~12 x 160 tokens: more than a 512-token cap holds
+        (big / f"{k:02d}.md").write_text(" ".join(f"Depot {k}-{j} ships parcel code {1000 * k + j}." for j in range(24)))
+    r = cli("run", model, "Which depot ships parcel code 5007?", "--chunks", str(big), "--max-ctx", "1024", "-n", "4",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    notes = [l for l in r.stderr.splitlines() if "note" in l]
+    assert len(notes) == 1 and "capped at 1024 by --max-ctx 1024" in notes[0], r.stderr
+    assert out["dropped_chunks"] and out["prompt_tokens"] + 4 <= 1024
 
 
 def test_bad_table_file(docs, tmp_path):

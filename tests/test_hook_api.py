@@ -171,15 +171,31 @@ def test_bias_storage_is_linear_in_length(models):
         assert m4 - m1 == 3000 * 4
 
 
+def test_text_modules_import_without_libllama():
+    """The text side (chunks, table, extract, relevance, plan) imports without the native library;
+    the first use of llama_cpp loads it."""
+    code = textwrap.dedent("""
+        import os
+        maps = lambda: [l for l in open("/proc/self/maps") if "libllama" in l]
+        import engram_llama, engram_llama.chunks, engram_llama.table, engram_llama.relevance, engram_llama.plan
+        assert not maps(), maps()
+        from engram_llama import llama_cpp
+        assert maps() and hasattr(llama_cpp.llama_cpp._lib, "llama_engram_version")
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_import_refuses_a_foreign_libllama(tmp_path):
-    """Another libllama already mapped in the process: importing engram_llama fails with one line."""
+    """Another libllama already mapped in the process: loading the patched one fails with one line."""
     import engram_llama
     fake = tmp_path / "libllama.so"
     fake.write_bytes((engram_llama.lib_path().parent / "libggml-base.so").read_bytes())
     code = textwrap.dedent(f"""
         import ctypes
         ctypes.CDLL({str(fake)!r})
-        import engram_llama
+        from engram_llama import llama_cpp
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode != 0

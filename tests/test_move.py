@@ -5,7 +5,8 @@ Only the low-level API here, so that it also runs where the hook's tests run on 
 import numpy as np
 
 from conftest import N_GPU_LAYERS
-from engram_llama import llama_cpp, synth
+from engram_llama import llama_cpp
+from research import synth
 from engram_llama.align import Prompt
 from engram_llama.lowlevel import Context, Model
 from engram_llama.move import moved_prompt, moved_tokens, reread_to_end, shift_to_end

@@ -339,3 +339,14 @@ def test_rerank_fuses_score_and_question_likelihood():
     # weight 0 keeps the order (stable ties), and one chunk is nothing to rerank
     assert [s.chunk.id for s in relevance.rerank(scored, np.zeros(4), weight=0.0)] == [5, 2, 7, 9]
     assert relevance.rerank(scored[:1], np.array([-1.0])) == scored[:1]
+
+
+def test_the_settings_table_in_the_docs_is_the_schema():
+    """docs/PIPELINE.md's settings table is what plan.markdown_table() prints from the one schema."""
+    from pathlib import Path
+
+    from engram_llama.plan import markdown_table
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "PIPELINE.md").read_text()
+    block = doc.split("<!-- settings:begin -->\n", 1)[1].split("\n<!-- settings:end -->", 1)[0]
+    assert block == markdown_table()

@@ -4,9 +4,10 @@ import pytest
 
 from engram_llama.chunks import read_docs, split
 from engram_llama.cli import default_docs, default_model
-from engram_llama import synth
-from engram_llama.runtime import (MID, MOVE_FROM, MOVE_STRENGTH, ORDER_AUTO, EngramLlama, Settings, auto_strength, chunk_choice, default_layers, is_dense,
-                                  mid_strength)
+from research import synth
+from engram_llama.plan import (MID, MOVE_FROM, MOVE_STRENGTH, ORDER_AUTO, Settings, auto_strength, chunk_choice,
+                               default_layers, is_dense, mid_strength, resolve_order, why_not_move)
+from engram_llama.runtime import EngramLlama
 from engram_llama._hook import LayerKind
 
 
@@ -23,15 +24,15 @@ def test_prefill_reuses_nothing_from_the_gate_on_across_bias_settings(chunks):
     eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
     p, *_ = eng.prepare(q, chunks, 6)
     q0, n = p.question_token, len(p.tokens)
-    assert eng.hook.gate() is None and eng.prefill(p.tokens) == 0
-    assert eng.prefill(p.tokens) == n - 1              # no bias before or now: all of it
+    assert eng.hook.gate() is None and eng.cache.prefill(p.tokens) == 0
+    assert eng.cache.prefill(p.tokens) == n - 1              # no bias before or now: all of it
     eng.hook.set_layers(default_layers(eng.hook.kinds), 1.0)
     eng.hook.set_bias(np.zeros(n, np.float32), gate=q0)
-    assert eng.hook.gate() == q0 and eng.prefill(p.tokens) == q0   # the question again, under the bias
-    assert eng.prefill(p.tokens) == q0                 # a bias now: never past the gate
+    assert eng.hook.gate() == q0 and eng.cache.prefill(p.tokens) == q0   # the question again, under the bias
+    assert eng.cache.prefill(p.tokens) == q0                 # a bias now: never past the gate
     eng.hook.clear()
-    assert eng.hook.gate() is None and eng.prefill(p.tokens) == q0  # the cached question was biased
-    assert eng.prefill(p.tokens) == n - 1
+    assert eng.hook.gate() is None and eng.cache.prefill(p.tokens) == q0  # the cached question was biased
+    assert eng.cache.prefill(p.tokens) == n - 1
     eng.close()
 
 
@@ -41,7 +42,7 @@ def test_follow_up_reuses_the_documents_and_answers_as_a_fresh_run(chunks):
     eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
     a1 = eng.ask(q1, chunks, max_tokens=12)
     prompt2, *_ = eng.prepare(q2, chunks, 12)
-    reused = eng.prefill(prompt2.tokens)
+    reused = eng.cache.prefill(prompt2.tokens)
     # everything before the question was reused (the prompts share the documents)
     assert reused >= prompt2.question_token - 8 and reused > 1000
     a2 = eng.ask(q2, chunks, max_tokens=12)
@@ -105,24 +106,24 @@ def test_order_auto_moves_only_where_a_move_is_allowed(chunks, monkeypatch):
     """"auto" is ORDER_AUTO from MOVE_FROM prompt tokens on a dense model whose cache can shift,
     with the gate, whole chunks, no target share and a bias at all; the given order otherwise, and
     an explicit order as given."""
-    from engram_llama import runtime
+    from engram_llama import plan
 
     n = MOVE_FROM
     eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
     try:
         assert Settings().order == "auto" and eng.can_move() and ORDER_AUTO == "move"
-        assert eng.order(n) == "move" and eng.order(n - 1) == "keep"
-        for s in (Settings(engram=False), Settings(gate=False), Settings(target=0.3), Settings(granularity="sentence")):
-            eng.settings = s
-            assert eng.order(n) == "keep", s
+        order = lambda s, k: resolve_order(s, k, eng.hook.kinds, eng.llm.can_shift())  # noqa: E731
+        assert order(Settings(), n) == "move" and order(Settings(), n - 1) == "keep"
+        for s in (Settings(engram=False), Settings(gate=False), Settings(granularity="sentence")):
+            assert order(s, n) == "keep", s
         for o in ("keep", "edges", "move"):
-            eng.settings = Settings(order=o, gate=o != "move")
-            assert eng.order(1) == eng.order(n) == o
+            s = Settings(order=o)
+            assert order(s, 1) == order(s, n) == o
         # ask resolves it by the prompt's length: the embedded sample (~1.5K tokens) under a lower bar
         q = "Which district has its headquarters at Kakkanad?"
         eng.settings = Settings()
         assert eng.ask(q, chunks, max_tokens=2).order == "keep"
-        monkeypatch.setattr(runtime, "MOVE_FROM", 1024)
+        monkeypatch.setattr(plan, "MOVE_FROM", 1024)
         a = eng.ask(q, chunks, max_tokens=2)
         assert a.order == "move" and a.moved and a.strength == MOVE_STRENGTH == 2.0 and a.near is None and a.mid is None
     finally:
@@ -130,7 +131,7 @@ def test_order_auto_moves_only_where_a_move_is_allowed(chunks, monkeypatch):
     for arch in ("gemma3", "qwen35"):  # a sliding-window cache, a recurrent state: the given order
         eng = EngramLlama(str(synth.cached_model(arch)), n_ctx=256, n_threads=2, chat=False)
         try:
-            assert not eng.can_move() and eng.order(n) == "keep", arch
+            assert not eng.can_move() and resolve_order(Settings(), n, eng.hook.kinds, eng.llm.can_shift()) == "keep", arch
         finally:
             eng.close()
 
@@ -196,65 +197,6 @@ def test_near_lowers_the_bias_of_chunks_next_to_the_question(chunks):
     assert min(dists) < 0.25 and max(dists) > 0.6  # all three pieces seen
 
 
-def test_lifted_bias_steers_the_question_and_not_the_answer(chunks):
-    # lift=True: the question's queries (and so the first answer token) see the bias, the answer's
-    # own queries do not. Reference: the same steps written out with the hook set and cleared by hand
-    from engram_llama.evaluate import Runner
-
-    q = "Which district has its headquarters at Kakkanad?"
-    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
-    runner = Runner(eng, max_new=6)
-    prompt, *_ = eng.prepare(q, chunks[:6], 6)
-    q0 = prompt.question_token
-    b = np.zeros(len(prompt.tokens), dtype=np.float32)
-    a0, a1 = prompt.chunk_tokens[prompt.chunk_order[0]]
-    b[a0:a1] = 8.0  # strong enough to move the answer
-    eng.hook.set_layers(default_layers(eng.hook.kinds), 1.0)
-
-    def with_bias(**kw):
-        runner.prefill_docs(prompt.tokens, q0)
-        eng.hook.set_bias(b, gate=q0)
-        return runner.answer(prompt.tokens, q0, **kw)
-
-    def greedy(logits):  # the reference: Runner.answer's loop written out
-        out, pos = [], len(prompt.tokens)
-        for _ in range(6):
-            t = int(np.argmax(logits))
-            if t in runner.stop_ids:
-                break
-            out.append(t)
-            logits = runner.decode([t], pos, True)
-            pos += 1
-        return eng.llm.detokenize(out).decode("utf-8", "ignore").split("\n")[0].strip()
-
-    kept, lifted = with_bias(), with_bias(lift=True)
-    assert not eng.hook.active
-    runner.prefill_docs(prompt.tokens, q0)
-    eng.hook.set_bias(b, gate=q0)
-    logits = runner.decode(prompt.tokens[q0:], q0, True)
-    eng.hook.clear()
-    want = greedy(logits)
-    # then=(a, bias2): the question's queries keep b, those from the question's end on get bias2
-    from engram_llama.align import answer_token
-
-    at = answer_token(prompt, q)
-    assert eng.llm.detokenize(prompt.tokens[q0:at]).decode().endswith(q)
-    assert not eng.llm.detokenize(prompt.tokens[at:]).decode().startswith(q[-1])
-    switched = with_bias(then=(at, np.zeros_like(b)))
-    runner.prefill_docs(prompt.tokens, q0)
-    eng.hook.set_bias(b, gate=q0)
-    runner.decode(prompt.tokens[q0:at], q0, False)
-    eng.hook.clear()
-    logits = runner.decode(prompt.tokens[at:], at, True)
-    want_switched = greedy(logits)
-    same = with_bias(then=(at, b))
-    eng.close()
-    assert lifted == want
-    # here the answer's own queries matter: with the bias kept on them the answer differs
-    assert kept != lifted
-    assert switched == want_switched and same == kept
-
-
 def test_rerank_reads_each_chunk_once_per_question(chunks):
     """prepare reranks the best RERANK_K chunks by the question's likelihood; the same chunks in
     another order are not reread, and rerank=0 keeps the BM25 + entity order."""
@@ -265,8 +207,8 @@ def test_rerank_reads_each_chunk_once_per_question(chunks):
     calls = []
     try:
         _, _, scored, _ = eng.prepare(q, chunks, 12)
-        real = eng._likelihood.__call__
-        eng._likelihood = type("Spy", (), {"__call__": lambda self, qq, cs: calls.append(len(cs)) or real(qq, cs),
+        real = eng.retriever._likelihood.__call__
+        eng.retriever._likelihood = type("Spy", (), {"__call__": lambda self, qq, cs: calls.append(len(cs)) or real(qq, cs),
                                             "close": lambda self: None})()
         _, _, again, _ = eng.prepare(q, chunks[::-1], 12)
         k = min(relevance.RERANK_K, len(chunks))
@@ -285,42 +227,6 @@ def test_rerank_reads_each_chunk_once_per_question(chunks):
         eng.close()
 
 
-def test_target_share_sets_the_strength_the_probe_reads(chunks):
-    """A second path reads the share (the eval's decoder into a cleared cache) and must give the
-    same strength; the answer must equal a run with that strength set by hand on every chunk
-    position (near = strength), so the probe's unbiased question left nothing in the cache."""
-    from engram_llama.evaluate import Runner
-    from engram_llama.probe import strength_for
-
-    q = "Which district has its headquarters at Kakkanad?"
-    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(target=0.6))
-    a = eng.ask(q, chunks, max_tokens=8)
-    again = eng.ask(q, chunks, max_tokens=8)  # the cached documents, probed again
-    prompt, pm, scored, _ = eng.prepare(q, chunks, 8)
-    runner = Runner(eng, 1)
-    eng.hook.clear()
-    runner.prefill_docs(prompt.tokens, prompt.question_token)
-    with eng.probe.reading(eng.layers()):
-        runner.decode(prompt.tokens[prompt.question_token:], prompt.question_token, False)
-    share = eng.probe.share(prompt.chunk_tokens[a.citations[0].chunk.id])
-    # the probe's question is cut from the cache: it ends at the last document token
-    from engram_llama import llama_cpp
-
-    again_b = eng._strength_for_share(prompt, a.citations[0].chunk.id, eng.layers(), 0.6)
-    mem = llama_cpp.llama_get_memory(eng.llm.ctx)
-    assert eng.llm.n_tokens == prompt.question_token
-    assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == prompt.question_token - 1
-    eng.close()
-    assert again_b == pytest.approx(a.strength, abs=1e-4)
-    want = strength_for(float(np.mean(list(share.values()))), 0.6)
-    assert 0.5 < want < 8 and a.strength == pytest.approx(want, abs=1e-4) and again.strength == pytest.approx(want, abs=1e-4)
-    assert len(a.citations) == 1 and again.text == a.text
-    fixed = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(strength=want, near=want, mid=0, order="keep"))
-    b = fixed.ask(q, chunks, max_tokens=8)
-    fixed.close()
-    assert b.text == a.text and b.spans == a.spans
-
-
 def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question(chunks):
     from engram_llama import move
     from engram_llama.cli import _explain
@@ -336,7 +242,7 @@ def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question
     # what moves: the chunk's label, its text and the blank line after it
     lo, hi = move.moved_span(prompt, best)
     assert a.moved == (lo, hi)
-    moved_text = eng.llm.detokenize(prompt.tokens[lo:hi]).decode()
+    moved_text = eng.llm.detokenize(prompt.tokens[lo:hi])
     assert moved_text.startswith(f"Document [{a.citations[0].position}] (") and moved_text.endswith("\n\n")
     # MOVE_STRENGTH on the chunk's text where the cache holds it: shifted by q0 - hi, up to the blank
     # line; the default granularity (novel) leaves out the question's echoes, read at the old place
@@ -353,10 +259,11 @@ def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question
     assert f"order move: chunk {best} (document [{a.citations[0].position}]) moved" in _explain(a, len(chunks))
     # a second moved question decodes only its question and answer: the documents stay cached
     decoded = []
-    real_eval = eng.llm.eval
-    eng.llm.eval = lambda toks: (decoded.extend(toks), real_eval(toks))[1]
+    llm = eng.llm._llm  # llama-cpp-python's own decode, which prefill and generation both call
+    real_eval = llm.eval
+    llm.eval = lambda toks: (decoded.extend(toks), real_eval(toks))[1]
     b = eng.ask(q2, chunks, max_tokens=6)
-    eng.llm.eval = real_eval
+    llm.eval = real_eval
     p2, *_ = eng.prepare(q2, chunks, 6)
     assert b.order == "move" and 0 < len(decoded) <= len(p2.tokens) - p2.question_token + 6
     # the best chunk already last: nothing moves, the bias sits where the given order has the chunk
@@ -373,7 +280,7 @@ def test_moved_chunk_sits_last_and_the_documents_come_back_for_the_next_question
     # the cache holds the documents in the given order again: a follow-up in the given order
     # reuses them and answers as a fresh run does
     eng.settings = Settings(order="keep")
-    assert eng.prefill(p2.tokens) > 1000
+    assert eng.cache.prefill(p2.tokens) > 1000
     a2 = eng.ask(q2, chunks, max_tokens=12)
     eng.close()
     fresh = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="keep"))
@@ -386,11 +293,11 @@ def test_move_refuses_models_that_do_not_keep_the_whole_context():
         eng = EngramLlama(str(synth.cached_model(arch)), n_ctx=256, n_threads=2, chat=False,
                           settings=Settings(order="move"))
         try:
-            with pytest.raises(ValueError, match="order 'move' needs a model whose every layer"):
-                eng._moved_span(None, ["a selected chunk"])
+            assert not eng.can_move()
+            assert why_not_move(eng.settings, eng.hook.kinds, eng.llm.can_shift()).startswith(
+                "order 'move' needs a model whose every layer")
         finally:
             eng.close()
-
 
 def test_answer_prefix_reaches_the_prompt_after_the_gate(chunks):
     """The runtime's answer prefix ends a plain prompt, a call's own replaces it, and it lies after
@@ -403,18 +310,35 @@ def test_answer_prefix_reaches_the_prompt_after_the_gate(chunks):
         p2, *_ = eng.prepare(q, chunks[:2], 4, answer_prefix='Answer: "k": "')
         assert p2.text == p.text[:-len("Reply:")] + 'Answer: "k": "'
         assert p2.chunk_tokens == p.chunk_tokens and p2.question_token == p.question_token
-        tail = eng.llm.detokenize(p2.tokens[p2.question_token:]).decode()
+        tail = eng.llm.detokenize(p2.tokens[p2.question_token:])
         assert tail.startswith("Question:") and tail.endswith('Answer: "k": "')
     finally:
         eng.close()
 
 
+def _raw_decode(ctx, tokens, pos0, logits=False):
+    """A reference decoder on the bare C API (no llama-cpp-python record): tokens at pos0 on."""
+    from engram_llama import llama_cpp
+
+    for a in range(0, len(tokens), 512):  # at most n_batch tokens per llama_decode
+        part = tokens[a:a + 512]
+        batch = llama_cpp.llama_batch_init(len(part), 0, 1)
+        try:
+            for i, t in enumerate(part):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, pos0 + a + i, 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = logits and a + i == len(tokens) - 1
+            batch.n_tokens = len(part)
+            assert llama_cpp.llama_decode(ctx, batch) == 0
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
+
 def test_reread_move_reads_the_chunk_again_at_the_documents_end(chunks):
-    """EngramLlama._move(reread=True) decodes the moved chunk again at the documents' end
-    through llama-cpp-python's bookkeeping. Reference: the eval Runner's own path
-    (move.reread_to_end on raw batches); the plain shift differs, so the comparison can fail."""
-    from engram_llama import move
-    from engram_llama.evaluate import Runner
+    """The cache manager's move with reread decodes the moved chunk again at the documents' end
+    through llama-cpp-python's record. Reference: the same steps on the bare C API (move.reread_to_end
+    with a raw decoder into a cleared cache); the plain shift differs, so the comparison can fail."""
+    from engram_llama import llama_cpp, move
 
     q = "Which district has its headquarters at Kakkanad?"
     eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(order="move", reread="always"))
@@ -422,28 +346,29 @@ def test_reread_move_reads_the_chunk_again_at_the_documents_end(chunks):
     q0 = prompt.question_token
     lo, hi = move.moved_span(prompt, scored[0].chunk.id)
     assert hi < q0
-    tokens, saved = eng._move(prompt, lo, hi, reread=True)
-    assert tokens == move.moved_tokens(prompt.tokens, lo, hi, q0) and eng.llm.n_tokens == q0
-    assert list(eng.llm.input_ids[:q0]) == tokens[:q0]
-    eng.llm.eval(prompt.tokens[q0:])
-    from engram_llama import llama_cpp
-    got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(eng.llm.ctx, -1), shape=(eng.llm.n_vocab(),)).copy()
-    eng._unmove(prompt, saved)
-    runner = Runner(eng)
+    with eng.cache.moved(prompt.tokens, q0, lo, hi, reread=True) as tokens:
+        assert tokens == move.moved_tokens(prompt.tokens, lo, hi, q0) and eng.llm.n_cached == q0
+        assert eng.llm.cached() == tokens[:q0]
+        eng.llm.eval(prompt.tokens[q0:])
+        got = eng.llm.logits()
+    assert eng.llm.cached() == prompt.tokens[:q0]  # the documents back in the given order
+    ctx, mem = eng.llm.ctx, eng.llm.memory
 
     def logits(reread):
-        runner.prefill_docs(prompt.tokens, q0)
-        runner.move(lo, hi, q0, reread=prompt.tokens if reread else None)
-        out = runner.decode(prompt.tokens[q0:], q0, True)
-        runner.move(lo, hi, q0, back=True)
-        return out
+        llama_cpp.llama_memory_clear(mem, True)
+        _raw_decode(ctx, prompt.tokens[:q0], 0)
+        if reread:
+            move.reread_to_end(llama_cpp, mem, lambda ids, pos0: _raw_decode(ctx, ids, pos0), prompt.tokens, lo, hi, q0)
+        else:
+            move.shift_to_end(llama_cpp, mem, lo, hi, q0)
+        _raw_decode(ctx, prompt.tokens[q0:], q0, logits=True)
+        return eng.llm.logits()
 
     want, shifted = logits(True), logits(False)
     eng.close()
     gap = np.abs(shifted - want).max()
     assert gap > 0.05  # the chunk's own cells matter to this 30-layer model
     assert np.abs(got - want).max() < 0.02 * gap
-
 
 def test_reread_first_reads_again_only_the_documents_first_chunk(chunks, monkeypatch):
     """Settings.reread "first": the moved chunk is decoded again only when it was the documents'

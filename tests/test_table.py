@@ -90,7 +90,7 @@ def test_bad_table_files(tmp_path, small):
     cut.write_bytes(data[: len(data) - 100])
     with pytest.raises(TableError, match="truncated|not a valid"):
         Table(cut)
-    from engram_llama import synth
+    from research import synth
     with pytest.raises(TableError, match="not an engram table"):
         Table(synth.cached_model("llama"))
     # another format version

@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 import cffi
 import numpy as np
 
+from . import llama_cpp as _llama_cpp  # noqa: F401  (the patched libllama first, bound to llama_cpp)
 from ._lib import lib_path
 
 _HERE = Path(__file__).resolve().parent
@@ -95,7 +96,7 @@ class Hook:
 
     def __init__(self, llm):
         self._owner = llm
-        if hasattr(llm, "ctx") and hasattr(llm, "_ctx"):
+        if hasattr(llm, "ctx") and hasattr(llm, "model"):  # llama_cpp.Llama or the adapter over it
             ctx_ptr, model_ptr = llm.ctx, llm.model
         else:
             ctx_ptr = llm

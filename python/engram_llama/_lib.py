@@ -62,6 +62,9 @@ def _cxx_runtime_first() -> None:
 
 def load_llama_cpp():
     """Import llama_cpp bound to the patched libllama, or raise EngramImportError with one line."""
+    mod = sys.modules.get("llama_cpp")
+    if mod is not None and getattr(mod, "_engram_bound", False):
+        return mod
     ours = lib_path()
     if not ours.exists():
         raise EngramImportError(
@@ -86,4 +89,5 @@ def load_llama_cpp():
     if not hasattr(llama_cpp.llama_cpp._lib, "llama_engram_version"):
         raise EngramImportError(
             f"engram_llama: {llama_cpp.llama_cpp._lib._name} has no attention-bias hook (not patched)")
+    llama_cpp._engram_bound = True
     return llama_cpp

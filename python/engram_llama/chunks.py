@@ -20,12 +20,15 @@ class Chunk:
 
 
 def read_docs(folder: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """(name, text) of the .txt/.md files of folder, and notes on files skipped."""
+    """(name, text) of the .txt/.md files of folder (or of a .jsonl file's lines), and notes on
+    what was skipped."""
     root = Path(folder)
     if not root.exists():
         raise DocsError(f"docs folder not found: {root}")
+    if root.is_file() and root.suffix.lower() == ".jsonl":
+        return read_jsonl(root)
     if not root.is_dir():
-        raise DocsError(f"not a folder: {root}")
+        raise DocsError(f"not a folder or a .jsonl file: {root}")
     try:
         files = sorted(p for p in root.rglob("*") if p.is_file())
     except OSError as e:
@@ -55,6 +58,36 @@ def read_docs(folder: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
             notes.append(f"skipped {rel}: empty")
     if not docs:
         raise DocsError(f"no readable .txt or .md documents in {root}" + (f" ({'; '.join(notes[:3])})" if notes else ""))
+    return docs, notes
+
+
+def read_jsonl(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """Documents as JSON lines, {"title": ..., "text": ...} ("id" names one without a title), in
+    the file's order: what a retriever hands over, with its order kept."""
+    import json
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DocsError(f"cannot read {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
+    docs, notes = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            text = d["text"]
+            if not isinstance(text, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise DocsError(f"{path}:{n}: not a JSON object with a \"text\" string") from None
+        name = str(d.get("title") or d.get("id") or f"document {len(docs) + 1}")
+        if text.strip():
+            docs.append((name, text))
+        else:
+            notes.append(f"skipped line {n} of {path.name}: empty text")
+    if not docs:
+        raise DocsError(f"no documents in {path}")
     return docs, notes
 
 

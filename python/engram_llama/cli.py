@@ -10,6 +10,13 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line (its default prints the usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _load_model(path: str):
     from .gguf_check import check_gguf
     from .lowlevel import Model
@@ -24,6 +31,7 @@ def _load_model(path: str):
 def cmd_inspect(args) -> int:
     from ._hook import LayerKind, layer_kinds
     from .gguf_check import architecture
+    from .plan import default_layers, ranges as _ranges
 
     model = _load_model(args.model)
     kinds = layer_kinds(model.ptr)
@@ -33,7 +41,7 @@ def cmd_inspect(args) -> int:
         print(json.dumps({
             "model": args.model, "architecture": arch, "n_layer": len(kinds),
             "layers": [k.name.lower() for k in kinds],
-            "biasable": groups[LayerKind.FULL] + groups[LayerKind.SWA],
+            "biasable": groups[LayerKind.FULL] + groups[LayerKind.SWA], "biased_by_default": default_layers(kinds),
         }))
         return 0
     print(f"model:        {args.model}")
@@ -41,18 +49,8 @@ def cmd_inspect(args) -> int:
     print(f"full attention (biasable):      {_ranges(groups[LayerKind.FULL]) or '-'}")
     print(f"sliding window (biasable):      {_ranges(groups[LayerKind.SWA]) or '-'}")
     print(f"no softmax attention (refused): {_ranges(groups[LayerKind.NONE]) or '-'}")
+    print(f"biased by default:              {_ranges(default_layers(kinds)) or '-'}")
     return 0
-
-
-def _ranges(xs: list[int]) -> str:
-    out, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 # measured with `engram-llama run --default --json -n 32` (with and without --no-engram): SmolLM2
@@ -79,29 +77,6 @@ def default_docs() -> str:
     return str(Path(__file__).resolve().parent / "samples" / "docs")
 
 
-def parse_layers(spec: str | None) -> list[int] | None:
-    """'15-29', '3,7,11', 'all' (every softmax layer: resolved later) or None for the default."""
-    if spec is None or spec == "default":
-        return None
-    if spec == "all":
-        return [-1]
-    out: list[int] = []
-    try:
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise UsageError(f"invalid --layers {spec!r}: use e.g. 15-29, 3,7,11 or all") from None
-    return sorted(set(out))
-
-
 def fetch_hf(spec: str) -> str:
     """REPO[:FILE] from Hugging Face (needs huggingface_hub and a network)."""
     repo, _, fname = spec.partition(":")
@@ -122,10 +97,35 @@ def fetch_hf(spec: str) -> str:
         raise UsageError(f"cannot download {spec} from Hugging Face (offline?): {type(e).__name__}") from None
 
 
+DEFAULT_MAX_CTX = 16384  # the largest context -c picks by itself: ~0.4 GB of KV on SmolLM2, more on bigger models
+
+
+def settings_from(args) -> "Settings":
+    """Settings from the schema's options present on args (the user CLI has a subset)."""
+    from .plan import OPTIONS, Settings, parse_layers
+
+    kw = {}
+    for o in OPTIONS:
+        if not hasattr(args, o.name):
+            continue
+        v = getattr(args, o.name)
+        if o.name in ("engram", "gate"):  # --no-engram / --no-gate
+            kw[o.name] = not v
+        elif o.name == "layers":
+            try:
+                kw["layers"] = parse_layers(v)
+            except ValueError as e:
+                raise ValueError(str(e).replace("invalid layers", "invalid --layers")) from None
+        elif v is not None:
+            kw[o.name] = v
+    return Settings(**kw)
+
+
 def cmd_run(args) -> int:
     from ._hook import EngramError
     from .chunks import DocsError, read_docs, split
-    from .runtime import ContextTooSmall, EngramLlama, Settings
+    from .plan import check_layers, why_not_move
+    from .runtime import ContextTooSmall, EngramLlama, context_size
 
     if (args.default or args.hf) and args.model and args.question is None and not args.model.endswith(".gguf"):
         args.model, args.question = None, args.model  # `run --default "question"`: the one positional is the question
@@ -144,28 +144,14 @@ def cmd_run(args) -> int:
         raise UsageError("the question is empty")
     if question is None and not args.interactive:
         raise UsageError("no question: give it after the options, or use -i")
-    if args.strength is not None and not (args.strength == args.strength and abs(args.strength) < 1e6):
-        raise UsageError(f"invalid --strength {args.strength}")
-    if args.near is not None and not (args.near == args.near and abs(args.near) < 1e6):
-        raise UsageError(f"invalid --near {args.near}")
-    if args.mid is not None and not (args.mid == args.mid and abs(args.mid) < 1e6):
-        raise UsageError(f"invalid --mid {args.mid}")
-    if args.target_share is not None and not 0 < args.target_share < 1:
-        raise UsageError(f"invalid --target-share {args.target_share}: between 0 and 1")
-    if args.target_share is not None and args.no_gate:
-        raise UsageError("--target-share reads the documents without bias: it cannot go with --no-gate")
-    if args.order == "move" and args.no_gate:
-        raise UsageError("--order move reads the documents before it moves one: it cannot go with --no-gate")
-    if args.order == "move" and args.granularity not in ("chunk", "novel"):
-        raise UsageError(f"--order move biases the moved chunk by its tokens: it cannot go with --granularity {args.granularity}")
-    if args.order == "move" and args.target_share is not None:
-        raise UsageError("--target-share reads the chunk where it was read, not where --order move puts it: "
-                         "it cannot go with --order move")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError(f"invalid --top-k {args.top_k}: at least 1")
-    if args.rerank is not None and not 0 <= args.rerank <= 64:
-        raise UsageError(f"invalid --rerank {args.rerank}: 0 (off) to 64")
-    layers = parse_layers(args.layers)
+    if args.ctx_size is not None and args.ctx_size < 64:
+        raise UsageError(f"invalid -c {args.ctx_size}: at least 64")
+    if args.max_ctx < 512:
+        raise UsageError(f"invalid --max-ctx {args.max_ctx}: at least 512")
+    try:
+        settings = settings_from(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
     from .gguf_check import check_gguf
     check_gguf(model)
@@ -177,29 +163,26 @@ def cmd_run(args) -> int:
     for n in notes:
         print(f"engram-llama: note: {n}", file=sys.stderr)
 
+    n_ctx = args.ctx_size
+    if n_ctx is None:  # what the documents need, up to the trained context and --max-ctx
+        n_ctx, n_prompt, n_train = context_size(model, question or "", chunks, args.n_predict, args.max_ctx,
+                                                chat=not args.no_chat, answer_prefix=args.answer_prefix)
+        if n_prompt + args.n_predict > n_ctx:
+            why = f"the model's trained context ({n_train})" if 0 < n_train <= args.max_ctx else f"--max-ctx {args.max_ctx}"
+            print(f"engram-llama: note: the documents take {n_prompt} tokens; the context is capped at {n_ctx} "
+                  f"by {why}: the lowest-ranked chunks are left out", file=sys.stderr)
     table = _open_table(args.table)
-    settings = Settings(strength=args.strength, top_k=args.top_k, near=args.near, mid=args.mid,
-                        granularity=args.granularity, gate=not args.no_gate, order=args.order,
-                        engram=not args.no_engram, rerank=args.rerank, target=args.target_share,
-                        **({"reread": args.reread} if args.reread else {}))
     try:
-        eng = EngramLlama(model, n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+        eng = EngramLlama(model, n_ctx=n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                           seed=args.seed, settings=settings, table=table, chat=not args.no_chat,
                           answer_prefix=args.answer_prefix)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"llama.cpp could not load {model}: {e}") from None
-    if layers == [-1]:
-        layers = eng.hook.softmax_layers()
-    if layers is not None:
-        bad = [il for il in layers if il >= eng.hook.n_layer or eng.hook.kinds[il].name == "NONE"]
-        if bad:
-            kinds = eng.hook.kinds
-            il = bad[0]
-            why = (f"the model has {len(kinds)} layers" if il >= len(kinds) else "it has no softmax attention")
-            raise UsageError(f"invalid --layers: layer {il} cannot take a bias ({why}); "
-                             f"biasable: {_ranges(eng.hook.softmax_layers())}")
-        settings.layers = layers
-    if args.order == "move" and not eng.can_move():
+    try:
+        check_layers(settings.layers, eng.hook.kinds)
+    except ValueError as e:
+        raise UsageError(f"invalid --layers: {e}") from None
+    if settings.order == "move" and why_not_move(settings, eng.hook.kinds, eng.llm.can_shift()):
         raise UsageError("--order move needs a model whose every layer keeps the whole context (dense, "
                          "Llama-style) and whose cache can shift positions; this one cannot: use --order edges")
 
@@ -208,13 +191,11 @@ def cmd_run(args) -> int:
         try:
             ans = eng.ask(q, chunks, max_tokens=args.n_predict, temperature=args.temp,
                           on_token=(lambda t: print(t, end="", flush=True)) if stream else None)
-        except ContextTooSmall as e:
-            raise UsageError(str(e)) from None
-        except EngramError as e:
+        except (ContextTooSmall, EngramError) as e:
             raise UsageError(str(e)) from None
         if ans.dropped and not args.json:
-            print(f"engram-llama: note: {len(ans.dropped)} of {len(chunks)} chunks did not fit in {args.ctx_size} "
-                  "tokens; kept the best-ranked", file=sys.stderr)
+            print(f"engram-llama: note: {len(ans.dropped)} of {len(chunks)} chunks did not fit in {eng.n_ctx} "
+                  "tokens (-c); kept the best-ranked", file=sys.stderr)
         if args.json:
             print(json.dumps(_answer_json(q, ans), ensure_ascii=False))
             return
@@ -225,21 +206,23 @@ def cmd_run(args) -> int:
         if ans.citations:
             print("sources: " + "; ".join(f"[{c.position}] {c.chunk.source} ({c.score:.2f})" for c in ans.citations))
         if args.explain:
-            print(_explain(ans, len(chunks)))
+            print(_explain(ans, len(chunks), eng.n_ctx))
 
-    if question is not None and question.strip():
-        one(question)
-    if args.interactive:
-        while True:
-            if sys.stdin.isatty():
-                print("> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
-            if not line:
-                break
-            q = line.strip()
-            if q:
-                one(q)
-    eng.close()
+    try:
+        if question is not None and question.strip():
+            one(question)
+        if args.interactive:
+            while True:
+                if sys.stdin.isatty():
+                    print("> ", end="", file=sys.stderr, flush=True)
+                line = sys.stdin.readline()
+                if not line:
+                    break
+                q = line.strip()
+                if q:
+                    one(q)
+    finally:
+        eng.close()
     return 0
 
 
@@ -248,36 +231,41 @@ def _answer_json(q, ans) -> dict:
         "question": q, "answer": ans.text,
         "citations": [{"source": c.chunk.source, "chunk": c.chunk.id, "position": c.position, "relevance": round(c.score, 4)}
                       for c in ans.citations],
-        "bias": {"layers": ans.layers, "strength": ans.strength, "near": ans.near, "mid": ans.mid, "gate_token": ans.gate,
-                 "spans": [{"chunk": s.chunk_id, "tokens": list(s.tokens), "value": round(s.value, 4), "what": s.what}
-                           for s in ans.spans]},
-        "prompt_tokens": ans.n_prompt_tokens, "dropped_chunks": [c.id for c in ans.dropped], "order": ans.order,
-        "moved_tokens": list(ans.moved) if ans.moved else None,
+        "plan": ans.plan.to_json(),
+        "prompt_tokens": ans.n_prompt_tokens, "dropped_chunks": [c.id for c in ans.dropped],
     }
 
 
-def _explain(ans, n_chunks: int) -> str:
-    lines = [f"explain: {ans.n_prompt_tokens} prompt tokens, {n_chunks} chunks"]
+def _explain(ans, n_chunks: int, n_ctx: int | None = None) -> str:
+    from .plan import ranges
+
+    p = ans.plan
+    ctx = f" in a {n_ctx}-token context" if n_ctx else ""
+    lines = [f"explain: {ans.n_prompt_tokens} prompt tokens{ctx}, {n_chunks} chunks"
+             + (f", {len(ans.dropped)} left out to fit" if ans.dropped else "")]
     reread = any(sc.lm is not None for sc in ans.scored)
-    lines.append("  relevance (BM25 + entity overlap" + (", then the question's log-probability per token after "
-                                                          "the best chunks" if reread else "") + "), best first:")
+    lines.append("  relevance (BM25 + entity overlap" + (f", then the question's log-probability per token after "
+                                                          f"the best {p.rerank} chunks" if reread else "") + "), best first:")
     for sc in ans.scored[:6]:
         snippet = sc.chunk.text.replace("\n", " ")[:60]
         lm = f"  question {sc.lm:6.2f}" if sc.lm is not None else ""
         lines.append(f"    {sc.score:5.2f}  bm25 {sc.bm25:5.2f}  entities {sc.entity:4.2f}{lm}  {sc.chunk.source}: {snippet}...")
-    if ans.order == "move" and ans.citations:
+    lines.append(f"  order {p.order}" + {"keep": ": as given", "edges": ": best chunks at the ends, the best last",
+                                         "move": ""}[p.order])
+    if p.order == "move" and ans.citations:
         c = ans.citations[0]
-        how = "read again at the documents' end" if ans.reread else "moved to the documents' end in the cache"
-        lines.append(f"  order move: chunk {c.chunk.id} (document [{c.position}]) {how}; the token positions "
-                     "below are its positions there" if ans.moved else
+        how = "read again at the documents' end" if p.reread else "moved to the documents' end in the cache"
+        lines[-1] = (f"  order move: chunk {c.chunk.id} (document [{c.position}]) {how}; the token positions "
+                     "below are its positions there" if p.moved else
                      f"  order move: chunk {c.chunk.id} (document [{c.position}]) is already last: not moved")
-    if ans.layers:
-        lines.append(f"  bias on layers {_ranges(ans.layers)}, from token {ans.gate} on (the question and the answer)")
+    if p.steered:
+        lines.append(f"  bias on layers {ranges(p.layers)}, from token {p.gate} on (the question and the answer); "
+                     f"top {p.top_k} chunk{'s' if p.top_k > 1 else ''}, granularity {p.granularity}")
         # without near the middle's strength reaches the question (bias.chunk_strength)
-        near = ans.near if ans.near is not None else ans.mid if ans.mid is not None else ans.strength
-        mid = f", +{ans.mid:.2f} in the middle" if ans.mid is not None else ""
-        lines.append(f"  strength +{near:.2f} next to the question{mid}, +{ans.strength:.2f} at the start (times relevance)")
-        for s in ans.spans:
+        near = p.near if p.near is not None else p.mid if p.mid is not None else p.strength
+        mid = f", +{p.mid:.2f} in the middle" if p.mid is not None else ""
+        lines.append(f"  strength +{near:.2f} next to the question{mid}, +{p.strength:.2f} at the start (times relevance)")
+        for s in p.spans:
             lines.append(f"    +{s.value:.2f} on tokens {s.tokens[0]}-{s.tokens[1] - 1} ({s.what} of chunk {s.chunk_id})")
     else:
         lines.append("  no bias (vanilla)")
@@ -375,9 +363,24 @@ def cmd_table_info(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="engram-llama", description=__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def add_settings(parser, research: bool = False) -> None:
+    """The steering options from the one schema (plan.OPTIONS); research: the ones that lost too."""
+    from .plan import OPTIONS
+
+    for o in OPTIONS:
+        if not (o.user or research):
+            continue
+        help = f"{o.help} (default: {o.default_doc})" if o.default_doc and o.type is not None else o.help
+        if o.type is None:  # a switch: --no-engram, --no-gate
+            parser.add_argument(o.flag, dest=o.name, action="store_true", help=help)
+        else:
+            parser.add_argument(o.flag, dest=o.name, type=o.type, choices=o.choices, metavar=o.metavar,
+                                default=None, help=help)
+
+
+def build_parser(research: bool = False) -> argparse.ArgumentParser:
+    ap = _Parser(prog="engram-llama", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     p = sub.add_parser("inspect", help="print the architecture and which layers can take a bias")
     p.add_argument("model", help="GGUF model file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -386,51 +389,19 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="answer a question over a folder of documents")
     r.add_argument("model", nargs="?", help="GGUF model file")
     r.add_argument("question", nargs="?", help="the question")
-    r.add_argument("--chunks", metavar="DIR", help="folder of .txt/.md documents")
+    r.add_argument("--chunks", metavar="DIR", help="folder of .txt/.md documents, or a .jsonl file ({\"title\", \"text\"} per line)")
     r.add_argument("--default", action="store_true", help="SmolLM2-135M-Instruct over the sample docs")
     r.add_argument("--hf", metavar="REPO[:FILE]", help="download the model from Hugging Face")
-    r.add_argument("-c", "--ctx-size", type=int, default=4096)
+    r.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context size (default: what the documents need, up to the model's trained context and --max-ctx)")
+    r.add_argument("--max-ctx", type=int, default=DEFAULT_MAX_CTX, metavar="N",
+                   help=f"the largest context -c picks by itself (default {DEFAULT_MAX_CTX}; KV memory grows with it)")
     r.add_argument("-t", "--threads", type=int, default=None)
     r.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     r.add_argument("-n", "--n-predict", type=int, default=64)
     r.add_argument("--temp", type=float, default=0.0)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--layers", help="layers to bias: 15-29, 3,7,11, all (default: per model family)")
-    r.add_argument("--strength", type=float, default=None,
-                   help="bias strength (default: 2 up to 2K prompt tokens, rising to 4 at 4K and beyond; the "
-                        "strength at the prompt's start, the middle gets --mid)")
-    r.add_argument("--near", type=float, default=None,
-                   help="strength for a chunk next to the question, rising to --strength a quarter of the "
-                        "prompt away (default in the given order: 2 on dense models, 3 on sliding-window and "
-                        "hybrid ones; none with --order edges)")
-    r.add_argument("--mid", type=float, default=None,
-                   help="strength a quarter to half the prompt before the question, falling back to --strength "
-                        "at the prompt's start (default on dense models: by length, 2 up to 1.5K prompt tokens, "
-                        "5 from 3K; none on sliding-window/hybrid models or under a --strength of one's own "
-                        "unless given; 0: none)")
-    r.add_argument("--target-share", type=float, default=None, metavar="T",
-                   help="experimental: one strength for the best chunk, set so that it gets the share T (0-1) of "
-                        "the question's attention, read before biasing; replaces --strength, --near and --mid")
-    r.add_argument("--top-k", type=int, default=None,
-                   help="chunks biased, scaled by relevance (default 1: the best chunk alone)")
-    r.add_argument("--rerank", type=int, default=None, metavar="K",
-                   help="reread the K best chunks and rank them by how likely the model finds the question "
-                        "after each (default 8; 0: BM25 and entities only)")
-    r.add_argument("--granularity", choices=["novel", "chunk", "sentence", "entity"], default="novel",
-                   help="what of a chunk gets the bias: novel (default) leaves out the runs of 6+ tokens "
-                        "that the question repeats (a key, a code), which small models copy back instead "
-                        "of what follows them; chunk: all of it")
-    r.add_argument("--order", choices=["auto", "keep", "edges", "move"], default="auto",
-                   help="chunk order: keep yours, or edges (best last, next to the question; then +1 on that chunk alone "
-                        "unless --strength/--top-k say otherwise), or move (dense models: the best chunk moved to the "
-                        "end in the cache, follow-ups reuse the documents; then +2 on it); default auto: move "
-                        "from 6144 prompt tokens where the model and the other options allow it, else keep")
-    r.add_argument("--reread", choices=["never", "first", "always"], default=None,
-                   help="with a move: read the moved chunk again at the documents' end (its tokens decoded "
-                        "there) instead of shifting its cached cells: never, first (only when it was the "
-                        "documents' first chunk) or always (default: the library's, see docs/EVAL.md)")
-    r.add_argument("--no-gate", action="store_true", help="bias every query, documents included")
-    r.add_argument("--no-engram", action="store_true", help="vanilla: same prompt, no bias")
+    add_settings(r, research)
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
     r.add_argument("--answer-prefix", metavar="TEXT",
                    help="text the answer starts with (default with --no-chat: 'Answer:' on its own line; "
@@ -458,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
+def main(argv: list[str] | None = None, research: bool = False) -> int:
+    """research: `run` also takes the options that lost on the project's measurements."""
+    ap = build_parser(research)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["run"]:
         # positionals after options (`run MODEL --chunks DIR "question"`): argparse's plain parse
@@ -469,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = ap.parse_args(argv)
     try:
-        from . import EngramImportError  # noqa: F401  (binds the patched libllama)
+        from . import llama_cpp  # noqa: F401  (binds the patched libllama)
         from .gguf_check import ModelFileError
     except ImportError as e:
         print(f"engram-llama: {e}", file=sys.stderr)

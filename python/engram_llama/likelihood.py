@@ -14,7 +14,6 @@ question over the same chunks decodes only its own tokens.
 """
 from __future__ import annotations
 
-import ctypes
 import types
 from collections import OrderedDict
 from typing import Sequence
@@ -22,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from . import llama_cpp
+from .cache import restore_seq, save_seq
 from .chunks import Chunk
 from .lowlevel import Context, Token
 
@@ -56,7 +56,7 @@ class QueryLikelihood:
         # one unified KV buffer shared by the sequences; the whole batch in one decode call
         self.ctx = Context(shim, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=512, n_seq_max=n_seq,
                            n_threads=n_threads, kv_unified=True)
-        self._states: OrderedDict[tuple[str, str], ctypes.Array] = OrderedDict()
+        self._states: OrderedDict[tuple[str, str], object] = OrderedDict()  # (source, text) -> state
         self._bytes = 0
         self.restored = 0  # chunks whose state was restored / read afresh (benchmarks report them)
         self.read = 0
@@ -115,10 +115,11 @@ class QueryLikelihood:
         return (chunk.source, chunk.text)
 
     def _keep(self, key, seq: int) -> None:
-        n = llama_cpp.llama_state_seq_get_size(self.ctx.ptr, seq)
-        buf = (ctypes.c_uint8 * n)()
-        if llama_cpp.llama_state_seq_get_data(self.ctx.ptr, buf, n, seq) != n:
+        try:
+            buf = save_seq(self.ctx.ptr, seq)
+        except RuntimeError:
             return
+        n = len(buf)
         old = self._states.pop(key, None)  # the same chunk twice in one call
         self._bytes += n - (len(old) if old is not None else 0)
         self._states[key] = buf
@@ -127,7 +128,7 @@ class QueryLikelihood:
             self._bytes -= len(old)
 
     def _restore(self, buf, seq: int) -> bool:
-        return llama_cpp.llama_state_seq_set_data(self.ctx.ptr, buf, len(buf), seq) == len(buf)
+        return restore_seq(self.ctx.ptr, buf, seq, clear=False)
 
     def forget(self) -> None:
         """Drop the kept chunk states (benchmarks time the reading itself)."""

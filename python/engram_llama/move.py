@@ -4,13 +4,12 @@ Small models read the passage next to the question and lose the ones far before 
 the chunks fixes that but prefills the whole context per question. Here the best chunk's cached
 cells get the positions of the documents' end instead (llama_memory_seq_add: llama.cpp re-rotates
 their keys), those after it move up, and after the answer the documents' cells are restored from
-a copy. The chunk's keys and values stay the ones computed where it was read, so this equals
-reordering exactly only on the first layer (tests/test_evaluate.py checks that on a one-layer
+a copy (cache.CacheManager.moved). The chunk's keys and values stay the ones computed where it was read, so this equals
+reordering exactly only on the first layer (tests/test_move.py checks that on a one-layer
 model); docs/EVAL.md measures the rest.
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import replace
 
 from .align import Prompt, char_to_byte, token_span
@@ -93,20 +92,3 @@ def rereads(mode: str, prompt: Prompt, cid: int) -> bool:
 def moved_tokens(tokens: list[int], a: int, b: int, q0: int) -> list[int]:
     """The token order the cache holds after shift_to_end (what a prefix match must compare with)."""
     return tokens[:a] + tokens[b:q0] + tokens[a:b] + tokens[q0:]
-
-
-def save_seq(lc, ctx, seq: int = 0):
-    """A copy of one sequence's cached cells (llama_state_seq_get_data)."""
-    n = lc.llama_state_seq_get_size(ctx, seq)
-    buf = (ctypes.c_uint8 * n)()
-    if lc.llama_state_seq_get_data(ctx, buf, n, seq) != n:
-        raise RuntimeError("could not copy the documents' cells before a move")
-    return buf
-
-
-def restore_seq(lc, ctx, buf, seq: int = 0) -> None:
-    """The sequence's cells as save_seq copied them: shifting back would re-rotate the F16 keys a
-    second time, and that rounding changed a later greedy answer on the same documents."""
-    lc.llama_memory_seq_rm(lc.llama_get_memory(ctx), seq, -1, -1)
-    if lc.llama_state_seq_set_data(ctx, buf, len(buf), seq) != len(buf):
-        raise RuntimeError("could not restore the documents' cells after a move")

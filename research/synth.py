@@ -98,9 +98,9 @@ def _metadata(shape: Shape, path: Path) -> None:
 
 def make_model(shape: Shape | str, path: str | os.PathLike, seed: int = 42, stdev: float = 0.1) -> Path:
     """Write a random-weight GGUF of the given shape (F32 weights) to path."""
-    import llama_cpp  # bound to the patched libllama by engram_llama's import
+    from engram_llama import llama_cpp  # the patched libllama
 
-    from .lowlevel import GGUFInitParams, ggml_base
+    from engram_llama.lowlevel import GGUFInitParams, ggml_base
 
     if isinstance(shape, str):
         shape = SHAPES[shape]
@@ -161,7 +161,7 @@ QUANTS = {"q8_0": 7, "f16": 1}  # llama_ftype values of the types benchmarks use
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str) -> Path:
     """Re-encode a GGUF (q8_0 is what the speed figures of the target model are quoted at)."""
-    import llama_cpp
+    from engram_llama import llama_cpp
 
     dst = Path(dst)
     params = llama_cpp.llama_model_quantize_default_params()

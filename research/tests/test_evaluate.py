@@ -5,10 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from engram_llama.evaluate import hard_distractors, judge, normalize
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import eval as ev  # noqa: E402
+from research import eval as ev
+from research.evaluate import hard_distractors, judge, normalize
 
 
 def test_normalize_like_lost_in_the_middle():
@@ -58,7 +56,7 @@ def test_wilson_and_mcnemar_hand_values():
 
 @pytest.mark.parametrize("n_passages", [12, 36])  # 36: more than the five other years can vary (once hung)
 def test_domain_set_is_seeded_and_hard(n_passages):
-    from engram_llama import datasets
+    from research import datasets
 
     a, b = datasets.domain(20, n_passages, seed=5), datasets.domain(20, n_passages, seed=5)
     assert a == b and a != datasets.domain(20, n_passages, seed=6)
@@ -85,7 +83,7 @@ def test_kv_items(tmp_path):
     import gzip
     import json
 
-    from engram_llama import datasets
+    from research import datasets
 
     recs = [[f"k{i:02d}-aaaa", f"v{i:02d}-bbbb"] for i in range(12)]
     path = tmp_path / "kv.jsonl.gz"
@@ -100,17 +98,6 @@ def test_kv_items(tmp_path):
     # restate_key: the answer starts as the gold record does, up to its value
     it = datasets.load("kv", 10, path, restate_key=True)[0]
     assert it.answer_prefix == 'Answer: "k05-aaaa": "' and it.gold[1].startswith(it.answer_prefix[len("Answer: "):])
-
-
-def test_parse_layers_specs():
-    from engram_llama.evaluate import parse_layers
-
-    gemma_soft, gemma_global = list(range(18)), [5, 11, 17]  # Gemma-3-270M: every layer softmax, 3 global
-    assert parse_layers("default", gemma_global, gemma_soft) == [5, 11, 17]
-    assert parse_layers("early", gemma_global, gemma_soft) == [5, 11]
-    assert parse_layers("last", gemma_global, gemma_soft) == [17]
-    assert parse_layers("local", gemma_global, gemma_soft) == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16]
-    assert parse_layers("3-6", gemma_global, gemma_soft) == [3, 4, 5, 6]
 
 
 def test_pooled_pairs_by_item_and_slot(tmp_path, capsys):
@@ -145,7 +132,7 @@ def test_resume_refuses_a_file_made_with_the_other_prompt(tmp_path):
     rows record the prefix, and the check runs before any model is loaded."""
     import gzip
 
-    from engram_llama import evaluate
+    from research import evaluate
 
     data = tmp_path / "kv.jsonl.gz"
     with gzip.open(data, "wt", encoding="utf-8") as f:
@@ -156,13 +143,13 @@ def test_resume_refuses_a_file_made_with_the_other_prompt(tmp_path):
         out.write_text(json.dumps({"id": "kv-1", "slot": "gold-only", "condition": "vanilla", "answer": "v1",
                                    "judge": "correct", "answers": ["v1"], **row}) + "\n")
         with pytest.raises(ValueError, match="the key restated; resume it " + ("with" if not restated else "without")):
-            evaluate.run("no-model.gguf", str(out), dataset="kv", data=str(data), n_passages=2, restate_key=restated)
+            evaluate.run("no-model.gguf", str(out), {"vanilla": {"engram": False}}, dataset="kv", data=str(data), n_passages=2, restate_key=restated)
 
 
 def test_miss_kind_and_the_misses_report(tmp_path, capsys):
     """A KV key copied is an echo, a gold UUID with a piece repeated a near miss, a sentence other;
     the report tallies rows written here by hand."""
-    from engram_llama.evaluate import miss_kind
+    from research.evaluate import miss_kind
 
     key, gold = "2a8d601d-1d69-4e64-9f90-8ad825a74195", "bb3ba2a5-7de8-434b-a86e-a88bb9fa7289"
     q = f'What is the value of the key "{key}"?'
@@ -187,38 +174,66 @@ def test_miss_kind_and_the_misses_report(tmp_path, capsys):
     assert "| c | last | 3 | 1 | 1 | 1 | 0 | 0 |" in out
 
 
-def test_compose_takes_the_reread_row_only_where_the_moved_chunk_was_first(capsys):
-    """The rule reread "first" from other conditions' rows, worked out by hand: at the first slot
-    the reread row when the gold ranked first (it is chunk 0, so it was moved), the shift's when it
-    did not; at the middle and last slots the shift's when the gold ranked first (the moved chunk
-    is then not chunk 0), nothing when it did not (which chunk moved is unknown: named instead);
-    the rule's own rows are kept; the second shift condition fills in for the first."""
-    def row(i, slot, cond, ans, rank=0):
-        return {"id": i, "slot": slot, "condition": cond, "answer": ans, "gold_rank": rank}
-    rows = [row("q1", "first", "again", "A1"), row("q1", "first", "shift", "S1"),
-            row("q2", "first", "again", "A2", 3), row("q2", "first", "shift", "S2", 3),
-            row("q1", "middle", "again", "A3"), row("q1", "middle", "shift", "S3"),
-            row("q2", "middle", "shift", "S4", 2),
-            row("q3", "last", "old shift", "S5"),
-            row("q4", "last", "shift", "S6", 1), row("q4", "last", "rule", "R6", 1)]
-    out = ev.compose(rows, "rule", "again", ["shift", "old shift"])
-    got = {(r["id"], r["slot"]): r["answer"] for r in out}
-    assert got == {("q1", "first"): "A1", ("q2", "first"): "S2", ("q1", "middle"): "S3",
-                   ("q3", "last"): "S5", ("q4", "last"): "R6"}
-    assert all(r["condition"] == "rule" for r in out)
-    assert "1 prompts left out, the gold not ranked first there: q2@middle" in capsys.readouterr().out
+def test_presets_are_settings_overrides():
+    """Every condition of presets.json is a valid Settings override, every preset names known ones,
+    and the main preset is vanilla, the shipped defaults and reordering."""
+    from engram_llama.plan import Settings
+    from research.evaluate import load_presets
+
+    conds, presets = load_presets()
+    assert presets["main"] == ["vanilla", "engram", "reorder"]
+    assert Settings(**conds["engram"]) == Settings()
+    assert Settings(**conds["reorder"]) == Settings(engram=False, order="edges")
 
 
-def test_fill_near_stands_in_only_before_the_last_quarter(capsys):
-    """A condition run at the last slot alone borrows the base's first- and middle-slot rows where
-    the gold ranked first (the same bias vector there); its own rows win, the base's last-slot rows
-    never stand in, and a prompt whose top-1 was another chunk is named instead. By hand."""
-    def row(i, slot, cond, ans, rank=0):
-        return {"id": i, "slot": slot, "condition": cond, "answer": ans, "gold_rank": rank}
-    rows = [row("q1", "first", "base", "B1"), row("q1", "middle", "base", "B2"), row("q1", "last", "base", "B3"),
-            row("q1", "last", "near3", "N3"), row("q2", "first", "base", "B4", 5), row("q2", "first", "near3", "N4", 5),
-            row("q2", "middle", "base", "B5", 5)]
-    out = ev.fill_near(rows, "near3", "base")
-    assert {(r["id"], r["slot"]): r["answer"] for r in out} == {("q1", "first"): "B1", ("q1", "middle"): "B2"}
-    assert all(r["condition"] == "near3" for r in out)
-    assert "1 prompts left out, the gold not ranked first there: q2@middle" in capsys.readouterr().out
+def test_documents_split_as_the_cli_splits_them():
+    """The eval's chunks are chunks.split of the documents (as `run --chunks` reads them) and the
+    gold's chunk ids follow the documents before it, a long passage cut in two."""
+    from research.evaluate import chunked, documents
+
+    class It:
+        gold = ("Gold", "g " * 500)  # 1000 characters: two chunks
+        distractors = [(f"D{i}", f"distractor {i}.") for i in range(5)]
+
+    passages, k = documents(It, "middle", 4)
+    assert k == 1 and [t for t, _ in passages] == ["D0", "Gold", "D1", "D2"]
+    chunks, gold = chunked(passages, k)
+    assert [c.source for c in chunks] == ["D0", "Gold", "Gold", "D1", "D2"] and gold == {1, 2}
+    assert documents(It, "last", 4)[1] == 3 and documents(It, "first", 4)[1] == 0
+
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "nq-open-dev.jsonl.gz"
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data beside the checkout")
+def test_an_eval_row_is_what_the_cli_answers(tmp_path):
+    """Item by item, on real NQ items with SmolLM2: the row the evaluation writes for a condition is
+    the answer `engram-llama run MODEL --chunks DOCS.jsonl "question" --json -n 16` gives for the
+    same documents in the same order (the CLI picking its own context size)."""
+    import subprocess
+
+    from conftest import smollm2_path
+    from research import datasets, evaluate
+
+    model = str(smollm2_path())
+    out = tmp_path / "rows.jsonl"
+    conds = {"vanilla": {"engram": False, "order": "keep"}, "engram": {}, "reorder": {"engram": False, "order": "edges"}}
+    evaluate.run(model, str(out), conds, n_items=3, n_passages=6, slots=("middle",), data=str(DATA),
+                 answerable_only=False, n_ctx=4096, log=lambda *a: None)
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 9
+    items = {it.id: it for it in datasets.load("nq", 6, DATA)}
+    for r in rows:
+        passages, _ = evaluate.documents(items[r["id"]], "middle", 6)
+        docs = tmp_path / f"{r['id']}.jsonl"
+        docs.write_text("".join(json.dumps({"title": t, "text": x}) + "\n" for t, x in passages))
+        flags = {"vanilla": ["--no-engram"], "engram": [], "reorder": ["--no-engram", "--order", "edges"]}[r["condition"]]
+        cli = subprocess.run([sys.executable, "-m", "engram_llama.cli", "run", model, "--chunks", str(docs),
+                              r["question"], "--json", "-n", "16", *flags], capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0, cli.stderr
+        got = json.loads(cli.stdout)
+        assert got["answer"] == r["answer"], (r["id"], r["condition"])
+        assert got["plan"]["order"] == r["plan"]["order"] and got["plan"]["steered"] == r["plan"]["steered"]
+        assert got["prompt_tokens"] == r["n_tokens"]
+    # the conditions differ where they should: the bias is on only in "engram"
+    assert {r["condition"] for r in rows if r["plan"]["steered"]} == {"engram"}

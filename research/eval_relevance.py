@@ -18,9 +18,10 @@ import argparse
 import numpy as np
 
 import engram_llama  # noqa: F401  (binds the patched libllama)
-from engram_llama import datasets, pointer_map, relevance
+from engram_llama import pointer_map, relevance
+from research import datasets
 from engram_llama.chunks import Chunk
-from engram_llama.evaluate import default_table
+from research.evaluate import default_table
 from engram_llama.extract import Extractor
 
 

@@ -10,10 +10,11 @@ import math
 import numpy as np
 import pytest
 
-from engram_llama import Hook, llama_cpp, synth
-from engram_llama.probe import (MAX_STRENGTH, AttentionProbe, installed, strength_for, strength_over_rival,
-                                strengths)
-from engram_llama.runtime import default_layers
+from engram_llama import Hook, llama_cpp
+from engram_llama.plan import default_layers
+from research import synth
+from research.probe import (MAX_STRENGTH, AttentionProbe, installed, strength_for, strength_for_share,
+                            strength_over_rival, strengths)
 
 from conftest import ARCHS, tokens
 
@@ -131,34 +132,34 @@ def test_installed_restores_the_default_parameters():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_runtime_probe_leaves_the_documents_as_it_found_them(arch, models):
-    """EngramLlama's probe decodes the question and takes it back out: by cutting the cache
+def test_peek_leaves_the_documents_as_it_found_them(arch, models):
+    """The cache manager's peek decodes the question and takes it back out: by cutting the cache
     (attention-only models) or by restoring the documents' state (recurrent layers, qwen35). The
-    question decoded after it must give the logits of a clean decode, and the strength must be
-    the one a clean read of the share gives."""
+    question decoded after it must give the logits of a clean decode, and the probe's strength must
+    be the one a clean read of the share gives."""
     from engram_llama.align import Prompt
-    from engram_llama.runtime import EngramLlama, Settings
+    from engram_llama.runtime import EngramLlama
     from conftest import KERNEL_ATOL
 
-    eng = EngramLlama(str(synth.cached_model(arch)), n_ctx=256, n_threads=2, settings=Settings(target=0.4), chat=False)
+    probe = AttentionProbe()
+    eng = EngramLlama(str(synth.cached_model(arch)), n_ctx=256, n_threads=2, chat=False, cb_eval=probe.callback)
     try:
         ids = [int(t) for t in tokens(models[arch], N_PREFIX + N_QUERY, seed=5)]
         prompt = Prompt(text="", tokens=ids, chunk_order=[0], chunk_chars={0: (0, 0)}, chunk_tokens={0: SPAN},
                         question_token=N_PREFIX, offsets=[], n_prefix=0)
-        layers = eng.layers()
-        b = eng._strength_for_share(prompt, 0, layers, 0.4)
-        mem = llama_cpp.llama_get_memory(eng.llm.ctx)
-        assert eng.llm.n_tokens == N_PREFIX and llama_cpp.llama_memory_seq_pos_max(mem, 0) == N_PREFIX - 1
+        layers = default_layers(eng.hook.kinds)
+        b = strength_for_share(eng, probe, prompt, 0, layers, 0.4)
+        mem = eng.llm.memory
+        assert eng.llm.n_cached == N_PREFIX and llama_cpp.llama_memory_seq_pos_max(mem, 0) == N_PREFIX - 1
         eng.llm.eval(ids[N_PREFIX:])
-        after = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(eng.llm.ctx, -1), shape=(eng.llm.n_vocab(),)).copy()
+        after = eng.llm.logits()
         # the clean path: documents into a cleared cache, then the question, read by the probe
-        eng.llm.reset()
-        llama_cpp.llama_memory_clear(mem, True)
+        eng.llm.clear()
         eng.llm.eval(ids[:N_PREFIX])
-        with eng.probe.reading(layers):
+        with probe.reading(layers):
             eng.llm.eval(ids[N_PREFIX:])
-        clean = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(eng.llm.ctx, -1), shape=(eng.llm.n_vocab(),)).copy()
-        share = eng.probe.share(SPAN)
+        clean = eng.llm.logits()
+        share = probe.share(SPAN)
         np.testing.assert_allclose(after, clean, atol=KERNEL_ATOL)
         assert b == pytest.approx(strength_for(float(np.mean([share[il] for il in layers])), 0.4), abs=1e-6)
         assert 0 < b < MAX_STRENGTH

@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=None, help="count the evaluated NQ items' chunks with a run of n+")
     args = ap.parse_args()
     import engram_llama  # noqa: F401  (the patched libllama before llama_cpp)
-    from engram_llama import datasets
+    from research import datasets
     from engram_llama.bias import echo_mask
     from llama_cpp import Llama
     from engram_llama.cli import default_model

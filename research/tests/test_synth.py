@@ -2,7 +2,7 @@
 import gguf
 import numpy as np
 
-from engram_llama import synth
+from research import synth
 from engram_llama.lowlevel import Context, Model
 
 from conftest import tokens

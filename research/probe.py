@@ -19,8 +19,8 @@ from typing import Iterable
 
 import numpy as np
 
-from . import llama_cpp
-from .lowlevel import GGML_TYPE_F32, _TensorHead, ggml_base
+from engram_llama import llama_cpp
+from engram_llama.lowlevel import GGML_TYPE_F32, _TensorHead, ggml_base
 
 # the most a target can ask for: beyond it a chunk with almost no attention would be pushed to
 # take all of it, which the fixed strengths never did (+6 was the most tried)
@@ -88,20 +88,24 @@ class AttentionProbe:
 @contextlib.contextmanager
 def installed(probe: AttentionProbe):
     """Contexts made inside the block (llama_cpp.Llama builds its own parameters) report to the probe."""
-    import llama_cpp.llama_cpp as low
+    from engram_llama.adapter import eval_callback
 
-    orig = low.llama_context_default_params
-
-    def params():
-        p = orig()
-        p.cb_eval = probe.callback
-        return p
-
-    low.llama_context_default_params = params
-    try:
+    with eval_callback(probe.callback):
         yield probe
-    finally:
-        low.llama_context_default_params = orig
+
+
+def strength_for_share(eng, probe: AttentionProbe, prompt, chunk_id: int, layers: list[int], target: float) -> float:
+    """The target-share experiment on the product's path: one strength for the biased layers, the
+    one that takes the chunk's share of the question's unbiased attention (averaged over the
+    layers) to `target`. The question is read after the cached documents and taken out again by
+    the cache manager (cache.peek); `eng` must be made with cb_eval=probe.callback. Use the result
+    as ask(settings=Settings(strength=s, near=s, mid=0, top_k=1, order="keep"))."""
+    eng.hook.clear()
+    q0 = prompt.question_token
+    eng.cache.prefill(prompt.tokens[:q0 + 1])  # the documents, outside the probe's reading
+    with probe.reading(layers):
+        eng.cache.peek(prompt.tokens, q0)
+    return strengths(probe.share(prompt.chunk_tokens[chunk_id]), layers, target)[layers[0]]
 
 
 def strength_for(m0: float, target: float, cap: float = MAX_STRENGTH) -> float:

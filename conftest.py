@@ -5,10 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import engram_llama  # binds llama_cpp to the patched libllama before anything else loads one
-from engram_llama import synth
+from engram_llama import llama_cpp  # noqa: F401  (the patched libllama before anything else loads one)
+from research import synth
 from engram_llama.lowlevel import Context, Model
 
+ROOT = Path(__file__).resolve().parent
 ARCHS = ["llama", "gemma3", "qwen35"]
 # layers of the generated models offloaded to a GPU (scripts/device_check.sh runs the hook's
 # numeric tests with 99 on a CUDA build); 0, the CPU, everywhere else

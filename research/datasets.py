@@ -69,7 +69,7 @@ OFFICERS = ["Meena Iyer", "Rakesh Verma", "Anil Kumar Das", "Priya Nair", "Sunit
 
 
 def _names(kind: str) -> list[str]:
-    from .starter import DATA
+    from engram_llama.starter import DATA
 
     return [json.loads(l)["name"] for l in (DATA / f"{kind}.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
 

@@ -1,0 +1,84 @@
+"""Which chunks answer: score them (BM25 and shared entities), rerank the best by the question's
+likelihood after each (the model's own reading), and fit the best-ranked into the context."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import align, pointer_map, relevance
+from .chunks import Chunk
+from .extract import Extractor
+
+
+class ContextTooSmall(Exception):
+    pass
+
+
+@dataclass
+class Fitted:
+    prompt: align.Prompt
+    pm: pointer_map.PointerMap
+    scored: list[relevance.Scored]   # the chunks kept, best first
+    dropped: list[Chunk]             # the chunks left out to fit, worst first
+
+
+class Retriever:
+    def __init__(self, llm, extractor: Extractor | None = None, table=None):
+        self.llm = llm
+        self.table = table
+        self.extract = extractor or Extractor(table=table)  # warns once when spaCy's model is missing
+        self._likelihood = None  # made on first use: a small second context on the same weights
+        self._lm_cache: dict[tuple[str, str, str], float] = {}
+
+    def rank(self, question: str, chunks: list[Chunk], rerank_k: int) -> tuple[pointer_map.PointerMap, list[relevance.Scored]]:
+        ents = self.extract([question] + [c.text for c in chunks])
+        pm = pointer_map.build(ents[0], chunks, ents[1:], self.table)
+        return pm, self.rerank(question, relevance.score(question, chunks, pm), rerank_k)
+
+    def rerank(self, question: str, scored: list[relevance.Scored], k: int) -> list[relevance.Scored]:
+        """The best k chunks reordered by score and the question's likelihood after each."""
+        head = [sc.chunk for sc in scored[:k]]
+        if len(head) < 2:
+            return scored
+        if self._likelihood is None:
+            from .likelihood import QueryLikelihood
+
+            self._likelihood = QueryLikelihood(self.llm.model, n_seq=k, n_threads=self.llm.n_threads)
+        # a score depends on the question and the chunk's text only: the same chunks in another
+        # order (reordering, another slot) are not reread
+        keys = [(question, c.source, c.text) for c in head]
+        todo = [c for c, key in zip(head, keys) if key not in self._lm_cache]
+        if todo:
+            if len(self._lm_cache) > 4096:
+                self._lm_cache.clear()
+            for c, v in zip(todo, self._likelihood(question, todo)):
+                self._lm_cache[(question, c.source, c.text)] = float(v)
+        return relevance.rerank(scored, np.array([self._lm_cache[key] for key in keys]))
+
+    def fit(self, question: str, chunks: list[Chunk], scored: list[relevance.Scored], edges: bool,
+            template: str | None, answer_prefix: str | None, room: int) -> tuple[align.Prompt, list[int], list[Chunk]]:
+        """Render and align the prompt with as many chunks as fit in `room` tokens, dropping the
+        worst-ranked first; edges: the kept chunks reordered, best at the ends (best last)."""
+        rank = {sc.chunk.id: k for k, sc in enumerate(scored)}
+        keep = [c.id for c in chunks]
+        dropped: list[Chunk] = []
+        while True:
+            order = relevance.edges_order(sorted(keep, key=rank.get)) if edges else keep
+            text, spans, q_char = align.render(chunks, order, question, template, self.llm.bos, self.llm.eos,
+                                               answer_prefix)
+            toks, pieces, n_prefix = self.llm.tokenize(text)
+            if len(toks) <= room:
+                break
+            if not keep:
+                raise ContextTooSmall(f"the context ({self.llm.n_ctx} tokens) is too small for the question alone "
+                                      f"({len(toks)} tokens + {self.llm.n_ctx - room} to answer); raise -c")
+            worst = max(keep, key=rank.get)
+            keep.remove(worst)
+            dropped.append(next(c for c in chunks if c.id == worst))
+        return align.align(text, toks, pieces, n_prefix, spans, q_char, order), keep, dropped
+
+    def close(self) -> None:
+        if self._likelihood is not None:
+            self._likelihood.close()
+            self._likelihood = None

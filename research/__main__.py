@@ -1,0 +1,5 @@
+import sys
+
+from .eval import main
+
+sys.exit(main())

@@ -1,0 +1,243 @@
+"""The research entry point: accuracy runs through the product's `ask`, their reports, the options
+that left the user CLI, and the generated models.
+
+    python -m research run --preset main --n 40 --passages 30 --out results/nq-smollm2-30p.jsonl
+    python -m research report results/nq-smollm2-30p.jsonl
+    python -m research misses results/nq-smollm2-30p.jsonl
+    python -m research pooled A.jsonl B.jsonl --condition engram --against vanilla --slot all
+    python -m research ask MODEL.gguf --chunks DOCS "question" --reread first   # every setting
+    python -m research model qwen35 [--quant q8_0]                                # a generated GGUF
+
+Conditions are Settings overrides and presets name lists of them, in research/presets.json.
+Runs are resumable: rows already written are not run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+from .evaluate import judge, load_presets, miss_kind, run  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+DATASETS = {"nq": DATA / "nq-open-dev.jsonl.gz", "kv": DATA / "kv-retrieval-75-dev.jsonl.gz", "domain": None}
+
+
+def wilson(k, n, z=1.96):
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def mcnemar(b, c):
+    """Exact two-sided McNemar p-value from the discordant counts."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def fmt_p(p):
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def load_rows(path):
+    """Result rows, judged again with the current judge (so a fix to refusal detection applies)."""
+    rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
+    for r in rows:
+        r["judge"] = judge(r["answer"], r["answers"])
+    return rows
+
+
+def report(path, against="vanilla"):
+    """Accuracy per condition and slot, paired against one condition (McNemar)."""
+    rows = [r for r in load_rows(path) if r["slot"] != "gold-only"]
+    res = {}
+    for r in rows:
+        res.setdefault((r["condition"], r["slot"]), {})[r["id"]] = r["judge"]
+        # every slot pooled, paired by (item, slot): the overall comparison with more power
+        res.setdefault((r["condition"], "all"), {})[(r["id"], r["slot"])] = r["judge"]
+    conds = list(dict.fromkeys(r["condition"] for r in rows))
+    slots = [s for s in ("first", "middle", "last", "all") if any(k[1] == s for k in res)]
+    if not rows:
+        sys.exit(f"eval report: {path} has no answers in context yet (only the closed-book gold-only checks)")
+    n_tok = sorted(r["n_tokens"] for r in rows)
+    print(f"{path}: {len({r['id'] for r in rows})} items, prompts {n_tok[0]}-{n_tok[-1]} tokens\n")
+    print("(all: the slots pooled, paired by item and slot; reordering's prompt is the same at every slot, so two\n"
+          " reordering conditions are compared on one slot)\n")
+    print(f"| condition | slot | n | correct | 95% CI | wrong | refusal | vs {against} (+/-) | McNemar p |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in conds:
+        for s in slots:
+            d = res.get((c, s), {})
+            n = len(d)
+            k = sum(v == "correct" for v in d.values())
+            lo, hi = wilson(k, n)
+            wr = sum(v == "wrong" for v in d.values())
+            rf = sum(v == "refusal" for v in d.values())
+            base = res.get((against, s), {})
+            both = [i for i in d if i in base]
+            b = sum(d[i] == "correct" and base[i] != "correct" for i in both)
+            cc = sum(d[i] != "correct" and base[i] == "correct" for i in both)
+            same_prompt = s == "all" and one_prompt(c, against)
+            vs = f"+{b}/-{cc}" if c != against and base and not same_prompt else ""
+            p = fmt_p(mcnemar(b, cc)) if c != against and base and not same_prompt else ""
+            print(f"| {c} | {s} | {n} | {100 * k / max(n, 1):.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {wr} | {rf} | {vs} | {p} |")
+
+
+def misses(path):
+    """The wrong answers by kind (evaluate.miss_kind), per condition and slot."""
+
+    rows = [r for r in load_rows(path) if r["slot"] != "gold-only"]
+    tally = {}
+    for r in rows:
+        t = tally.setdefault((r["condition"], r["slot"]), {"n": 0, "correct": 0, "refusal": 0, "echo": 0, "near": 0,
+                                                           "other": 0})
+        t["n"] += 1
+        kind = r["judge"] if r["judge"] != "wrong" else miss_kind(r["answer"], r["answers"], r["question"])
+        t[kind] += 1
+    print(f"{path}: answers by kind (echo: repeats >= 16 characters of the question, a KV key copied; near: "
+          f"a garbled copy of the gold answer)\n")
+    print("| condition | slot | n | correct | refusal | echo | near | other |\n|---|---|---|---|---|---|---|---|")
+    slots = ("first", "middle", "last")
+    for c in dict.fromkeys(r["condition"] for r in rows):
+        for s in slots:
+            if (c, s) in tally:
+                t = tally[(c, s)]
+                print(f"| {c} | {s} | {t['n']} | {t['correct']} | {t['refusal']} | {t['echo']} | {t['near']} | {t['other']} |")
+
+
+def one_prompt(a, b):
+    """Two reordering conditions see one prompt at every slot: pooling the slots would count it 3 times."""
+    return a.startswith("reorder") and b.startswith("reorder")
+
+
+def pooled(paths, condition, against, slot="first", exclude=()):
+    """One condition against another over several files (models, lengths), paired by file and item
+    at one slot ("all": every slot, paired by item and slot): the test across runs that each alone
+    are too small. `exclude`: result files whose items are left out (where a setting was chosen, so
+    the rest is its held-out test)."""
+    if slot == "all" and one_prompt(condition, against):
+        sys.exit("eval pooled: two reordering conditions see one prompt at every slot; give --slot first")
+    skip = {r["id"] for f in exclude for r in load_rows(f)}
+    print(f"{condition} against {against}, slot {slot}" + (f", leaving out the {len(skip)} items of "
+                                                           f"{', '.join(exclude)}" if skip else "") + "\n")
+    print(f"| file | n | {against} | {condition} | +/- | McNemar p |")
+    print("|---|---|---|---|---|---|")
+    def tally(ids, a, c):  # n, base correct, cond correct, gained, lost
+        return [len(ids), sum(a[i] for i in ids), sum(c[i] for i in ids),
+                sum(c[i] and not a[i] for i in ids), sum(a[i] and not c[i] for i in ids)]
+
+    def line(name, t):
+        n = max(t[0], 1)
+        p = mcnemar(t[3], t[4])
+        ptxt = fmt_p(p)
+        print(f"| {name} | {t[0]} | {100 * t[1] / n:.0f}% | {100 * t[2] / n:.0f}% | +{t[3]}/-{t[4]} | {ptxt} |")
+
+    tot, first, lower = [0] * 5, [0] * 5, [0] * 5
+    for path in paths:
+        res, top = {}, {}
+        for r in load_rows(path):
+            if slot in (r["slot"], "all") and r["slot"] != "gold-only" and r["condition"] in (condition, against) \
+                    and r["id"] not in skip:
+                key = (r["id"], r["slot"])
+                res.setdefault(r["condition"], {})[key] = r["judge"] == "correct"
+                if r["condition"] == against:
+                    top[key] = r.get("gold_rank") == 0
+        a, c = res.get(against, {}), res.get(condition, {})
+        ids = [i for i in c if i in a]
+        row = tally(ids, a, c)
+        tot = [x + y for x, y in zip(tot, row)]
+        first = [x + y for x, y in zip(first, tally([i for i in ids if top[i]], a, c))]
+        lower = [x + y for x, y in zip(lower, tally([i for i in ids if not top[i]], a, c))]
+        line(Path(path).name, row)
+    line("**all**", tot)
+    # where the difference comes from: prompts whose gold the pipeline ranked first, or lower
+    line("all, gold ranked first", first)
+    line("all, gold ranked lower", lower)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ask"]:  # the CLI's `run`, with every setting of the schema
+        from engram_llama.cli import main as cli_main
+
+        return cli_main(["run"] + argv[1:], research=True)
+    conds, presets = load_presets()
+    ap = argparse.ArgumentParser(prog="python -m research", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run conditions on a data set (resumable)")
+    r.add_argument("--model", default=None, help="GGUF model (default: SmolLM2-135M-Instruct)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--preset", choices=list(presets), default="main")
+    r.add_argument("--conditions", default=None, help="condition names, comma-separated (instead of --preset)")
+    r.add_argument("--dataset", choices=list(DATASETS), default="nq")
+    r.add_argument("--data", default=None, help="the data file (default: ../shared/data's for the data set)")
+    r.add_argument("--n", type=int, default=40)
+    r.add_argument("--passages", type=int, default=15)
+    r.add_argument("--slots", default="first,middle,last", help="gold slots, comma-separated")
+    r.add_argument("--ids", default=None, help="only these item ids, comma-separated")
+    r.add_argument("--skip", type=int, default=0, help="leave out the first N items of the seeded order")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-filter", action="store_true", help="keep items the model cannot answer from the gold alone")
+    r.add_argument("-c", "--ctx-size", type=int, default=4096)
+    r.add_argument("-t", "--threads", type=int, default=None)
+    r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
+    r.add_argument("--restate-key", action="store_true", help="KV: the answer starts by restating the record's key")
+    p = sub.add_parser("report", help="accuracy per condition and slot, paired against one condition")
+    p.add_argument("path")
+    p.add_argument("--against", default="vanilla")
+    m = sub.add_parser("misses", help="the wrong answers by kind (echo, near, other)")
+    m.add_argument("path")
+    po = sub.add_parser("pooled", help="one condition against another over several files")
+    po.add_argument("paths", nargs="+")
+    po.add_argument("--condition", required=True)
+    po.add_argument("--against", required=True)
+    po.add_argument("--slot", default="first", choices=["first", "middle", "last", "all"])
+    po.add_argument("--exclude", nargs="*", default=[], help="result files whose items are left out")
+    g = sub.add_parser("model", help="write (or find) a generated random-weight GGUF: qwen35, gemma3, llama, qwen35-2b")
+    g.add_argument("name")
+    g.add_argument("--quant", default=None)
+    sub.add_parser("ask", help="engram-llama run with every setting, the research-only ones too")
+    args = ap.parse_args(argv)
+    if args.cmd == "run":
+        from engram_llama.cli import default_model
+
+        names = args.conditions.split(",") if args.conditions else presets[args.preset]
+        unknown = [n for n in names if n not in conds]
+        if unknown:
+            sys.exit(f"research: unknown conditions {unknown}; known: {', '.join(conds)}")
+        data = args.data or DATASETS[args.dataset]
+        try:
+            run(args.model or default_model(), args.out, {n: conds[n] for n in names}, n_items=args.n,
+                n_passages=args.passages, slots=tuple(args.slots.split(",")), data=str(data) if data else None,
+                n_ctx=args.ctx_size, answerable_only=not args.no_filter, seed=args.seed, chat=not args.no_chat,
+                dataset=args.dataset, restate_key=args.restate_key, n_threads=args.threads, skip=args.skip,
+                only=set(args.ids.split(",")) if args.ids else None)
+        except ValueError as e:
+            sys.exit(f"research: {e}")
+    elif args.cmd == "report":
+        report(args.path, args.against)
+    elif args.cmd == "misses":
+        misses(args.path)
+    elif args.cmd == "pooled":
+        pooled(args.paths, args.condition, args.against, args.slot, args.exclude)
+    elif args.cmd == "model":
+        from . import synth
+
+        print(synth.cached_model(args.name, quant=args.quant))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

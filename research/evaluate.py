@@ -1,0 +1,216 @@
+"""Accuracy evaluation through the product's own `EngramLlama.ask`: an item's gold passage hidden
+among distractors at the first / middle / last slot, each condition a Settings override, so a
+row is what `engram-llama run MODEL --chunks DOCS.jsonl "question" --json` answers for that prompt.
+
+Conditions in the given order share the documents' prefill through the product's cache (the query
+gate makes that exact); a reordered prompt prefills again.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import string
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engram_llama.chunks import Chunk, split
+from engram_llama.plan import Settings
+
+REFUSAL = re.compile(r"\b(i (do not|don't|cannot|can't) (know|find|answer|tell)|not (mentioned|provided|stated|specified|"
+                     r"given|found|available)|no (information|mention)|(does|do) not (say|mention|provide|contain|specify)|"
+                     r"(doesn't|don't) (say|mention|provide|contain|specify)|unable to|cannot be determined|there is no|"
+                     r"none of the documents)\b")
+
+
+def normalize(s: str) -> str:
+    """Lost-in-the-Middle answer normalisation."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def judge(output: str, answers: list[str]) -> str:
+    """correct / refusal / wrong."""
+    out = normalize(output)
+    if any(normalize(a) and normalize(a) in out for a in answers):
+        return "correct"
+    if not out or REFUSAL.search(output.lower()):
+        return "refusal"
+    return "wrong"
+
+
+ECHO_CHARS = 16  # miss_kind: a wrong answer that repeats this much of the question echoes it
+NEAR = 0.8       # miss_kind: similarity to a gold answer of a near miss (a copy that slipped)
+
+
+def miss_kind(output: str, answers: list[str], question: str) -> str:
+    """Why a wrong answer is wrong, for the report: "echo" (it repeats >= ECHO_CHARS normalised
+    characters of the question that no gold answer holds: a KV key copied, the question restated),
+    "near" (it opens with a gold answer of >= 8 characters garbled, similarity >= NEAR: a copy with
+    a piece repeated or dropped), or "other"."""
+    from difflib import SequenceMatcher
+
+    out, q = normalize(output), normalize(question)
+    m = SequenceMatcher(None, out, q, autojunk=False).find_longest_match(0, len(out), 0, len(q))
+    run = out[m.a:m.a + m.size]
+    if m.size >= ECHO_CHARS and not any(run in normalize(a) for a in answers):
+        return "echo"
+    for a in map(normalize, answers):
+        if len(a) >= 8 and max(SequenceMatcher(None, out[:len(a) + d], a, autojunk=False).ratio()
+                               for d in range(-4, 5)) >= NEAR:
+            return "near"
+    return "other"
+
+
+def load_nq(path: str | Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(l) for l in f]
+
+
+def hard_distractors(items: list[dict], k: int) -> dict[str, list[int]]:
+    """For each item, the k passages of other items ranked highest by BM25 against its question,
+    dropping any passage that contains one of its answers."""
+    import bm25s
+
+    texts = [f"{it['gold']['title']}. {it['gold']['text']}" for it in items]
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    norm_texts = [normalize(t) for t in texts]
+    out = {}
+    qtok = bm25s.tokenize([it["question"] for it in items], stopwords="en", show_progress=False)
+    res, _ = retriever.retrieve(qtok, k=min(len(items), 4 * k + 8), show_progress=False)
+    for i, it in enumerate(items):
+        answers = [normalize(a) for a in it["answers"] if normalize(a)]
+        picks = []
+        for j in res[i]:
+            j = int(j)
+            if j == i or any(a in norm_texts[j] for a in answers):
+                continue
+            picks.append(j)
+            if len(picks) == k:
+                break
+        out[it["id"]] = picks
+    return out
+
+
+def default_table():
+    """The starter Engram table when set-up has built it, as the CLI uses it."""
+    from engram_llama.cli import default_table_path
+    from engram_llama.table import Table
+
+    p = Path(default_table_path())
+    return Table(p) if p.exists() else None
+
+
+MAX_NEW = {"nq": 16, "domain": 40, "kv": 96}
+PRESETS = Path(__file__).resolve().parent / "presets.json"
+
+
+def load_presets(path: str | Path = PRESETS) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """(conditions: name -> Settings overrides, presets: name -> condition names), checked."""
+    data = json.loads(Path(path).read_text())
+    conds, presets = data["conditions"], data["presets"]
+    for over in conds.values():
+        Settings(**over)  # a bad field or value fails here, not mid-run
+    for p, names in presets.items():
+        missing = [n for n in names if n not in conds]
+        if missing:
+            raise ValueError(f"preset {p}: unknown conditions {missing}")
+    return conds, presets
+
+
+def documents(it, slot: str, n_passages: int) -> tuple[list[tuple[str, str]], int]:
+    """The item's documents with the gold at the slot, and the gold's index."""
+    passages = list(it.distractors[:n_passages - 1])
+    k = {"first": 0, "middle": (n_passages - 1) // 2, "last": n_passages - 1}[slot]
+    k = min(k, len(passages))
+    passages.insert(k, tuple(it.gold))
+    return passages, k
+
+
+def chunked(passages: list[tuple[str, str]], k: int) -> tuple[list[Chunk], set[int]]:
+    """The documents split as `run --chunks` splits them (chunks.split), and the gold's chunk ids."""
+    chunks = split(passages)
+    first = len(split(passages[:k]))
+    return chunks, set(range(first, first + len(split(passages[k:k + 1]))))
+
+
+def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 40, n_passages: int = 15,
+        slots=("first", "middle", "last"), data: str = "../shared/data/nq-open-dev.jsonl.gz", n_ctx: int = 4096,
+        answerable_only: bool = True, seed: int = 0, chat: bool = True, log=print, dataset: str = "nq",
+        max_new: int | None = None, restate_key: bool = False, only: set[str] | None = None,
+        skip: int = 0, n_threads: int | None = None) -> None:
+    """Resumable: rows already in out_path are not run again. answerable_only: only items the model
+    answers from the gold passage alone (the closed-book filter, itself a vanilla `ask`).
+    restate_key: KV answers start with the record's key (datasets.kv). only: these item ids.
+    skip: the first `skip` items of the seeded order are left out (a split declared apart)."""
+    from engram_llama.runtime import EngramLlama
+
+    from . import datasets
+
+    if restate_key and dataset != "kv":
+        raise ValueError("restate_key is for the KV set only")
+    items = datasets.load(dataset, n_passages, data, n_items=max(4 * (n_items + skip), 200), seed=seed,
+                          restate_key=restate_key)
+    done, unanswerable = set(), set()
+    out = Path(out_path)
+    prefix = "key" if restate_key else None
+    tag = {"prefix": prefix} if prefix else {}  # in every row: one file, one prompt
+    if out.exists():
+        for l in out.read_text().splitlines():
+            r = json.loads(l)
+            if r.get("prefix") != prefix:
+                how = "with" if r.get("prefix") else "without"
+                raise ValueError(f"{out_path} holds rows {how} the key restated; resume it {how} restate_key")
+            done.add((r["id"], r["slot"], r["condition"]))
+            if r["slot"] == "gold-only" and r["judge"] != "correct":
+                unanswerable.add(r["id"])
+    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=n_threads, chat=chat, table=default_table())
+    n_new = max_new or MAX_NEW.get(dataset, 16)
+    order = np.random.default_rng(seed).permutation(len(items))[skip:]
+    # the given order's conditions first, so that they share one prefill of the documents
+    names = sorted(conditions, key=lambda c: Settings(**conditions[c]).order == "edges")
+    used = 0
+    with open(out, "a") as f:
+        def write(rec):
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+
+        for idx in order:
+            if used >= n_items:
+                break
+            it = items[idx]
+            if (only is not None and it.id not in only) or it.id in unanswerable:
+                continue
+            if answerable_only and (it.id, "gold-only", "vanilla") not in done:
+                a = eng.ask(it.question, split([tuple(it.gold)]), n_new, answer_prefix=it.answer_prefix,
+                            settings=Settings(engram=False, order="keep"))
+                verdict = judge(a.text, it.answers)
+                write({"id": it.id, "slot": "gold-only", "condition": "vanilla", "answer": a.text,
+                       "judge": verdict, "answers": it.answers, **tag})
+                if verdict != "correct":
+                    continue
+            used += 1
+            for slot in slots:
+                todo = [c for c in names if (it.id, slot, c) not in done]
+                if not todo:
+                    continue
+                passages, k = documents(it, slot, n_passages)
+                chunks, gold_ids = chunked(passages, k)
+                for c in todo:
+                    t0 = time.perf_counter()
+                    a = eng.ask(it.question, chunks, n_new, answer_prefix=it.answer_prefix,
+                                settings=Settings(**conditions[c]))
+                    rank = next((r for r, s in enumerate(a.scored) if s.chunk.id in gold_ids), -1)
+                    pos = next((p for p, cid in enumerate(a.chunk_order) if cid in gold_ids), -1)
+                    write({"id": it.id, "slot": slot, "condition": c, "question": it.question, "answer": a.text,
+                           "judge": judge(a.text, it.answers), "answers": it.answers, "gold_rank": rank,
+                           "gold_pos": pos, "n_passages": len(passages), "n_tokens": a.n_prompt_tokens,
+                           "plan": {key: v for key, v in a.plan.to_json().items() if key != "spans"},
+                           "seconds": round(time.perf_counter() - t0, 2), **tag})
+                log(f"{used:3d} {it.id:>8} {slot:6} {a.n_prompt_tokens} tok, gold rank {rank}")
+    eng.close()
