@@ -8,8 +8,11 @@ Three sources, one shape (Item), so the harness treats them alike:
 """
 from __future__ import annotations
 
+import gzip
 import json
 import random
+import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +27,46 @@ class Item:
     answer_prefix: str | None = None       # align.render's; None: the prompt's default
 
 
-def nq(path: str | Path, n_passages: int) -> list[Item]:
-    from .evaluate import hard_distractors, load_nq
+def normalize(s: str) -> str:
+    """Lost-in-the-Middle answer normalisation."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
 
+
+def load_nq(path: str | Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(l) for l in f]
+
+
+def hard_distractors(items: list[dict], k: int) -> dict[str, list[int]]:
+    """For each item, the k passages of other items ranked highest by BM25 against its question,
+    dropping any passage that contains one of its answers."""
+    import bm25s
+
+    texts = [f"{it['gold']['title']}. {it['gold']['text']}" for it in items]
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    norm_texts = [normalize(t) for t in texts]
+    out = {}
+    qtok = bm25s.tokenize([it["question"] for it in items], stopwords="en", show_progress=False)
+    res, _ = retriever.retrieve(qtok, k=min(len(items), 4 * k + 8), show_progress=False)
+    for i, it in enumerate(items):
+        answers = [normalize(a) for a in it["answers"] if normalize(a)]
+        picks = []
+        for j in res[i]:
+            j = int(j)
+            if j == i or any(a in norm_texts[j] for a in answers):
+                continue
+            picks.append(j)
+            if len(picks) == k:
+                break
+        out[it["id"]] = picks
+    return out
+
+
+def nq(path: str | Path, n_passages: int) -> list[Item]:
     raw = load_nq(path)
     dis = hard_distractors(raw, n_passages - 1)
     out = []
@@ -49,7 +89,6 @@ def kv(path: str | Path, n_passages: int, restate_key: bool = False) -> list[Ite
     key, 'Answer: "KEY": "', so the value is its continuation (Liu et al.'s KV prompt ends with
     the key likewise)."""
     out = []
-    from .evaluate import load_nq  # the same JSON-lines reader
 
     for it in load_nq(path):
         others = [(KV_TITLE, kv_text(k, v)) for k, v in it["ordered_kv_records"] if k != it["key"]]

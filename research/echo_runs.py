@@ -2,8 +2,8 @@
 the tokenizers alone. Sets bias.ECHO_RUN: where no chunk holds a run that long, the novel spans
 are the whole chunk and the answers cannot change.
 
-    .venv/bin/python scripts/echo_runs.py            # both models, the first 80 items of each set
-    .venv/bin/python scripts/echo_runs.py --n 6      # chunks of the evaluated NQ items with a 6-run
+    .venv/bin/python -m research.echo_runs            # both models, the first 80 items of each set
+    .venv/bin/python -m research.echo_runs --n 6      # chunks of the evaluated NQ items with a 6-run
 """
 from __future__ import annotations
 
@@ -36,10 +36,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=None, help="count the evaluated NQ items' chunks with a run of n+")
     args = ap.parse_args()
-    import engram_llama  # noqa: F401  (the patched libllama before llama_cpp)
-    from research import datasets
+    from engram_llama import llama_cpp  # the patched libllama
     from engram_llama.bias import echo_mask
-    from llama_cpp import Llama
+    from research import datasets
+
+    Llama = llama_cpp.Llama
     from engram_llama.cli import default_model
 
     models = [("SmolLM2-135M", default_model(), "nq-smollm2-*")]

@@ -190,7 +190,8 @@ def main(argv=None):
     r.add_argument("--skip", type=int, default=0, help="leave out the first N items of the seeded order")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-filter", action="store_true", help="keep items the model cannot answer from the gold alone")
-    r.add_argument("-c", "--ctx-size", type=int, default=4096)
+    r.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context size (default: the model's trained context, at most the CLI's --max-ctx default)")
     r.add_argument("-t", "--threads", type=int, default=None)
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
     r.add_argument("--restate-key", action="store_true", help="KV: the answer starts by restating the record's key")
@@ -224,8 +225,10 @@ def main(argv=None):
                 n_ctx=args.ctx_size, answerable_only=not args.no_filter, seed=args.seed, chat=not args.no_chat,
                 dataset=args.dataset, restate_key=args.restate_key, n_threads=args.threads, skip=args.skip,
                 only=set(args.ids.split(",")) if args.ids else None)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             sys.exit(f"research: {e}")
+        except Exception as e:  # the CLI's UsageError (no default model), a model llama.cpp refuses
+            sys.exit(f"research: {type(e).__name__}: {e}".splitlines()[0])
     elif args.cmd == "report":
         report(args.path, args.against)
     elif args.cmd == "misses":

@@ -3,9 +3,9 @@
 reordering both follow. Compares BM25 over the chunk text alone or with its source label (the
 title the model reads in "Document [k] (TITLE)"), stemmed or not, and the weight of the entity score.
 
-    .venv/bin/python scripts/eval_relevance.py --dataset nq --passages 30 --n 100
-    .venv/bin/python scripts/eval_relevance.py --dataset domain --passages 36 --n 40
-    .venv/bin/python scripts/eval_relevance.py --dataset nq --passages 58 --items 500-650 --model GEMMA.gguf
+    .venv/bin/python -m research.eval_relevance --dataset nq --passages 30 --n 100
+    .venv/bin/python -m research.eval_relevance --dataset domain --passages 36 --n 40
+    .venv/bin/python -m research.eval_relevance --dataset nq --passages 58 --items 500-650 --model GEMMA.gguf
 
 --model adds the shipped ranking (r4): the best RERANK_K chunks reranked by the question's
 likelihood under that model (likelihood.py), against r3 paired per prompt.
@@ -17,7 +17,7 @@ import argparse
 
 import numpy as np
 
-import engram_llama  # noqa: F401  (binds the patched libllama)
+from engram_llama import llama_cpp  # noqa: F401  (the patched libllama first)
 from engram_llama import pointer_map, relevance
 from research import datasets
 from engram_llama.chunks import Chunk

@@ -7,10 +7,8 @@ gate makes that exact); a reordered prompt prefills again.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import re
-import string
 import time
 from pathlib import Path
 
@@ -19,18 +17,12 @@ import numpy as np
 from engram_llama.chunks import Chunk, split
 from engram_llama.plan import Settings
 
+from .datasets import normalize
+
 REFUSAL = re.compile(r"\b(i (do not|don't|cannot|can't) (know|find|answer|tell)|not (mentioned|provided|stated|specified|"
                      r"given|found|available)|no (information|mention)|(does|do) not (say|mention|provide|contain|specify)|"
                      r"(doesn't|don't) (say|mention|provide|contain|specify)|unable to|cannot be determined|there is no|"
                      r"none of the documents)\b")
-
-
-def normalize(s: str) -> str:
-    """Lost-in-the-Middle answer normalisation."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
 
 
 def judge(output: str, answers: list[str]) -> str:
@@ -64,37 +56,6 @@ def miss_kind(output: str, answers: list[str], question: str) -> str:
                                for d in range(-4, 5)) >= NEAR:
             return "near"
     return "other"
-
-
-def load_nq(path: str | Path) -> list[dict]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(l) for l in f]
-
-
-def hard_distractors(items: list[dict], k: int) -> dict[str, list[int]]:
-    """For each item, the k passages of other items ranked highest by BM25 against its question,
-    dropping any passage that contains one of its answers."""
-    import bm25s
-
-    texts = [f"{it['gold']['title']}. {it['gold']['text']}" for it in items]
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-    norm_texts = [normalize(t) for t in texts]
-    out = {}
-    qtok = bm25s.tokenize([it["question"] for it in items], stopwords="en", show_progress=False)
-    res, _ = retriever.retrieve(qtok, k=min(len(items), 4 * k + 8), show_progress=False)
-    for i, it in enumerate(items):
-        answers = [normalize(a) for a in it["answers"] if normalize(a)]
-        picks = []
-        for j in res[i]:
-            j = int(j)
-            if j == i or any(a in norm_texts[j] for a in answers):
-                continue
-            picks.append(j)
-            if len(picks) == k:
-                break
-        out[it["id"]] = picks
-    return out
 
 
 def default_table():
@@ -140,15 +101,18 @@ def chunked(passages: list[tuple[str, str]], k: int) -> tuple[list[Chunk], set[i
 
 
 def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 40, n_passages: int = 15,
-        slots=("first", "middle", "last"), data: str = "../shared/data/nq-open-dev.jsonl.gz", n_ctx: int = 4096,
+        slots=("first", "middle", "last"), data: str = "../shared/data/nq-open-dev.jsonl.gz", n_ctx: int | None = None,
         answerable_only: bool = True, seed: int = 0, chat: bool = True, log=print, dataset: str = "nq",
         max_new: int | None = None, restate_key: bool = False, only: set[str] | None = None,
         skip: int = 0, n_threads: int | None = None) -> None:
     """Resumable: rows already in out_path are not run again. answerable_only: only items the model
     answers from the gold passage alone (the closed-book filter, itself a vanilla `ask`).
     restate_key: KV answers start with the record's key (datasets.kv). only: these item ids.
-    skip: the first `skip` items of the seeded order are left out (a split declared apart)."""
-    from engram_llama.runtime import EngramLlama
+    skip: the first `skip` items of the seeded order are left out (a split declared apart).
+    n_ctx None: the model's trained context up to the CLI's --max-ctx default, so that a prompt
+    the CLI would fit whole is not cut here (rows record the chunks left out, if any)."""
+    from engram_llama.cli import DEFAULT_MAX_CTX
+    from engram_llama.runtime import EngramLlama, trained_context
 
     from . import datasets
 
@@ -169,6 +133,8 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
             done.add((r["id"], r["slot"], r["condition"]))
             if r["slot"] == "gold-only" and r["judge"] != "correct":
                 unanswerable.add(r["id"])
+    if n_ctx is None:
+        n_ctx = min(trained_context(model) or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
     eng = EngramLlama(model, n_ctx=n_ctx, n_threads=n_threads, chat=chat, table=default_table())
     n_new = max_new or MAX_NEW.get(dataset, 16)
     order = np.random.default_rng(seed).permutation(len(items))[skip:]
@@ -210,6 +176,7 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
                     write({"id": it.id, "slot": slot, "condition": c, "question": it.question, "answer": a.text,
                            "judge": judge(a.text, it.answers), "answers": it.answers, "gold_rank": rank,
                            "gold_pos": pos, "n_passages": len(passages), "n_tokens": a.n_prompt_tokens,
+                           "dropped": [c.id for c in a.dropped],
                            "plan": {key: v for key, v in a.plan.to_json().items() if key != "spans"},
                            "seconds": round(time.perf_counter() - t0, 2), **tag})
                 log(f"{used:3d} {it.id:>8} {slot:6} {a.n_prompt_tokens} tok, gold rank {rank}")

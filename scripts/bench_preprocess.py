@@ -26,12 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # research/ (the data sets)
 
-import engram_llama  # noqa: E402,F401
+from engram_llama import llama_cpp  # noqa: E402,F401  (the patched libllama first)
 from engram_llama import align, bias as bias_mod, pointer_map, relevance  # noqa: E402
 from research import datasets  # noqa: E402
 from engram_llama.chunks import Chunk  # noqa: E402
 from engram_llama.extract import Extractor  # noqa: E402
-from engram_llama.runtime import TOP_K  # noqa: E402
+from engram_llama.plan import TOP_K  # noqa: E402
 
 
 def stages(eng, ex, question, chunks, fresh=False):
@@ -47,15 +47,16 @@ def stages(eng, ex, question, chunks, fresh=False):
     t0 = time.perf_counter()
     scored = relevance.score(question, chunks, pm)
     t["relevance"] = time.perf_counter() - t0
-    eng._lm_cache.clear()  # scores are kept per (question, chunk): time the reading itself
-    if fresh and eng._likelihood is not None:
-        eng._likelihood.forget()
+    r = eng.retriever
+    r._lm_cache.clear()  # scores are kept per (question, chunk): time the reading itself
+    if fresh and r._likelihood is not None:
+        r._likelihood.forget()
     t0 = time.perf_counter()
-    scored = eng.rerank(question, scored)
+    scored = r.rerank(question, scored, relevance.RERANK_K)
     t["rerank"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    text, spans, q_char = align.render(chunks, [c.id for c in chunks], question, eng.template, eng._bos, eng._eos)
-    toks, pieces, n_prefix = eng._tokenize(text)
+    text, spans, q_char = align.render(chunks, [c.id for c in chunks], question, eng.template, eng.llm.bos, eng.llm.eos)
+    toks, pieces, n_prefix = eng.llm.tokenize(text)
     prompt = align.align(text, toks, pieces, n_prefix, spans, q_char, [c.id for c in chunks])
     t["render+tokenize+align"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -88,7 +89,7 @@ def main():
         if len(prompt.tokens) + 64 <= eng.n_ctx:
             break
         chunks = chunks[:-1]
-    print(f"model {Path(eng.llm.model_path).name}, {len(chunks)} passages, prompt {len(prompt.tokens)} tokens, "
+    print(f"model {Path(args.model or default_model()).name}, {len(chunks)} passages, prompt {len(prompt.tokens)} tokens, "
           f"table {'none' if table is None else len(table)} entities", flush=True)
     if args.profile:
         pr = cProfile.Profile()
@@ -105,7 +106,7 @@ def main():
         ex = Extractor(table=table, quiet=True)  # a fresh one: nothing cached
         t, _ = stages(eng, ex, it.question, chunks, fresh=True)
         res["uncached"].append(t["total"]); per_stage["uncached"].append(t)
-        lk = eng._likelihood
+        lk = eng.retriever._likelihood
         before = (lk.restored, lk.read)
         t, _ = stages(eng, ex, it2.question, chunks)  # same chunks, a new question
         res["cached"].append(t["total"]); per_stage["cached"].append(t)
@@ -116,10 +117,9 @@ def main():
         t, _ = stages(eng, ex, it.question, chunks)
         res["same top"].append(t["total"]); per_stage["same top"].append(t)
         eng.hook.clear()
-        eng.llm.reset()
-        eng.llm._ctx.kv_cache_clear()
+        eng.llm.clear()
         t0 = time.perf_counter()
-        eng.prefill(prompt.tokens, progress=False)
+        eng.cache.prefill(prompt.tokens, progress=False)
         res["prefill"].append(time.perf_counter() - t0)
         print(f"rep {rep}: uncached {res['uncached'][-1]:.3f}s  cached {res['cached'][-1]:.3f}s  "
               f"same top {res['same top'][-1]:.3f}s  prefill {res['prefill'][-1]:.2f}s", file=sys.stderr, flush=True)

@@ -104,7 +104,7 @@ def test_the_middle_default_is_for_dense_models():
 
 def test_order_auto_moves_only_where_a_move_is_allowed(chunks, monkeypatch):
     """"auto" is ORDER_AUTO from MOVE_FROM prompt tokens on a dense model whose cache can shift,
-    with the gate, whole chunks, no target share and a bias at all; the given order otherwise, and
+    with the gate, whole chunks and a bias at all; the given order otherwise, and
     an explicit order as given."""
     from engram_llama import plan
 

@@ -57,6 +57,7 @@ def render(chunks: list[Chunk], order: list[int], question: str, template: str |
     parts.append(f"Question: {question}")
     content = "".join(parts)
     if template:
+        from . import llama_cpp  # noqa: F401  (the patched libllama before llama_cpp's modules)
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)

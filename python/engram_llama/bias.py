@@ -75,7 +75,7 @@ def echoes(prompt: Prompt, a: int, b: int, n: int = ECHO_RUN) -> np.ndarray:
 
 
 def echo_mask(toks: list[int], tail: list[int], n: int = ECHO_RUN) -> np.ndarray:
-    """`echoes` on bare token lists (scripts/echo_runs.py counts chunks tokenized on their own)."""
+    """`echoes` on bare token lists (research/echo_runs.py counts chunks tokenized on their own)."""
     grams = {tuple(tail[i:i + n]) for i in range(len(tail) - n + 1)}
     out = np.zeros(len(toks), dtype=bool)
     for i in range(len(toks) - n + 1):

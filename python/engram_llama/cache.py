@@ -114,9 +114,11 @@ class CacheManager:
         tokens = list(tokens)
         self.prefill(tokens[:q0 + 1])
         saved = save_seq(self.llm.ctx) if self.recurrent else None
-        self.llm.eval(tokens[q0:])
-        ok = restore_seq(self.llm.ctx, saved) if saved is not None else self.llm.cut(q0)
-        if saved is not None and ok:
-            self.llm.record(tokens[:q0])
-        if not ok:
-            self.llm.clear()
+        try:
+            self.llm.eval(tokens[q0:])
+        finally:
+            ok = restore_seq(self.llm.ctx, saved) if saved is not None else self.llm.cut(q0)
+            if saved is not None and ok:
+                self.llm.record(tokens[:q0])
+            if not ok:
+                self.llm.clear()

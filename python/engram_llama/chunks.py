@@ -24,7 +24,7 @@ def read_docs(folder: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
     what was skipped."""
     root = Path(folder)
     if not root.exists():
-        raise DocsError(f"docs folder not found: {root}")
+        raise DocsError(f"{'documents file' if root.suffix.lower() == '.jsonl' else 'docs folder'} not found: {root}")
     if root.is_file() and root.suffix.lower() == ".jsonl":
         return read_jsonl(root)
     if not root.is_dir():

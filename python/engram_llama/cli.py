@@ -165,8 +165,11 @@ def cmd_run(args) -> int:
 
     n_ctx = args.ctx_size
     if n_ctx is None:  # what the documents need, up to the trained context and --max-ctx
-        n_ctx, n_prompt, n_train = context_size(model, question or "", chunks, args.n_predict, args.max_ctx,
-                                                chat=not args.no_chat, answer_prefix=args.answer_prefix)
+        try:
+            n_ctx, n_prompt, n_train = context_size(model, question or "", chunks, args.n_predict, args.max_ctx,
+                                                    chat=not args.no_chat, answer_prefix=args.answer_prefix)
+        except RuntimeError as e:
+            raise UsageError(f"llama.cpp could not load {model}: {e}") from None
         if n_prompt + args.n_predict > n_ctx:
             why = f"the model's trained context ({n_train})" if 0 < n_train <= args.max_ctx else f"--max-ctx {args.max_ctx}"
             print(f"engram-llama: note: the documents take {n_prompt} tokens; the context is capped at {n_ctx} "

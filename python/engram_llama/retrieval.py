@@ -41,6 +41,9 @@ class Retriever:
         head = [sc.chunk for sc in scored[:k]]
         if len(head) < 2:
             return scored
+        if self._likelihood is not None and self._likelihood.n_seq < k:  # one batch per call, as a fresh run
+            self._likelihood.close()
+            self._likelihood = None
         if self._likelihood is None:
             from .likelihood import QueryLikelihood
 

@@ -5,7 +5,7 @@ that holds it. A facade over one concern per module, data flowing one way:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import plan as plan_mod, relevance
@@ -118,7 +118,7 @@ class EngramLlama:
             self.hook.set_bias(p.bias, seq_id=0, gate=p.gate)
         else:
             self.hook.clear()
-        stop = stops(self.llm, self.template is not None)
+        stop = stops(self.llm, bool(self.template))
         try:
             if p.moved:
                 with self.cache.moved(prompt.tokens, prompt.question_token, *p.moved, reread=p.reread) as tokens:
@@ -132,13 +132,21 @@ class EngramLlama:
         cites = [Citation(sc.chunk, w, pos[sc.chunk.id]) for sc, w in p.selected]
         return Answer(text.strip(), cites, p, len(prompt.tokens), prep.dropped, prep.scored, list(prompt.chunk_order))
 
-    def with_settings(self, **changes) -> Settings:
-        """The runtime's settings with some changed (one ask's override)."""
-        return replace(self.settings, **changes)
-
     def close(self) -> None:
         self.retriever.close()
         self.llm.close()
+
+
+def trained_context(model_path: str) -> int:
+    """The model's trained context (a vocabulary-only load: no weights read)."""
+    from . import llama_cpp
+    from .lowlevel import Model
+
+    m = Model(model_path, vocab_only=True)
+    try:
+        return int(llama_cpp.llama_model_n_ctx_train(m.ptr))
+    finally:
+        m.close()
 
 
 def context_size(model_path: str, question: str, chunks: list[Chunk], max_tokens: int, cap: int,

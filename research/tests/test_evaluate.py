@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from research import eval as ev
-from research.evaluate import hard_distractors, judge, normalize
+from research.datasets import hard_distractors, normalize
+from research.evaluate import judge
 
 
 def test_normalize_like_lost_in_the_middle():
@@ -218,13 +219,13 @@ def test_an_eval_row_is_what_the_cli_answers(tmp_path):
     model = str(smollm2_path())
     out = tmp_path / "rows.jsonl"
     conds = {"vanilla": {"engram": False, "order": "keep"}, "engram": {}, "reorder": {"engram": False, "order": "edges"}}
-    evaluate.run(model, str(out), conds, n_items=3, n_passages=6, slots=("middle",), data=str(DATA),
-                 answerable_only=False, n_ctx=4096, log=lambda *a: None)
+    evaluate.run(model, str(out), conds, n_items=2, n_passages=6, slots=("first", "middle"), data=str(DATA),
+                 answerable_only=False, log=lambda *a: None)
     rows = [json.loads(l) for l in out.read_text().splitlines()]
-    assert len(rows) == 9
+    assert len(rows) == 12 and not any(r["dropped"] for r in rows)
     items = {it.id: it for it in datasets.load("nq", 6, DATA)}
     for r in rows:
-        passages, _ = evaluate.documents(items[r["id"]], "middle", 6)
+        passages, _ = evaluate.documents(items[r["id"]], r["slot"], 6)
         docs = tmp_path / f"{r['id']}.jsonl"
         docs.write_text("".join(json.dumps({"title": t, "text": x}) + "\n" for t, x in passages))
         flags = {"vanilla": ["--no-engram"], "engram": [], "reorder": ["--no-engram", "--order", "edges"]}[r["condition"]]
@@ -232,7 +233,7 @@ def test_an_eval_row_is_what_the_cli_answers(tmp_path):
                               r["question"], "--json", "-n", "16", *flags], capture_output=True, text=True, timeout=300)
         assert cli.returncode == 0, cli.stderr
         got = json.loads(cli.stdout)
-        assert got["answer"] == r["answer"], (r["id"], r["condition"])
+        assert got["answer"] == r["answer"], (r["id"], r["slot"], r["condition"])
         assert got["plan"]["order"] == r["plan"]["order"] and got["plan"]["steered"] == r["plan"]["steered"]
         assert got["prompt_tokens"] == r["n_tokens"]
     # the conditions differ where they should: the bias is on only in "engram"
