@@ -207,9 +207,10 @@ def test_rerank_reads_each_chunk_once_per_question(chunks):
     calls = []
     try:
         _, _, scored, _ = eng.prepare(q, chunks, 12)
-        real = eng.retriever._likelihood.__call__
+        lk = eng.retriever._likelihood
+        real = lk.__call__
         eng.retriever._likelihood = type("Spy", (), {"__call__": lambda self, qq, cs: calls.append(len(cs)) or real(qq, cs),
-                                            "close": lambda self: None})()
+                                                     "n_seq": lk.n_seq, "close": lambda self: None})()
         _, _, again, _ = eng.prepare(q, chunks[::-1], 12)
         k = min(relevance.RERANK_K, len(chunks))
         assert calls == []  # every score came from the first call
