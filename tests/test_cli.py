@@ -46,6 +46,7 @@ def test_inspect_lists_layer_kinds():
     info = json.loads(r.stdout)
     assert info["architecture"] == "qwen35" and info["biasable"] == [3, 7]
     assert info["layers"] == ["none", "none", "none", "full"] * 2
+    assert info["biased_by_default"] == [3, 7]  # a hybrid: every softmax layer
 
 
 def test_missing_model(docs):
