@@ -72,8 +72,9 @@ class CacheManager:
 
         with tqdm(total=len(rest), desc="prefill", unit="tok", disable=not progress, file=sys.stderr, leave=False) as bar:
             for a in range(0, len(rest), llm.n_batch):
-                llm.eval(rest[a:a + llm.n_batch])
-                bar.update(len(rest[a:a + llm.n_batch]))
+                part = rest[a:a + llm.n_batch]
+                llm.eval(part)
+                bar.update(len(part))
         return p
 
     @contextlib.contextmanager
@@ -117,8 +118,7 @@ class CacheManager:
         try:
             self.llm.eval(tokens[q0:])
         finally:
-            ok = restore_seq(self.llm.ctx, saved) if saved is not None else self.llm.cut(q0)
-            if saved is not None and ok:
-                self.llm.record(tokens[:q0])
-            if not ok:
+            if saved is not None:
+                self._restore(tokens, q0, saved)
+            elif not self.llm.cut(q0):
                 self.llm.clear()

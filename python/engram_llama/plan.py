@@ -8,7 +8,7 @@ defaults table, so the three cannot drift apart.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -294,8 +294,7 @@ def resolve(s: Settings, kinds, can_shift: bool, prompt: Prompt, scored: list[re
     and a rendered prompt with its ranked chunks -> the plan `ask` carries out."""
     n = len(prompt.tokens)
     order = resolve_order(s, n, kinds, can_shift)
-    r = Settings(**{f.name: getattr(s, f.name) for f in fields(Settings) if f.name != "order"}, order=order)
-    strength, top_k, near, mid = chunk_choice(r, n, is_dense(kinds))
+    strength, top_k, near, mid = chunk_choice(replace(s, order=order), n, is_dense(kinds))
     selected = relevance.select(scored, top_k)
     layers = check_layers(s.layers, kinds)
     moved = None

@@ -2,8 +2,6 @@
 likelihood after each (the model's own reading), and fit the best-ranked into the context."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from . import align, pointer_map, relevance
@@ -13,14 +11,6 @@ from .extract import Extractor
 
 class ContextTooSmall(Exception):
     pass
-
-
-@dataclass
-class Fitted:
-    prompt: align.Prompt
-    pm: pointer_map.PointerMap
-    scored: list[relevance.Scored]   # the chunks kept, best first
-    dropped: list[Chunk]             # the chunks left out to fit, worst first
 
 
 class Retriever:
