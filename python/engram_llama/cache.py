@@ -1,81 +1,239 @@
 """The cache manager: every operation on the context's KV cells and recurrent state.
 
 With the query gate the documents' cells do not depend on the bias, so one prefill of the
-documents serves every question, bias setting and order that follows on them; this module decides
-what is reused, moves the best chunk in the cache and puts the documents back, and keeps and
-restores per-sequence state snapshots (written once here; the reranker's small context uses them
-too).
+documents serves every question, bias setting and order that follows on them. This module decides
+what is reused, keeps document checkpoints, moves the best chunk in the cache and puts the
+documents back; its state snapshots (written once here) serve the reranker's small context too.
+
+How a follow-up reuses the documents, by memory:
+- dense and sliding-window caches (llama.cpp keeps a full-size sliding-window cache by default)
+  are cut back to the documents;
+- a recurrent state (Gated DeltaNet, Mamba) cannot be cut back: right after the documents'
+  prefill a partial checkpoint (the recurrent state alone, llama_state_seq_*_ext with
+  PARTIAL_ONLY; a few MB) is kept, restored, and then the attention cells are cut back as above;
+- another document set asked about earlier is restored from a whole-sequence checkpoint, kept in
+  a small LRU bounded by `cache_bytes` (--cache-ram).
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import sys
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from . import llama_cpp, move
 from ._hook import LayerKind
 
+# whole-sequence checkpoints kept over document sets (llama-server's --cache-ram, smaller: a laptop)
+DEFAULT_CACHE_MIB = 2048
+PARTIAL = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: the recurrent / sliding-window part alone
 
-def save_seq(ctx, seq: int = 0):
-    """A copy of one sequence's cells and state (llama_state_seq_get_data)."""
-    n = llama_cpp.llama_state_seq_get_size(ctx, seq)
+
+def save_seq(ctx, seq: int = 0, partial: bool = False):
+    """A copy of one sequence's cells and state (llama_state_seq_get_data); partial: only the
+    recurrent state (and a sliding-window cache's cells), not the full-attention cells."""
+    flags = PARTIAL if partial else 0
+    n = llama_cpp.llama_state_seq_get_size_ext(ctx, seq, flags)
     buf = (ctypes.c_uint8 * n)()
-    if llama_cpp.llama_state_seq_get_data(ctx, buf, n, seq) != n:
+    if llama_cpp.llama_state_seq_get_data_ext(ctx, buf, n, seq, flags) != n:
         raise RuntimeError("could not copy the sequence's state")
     return buf
 
 
-def restore_seq(ctx, buf, seq: int = 0, clear: bool = True) -> bool:
+def restore_seq(ctx, buf, seq: int = 0, clear: bool = True, partial: bool = False) -> bool:
     """The sequence as save_seq copied it (clear: its current cells removed first). Restoring beats
     shifting back: a second re-rotation of F16 keys rounds them, and that changed a later greedy
     answer on the same documents."""
-    if clear:
+    if clear and not partial:
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), seq, -1, -1)
-    return llama_cpp.llama_state_seq_set_data(ctx, buf, len(buf), seq) == len(buf)
+    flags = PARTIAL if partial else 0
+    return llama_cpp.llama_state_seq_set_data_ext(ctx, buf, len(buf), seq, flags) == len(buf)
+
+
+@dataclass
+class Checkpoint:
+    tokens: tuple[int, ...]  # the documents it holds: a prompt's tokens before its question
+    state: object            # save_seq's buffer
+    partial: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.state)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 10 << 20 else f"{n / 2**20:.0f} MiB"
+
+
+def _note(msg: str) -> None:
+    print(f"engram-llama: {msg}", file=sys.stderr)
 
 
 class CacheManager:
-    """The KV cells and state of one context (sequence 0), under llama-cpp-python's record."""
+    """The KV cells and state of one context (sequence 0), under llama-cpp-python's record.
+    cache_bytes: the whole-sequence checkpoints' cap (0: none kept)."""
 
-    def __init__(self, llm, hook):
+    def __init__(self, llm, hook, cache_bytes: int = DEFAULT_CACHE_MIB << 20):
         self.llm, self.hook = llm, hook
         self._unbiased = 0  # how many cached tokens were decoded with no bias on their queries
         self.recurrent = any(k == LayerKind.NONE for k in hook.kinds)
+        self.cache_bytes = max(0, int(cache_bytes))
+        self.checkpoints: OrderedDict[tuple[int, ...], Checkpoint] = OrderedDict()  # LRU, newest last
+        self._partial: Checkpoint | None = None  # recurrent state at the cached documents' end
+        self._noted: set[str] = set()
+        self.stats = {"reused": 0, "restored": 0, "prefilled": 0}
 
-    def prefill(self, tokens: Sequence[int], progress: bool | None = None) -> int:
-        """Decode all but the last prompt token, reusing the cached prefix (the documents, when a
-        follow-up question comes on the same chunks); returns how many tokens were reused.
+    @property
+    def checkpoint_bytes(self) -> int:
+        return sum(c.nbytes for c in self.checkpoints.values()) + (self._partial.nbytes if self._partial else 0)
+
+    def prefill(self, tokens: Sequence[int], docs: int | None = None, progress: bool | None = None) -> int:
+        """Decode all but the last prompt token, reusing what the cache or a checkpoint holds of it
+        (the documents, when a follow-up question comes on the same chunks); returns how many
+        tokens were reused. docs: where the documents end (the question's first token; default
+        the gate); a checkpoint is kept there when the documents were decoded now.
 
         With the query gate the documents' KV does not depend on the bias, so reusing it across
         questions and bias settings is exact; the question's does, so nothing from the gate on
         (of the cached decode or of this one) is reused: a question asked again, or prefilled
-        before its bias was set, is decoded again under the bias it gets now. Recurrent and
-        hybrid memories cannot be cut back to a prefix, so they prefill again.
+        before its bias was set, is decoded again under the bias it gets now.
         """
         llm = self.llm
-        cached = llm.cached()[:self._unbiased]
+        tokens = list(tokens)
         gate = self.hook.gate(0)
+        if docs is None:
+            docs = gate
+        cached = llm.cached()[:self._unbiased]
         p = 0
-        for a, b in zip(cached, list(tokens[:-1])[:gate]):
+        for a, b in zip(cached, tokens[:-1][:gate]):
             if a != b:
                 break
             p += 1
         self._unbiased = sys.maxsize if gate is None else gate  # the cache from here on: decoded under the bias
-        if not llm.cut(p):
-            llm.clear()
-            p = 0
-        rest = list(tokens[p:-1])
+        p = self._reuse(tokens, p, docs)
+        rest = tokens[p:-1]
         if progress is None:
             progress = sys.stderr.isatty() and len(rest) >= 1024
         from tqdm import tqdm
 
+        keep = docs if docs is not None and 0 < docs < len(tokens) and p < docs else None
         with tqdm(total=len(rest), desc="prefill", unit="tok", disable=not progress, file=sys.stderr, leave=False) as bar:
-            for a in range(0, len(rest), llm.n_batch):
-                part = rest[a:a + llm.n_batch]
-                llm.eval(part)
-                bar.update(len(part))
+            a = p
+            while a < len(tokens) - 1:
+                b = min(a + llm.n_batch, len(tokens) - 1)
+                if keep is not None and a < keep < b:
+                    b = keep  # a batch ends at the documents' end, for the checkpoint
+                llm.eval(tokens[a:b])
+                bar.update(b - a)
+                if b == keep:
+                    self._checkpoint(tokens[:keep])
+                a = b
+        self.stats["reused" if p else "prefilled"] += 1
         return p
+
+    # reuse ------------------------------------------------------------------------------------
+
+    def _reuse(self, tokens: list[int], p: int, docs: int | None) -> int:
+        """Cut the cache back to the longest reusable prefix (p tokens matched the record), restore
+        the recurrent state where it cannot be cut, or restore a checkpoint that holds more;
+        returns how many tokens are reused."""
+        llm = self.llm
+        if p and (p == llm.n_cached or llm.cut(p)):  # dense, sliding-window; nothing to take away
+            return self._better(tokens, p, docs)
+        part = self._partial
+        n = len(part.tokens) if part is not None else 0
+        if part is not None and 0 < n <= p and tuple(tokens[:n]) == part.tokens:
+            # the cached documents: their recurrent state back, then the attention cells cut there
+            if restore_seq(llm.ctx, part.state, partial=True) and llm.cut(n):
+                llm.record(part.tokens)
+                return self._better(tokens, n, docs)
+            self._failed("the documents' recurrent state")
+        best = self._lookup(tokens, docs)
+        if best is not None and self._restore_checkpoint(best):
+            return len(best.tokens)
+        llm.clear()
+        self._partial = None
+        return 0
+
+    def _better(self, tokens: list[int], p: int, docs: int | None) -> int:
+        """A checkpoint holding more of this prompt than the cut cache does replaces it."""
+        best = self._lookup(tokens, docs)
+        if best is not None and len(best.tokens) > p and self._restore_checkpoint(best):
+            return len(best.tokens)
+        return p
+
+    def _lookup(self, tokens: list[int], docs: int | None) -> Checkpoint | None:
+        if docs is None or not self.checkpoints:
+            return None
+        key = tuple(tokens[:docs])
+        ck = self.checkpoints.get(key)
+        if ck is None:  # a set whose documents begin this prompt's (the same chunks, one more after)
+            ck = max((c for k, c in self.checkpoints.items() if len(k) < docs and key[:len(k)] == k),
+                     key=lambda c: len(c.tokens), default=None)
+        if ck is not None:
+            self.checkpoints.move_to_end(ck.tokens)
+        return ck
+
+    def _restore_checkpoint(self, ck: Checkpoint) -> bool:
+        llm = self.llm
+        if restore_seq(llm.ctx, ck.state):
+            llm.record(ck.tokens)
+            self._partial = None
+            if self.recurrent:
+                self._keep_partial(ck.tokens)
+            self.stats["restored"] += 1
+            return True
+        self._failed("a documents' checkpoint")
+        self.checkpoints.pop(ck.tokens, None)
+        llm.clear()
+        return False
+
+    def _failed(self, what: str) -> None:
+        _note(f"{what} did not restore; prefilling the documents again")
+
+    # checkpoints ------------------------------------------------------------------------------
+
+    def _checkpoint(self, docs: list[int]) -> None:
+        """Right after the documents' decode: their state kept for later questions."""
+        if self.recurrent:
+            self._keep_partial(docs)
+        if self.cache_bytes <= 0:
+            return
+        key = tuple(docs)
+        ctx = self.llm.ctx
+        n = llama_cpp.llama_state_seq_get_size_ext(ctx, 0, 0)
+        if n > self.cache_bytes:
+            self._once("cap", f"the documents' checkpoint ({_mib(n)}) does not fit in --cache-ram "
+                              f"({_mib(self.cache_bytes)}); questions on other documents prefill again")
+            return
+        self.checkpoints.pop(key, None)
+        while self.checkpoints and sum(c.nbytes for c in self.checkpoints.values()) + n > self.cache_bytes:
+            self.checkpoints.popitem(last=False)
+        try:
+            self.checkpoints[key] = Checkpoint(key, save_seq(ctx))
+        except (RuntimeError, MemoryError):
+            self._once("save", "could not keep the documents' checkpoint; questions on other documents prefill again")
+
+    def _keep_partial(self, docs) -> None:
+        try:
+            self._partial = Checkpoint(tuple(docs), save_seq(self.llm.ctx, partial=True), partial=True)
+        except (RuntimeError, MemoryError):
+            self._partial = None
+            self._once("partial", "could not keep the documents' recurrent state; follow-up questions prefill again")
+
+    def _once(self, key: str, msg: str) -> None:
+        if key not in self._noted:
+            self._noted.add(key)
+            _note(msg)
+
+    def forget(self) -> None:
+        """Drop every checkpoint (benchmarks time a cold prefill)."""
+        self.checkpoints.clear()
+        self._partial = None
+
+    # move and peek ----------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def moved(self, tokens: Sequence[int], q0: int, a: int, b: int, reread: bool = False) -> Iterator[list[int]]:
@@ -85,9 +243,10 @@ class CacheManager:
         answer to follow. On leaving, the documents' cells come back in the given order for the
         next question to reuse."""
         tokens = list(tokens)
-        self.prefill(tokens[:q0 + 1])
+        self.prefill(tokens[:q0 + 1], docs=q0)
         ctx, llm = self.llm.ctx, self.llm
-        saved = save_seq(ctx)
+        ck = self.checkpoints.get(tuple(tokens[:q0]))
+        saved = ck.state if ck is not None else save_seq(ctx)
         try:
             if reread:
                 # through llama-cpp-python's record: the chunk read from its new position on; the
@@ -110,15 +269,12 @@ class CacheManager:
     def peek(self, tokens: Sequence[int], q0: int) -> None:
         """Decode tokens[q0:] after the documents (tokens[:q0], prefilled or reused) and take them
         out of the cache again: a look at how the question reads them (research probes), leaving
-        the documents as they were. A recurrent state cannot be cut back, so it is restored from a
-        snapshot instead."""
+        the documents as they were (a recurrent state through its partial checkpoint)."""
         tokens = list(tokens)
-        self.prefill(tokens[:q0 + 1])
-        saved = save_seq(self.llm.ctx) if self.recurrent else None
-        try:
-            self.llm.eval(tokens[q0:])
-        finally:
-            if saved is not None:
-                self._restore(tokens, q0, saved)
-            elif not self.llm.cut(q0):
-                self.llm.clear()
+        self.prefill(tokens[:q0 + 1], docs=q0)
+        self.llm.eval(tokens[q0:])
+        self._unbiased = min(self._unbiased, q0)
+        if self.recurrent:
+            self._reuse(tokens, q0, q0)
+        elif not self.llm.cut(q0):
+            self.llm.clear()

@@ -12,7 +12,7 @@ from . import plan as plan_mod, relevance
 from ._hook import Hook
 from .adapter import LlamaAdapter
 from .align import Prompt
-from .cache import CacheManager
+from .cache import DEFAULT_CACHE_MIB, CacheManager
 from .chunks import Chunk
 from .extract import Extractor
 from .generate import generate, stops
@@ -66,15 +66,16 @@ class Prepared:
 class EngramLlama:
     """model_path: a GGUF file; settings: the steering (plan.Settings; each ask may override it);
     chat=False: a plain prompt ending in an answer prefix (base models such as Gemma-3-270M);
+    cache_mib: the cap on the documents' checkpoints kept for questions on earlier document sets;
     cb_eval: a ggml eval callback on the context (research probes read attention through it)."""
 
     def __init__(self, model_path: str, n_ctx: int = 4096, n_threads: int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, settings: Settings | None = None,
                  extractor: Extractor | None = None, table=None, chat: bool = True, verbose: bool = False,
-                 answer_prefix: str | None = None, cb_eval=None):
+                 answer_prefix: str | None = None, cache_mib: int = DEFAULT_CACHE_MIB, cb_eval=None):
         self.llm = LlamaAdapter(model_path, n_ctx, n_threads, n_gpu_layers, seed, verbose, cb_eval)
         self.hook = Hook(self.llm)
-        self.cache = CacheManager(self.llm, self.hook)
+        self.cache = CacheManager(self.llm, self.hook, cache_mib << 20)
         self.retriever = Retriever(self.llm, extractor, table)
         self.settings = settings or Settings()
         self.template = self.llm.metadata.get("tokenizer.chat_template") if chat else None
@@ -124,7 +125,7 @@ class EngramLlama:
                 with self.cache.moved(prompt.tokens, prompt.question_token, *p.moved, reread=p.reread) as tokens:
                     text = "".join(generate(self.llm, tokens, max_tokens, temperature, stop, on_token))
             else:
-                self.cache.prefill(prompt.tokens)
+                self.cache.prefill(prompt.tokens, docs=prompt.question_token)
                 text = "".join(generate(self.llm, prompt.tokens, max_tokens, temperature, stop, on_token))
         finally:
             self.hook.clear()
