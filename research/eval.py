@@ -206,7 +206,7 @@ def main(argv=None):
     po.add_argument("--against", required=True)
     po.add_argument("--slot", default="first", choices=["first", "middle", "last", "all"])
     po.add_argument("--exclude", nargs="*", default=[], help="result files whose items are left out")
-    g = sub.add_parser("model", help="write (or find) a generated random-weight GGUF: qwen35, gemma3, llama, qwen35-2b")
+    g = sub.add_parser("model", help="write (or find) a generated random-weight GGUF: qwen35, gemma3, llama, qwen35-chat, qwen35-2b")
     g.add_argument("name")
     g.add_argument("--quant", default=None)
     sub.add_parser("ask", help="engram-llama run with every setting, the research-only ones too")

@@ -38,6 +38,10 @@ class Shape:
     n_swa: int = 16
     swa_pattern: int = 3
     extra: dict = field(default_factory=dict)
+    # a real tokenizer ("smollm2": SmolLM2's BPE vocabulary, with <|im_start|>/<|im_end|>) and a
+    # chat template file (repository-relative), for end-to-end runs on text; default: a toy vocabulary
+    tokenizer: str | None = None
+    chat_template: str | None = None
 
 
 # the shapes the tests use; "qwen35-2b" is the target model's shape for GPU benchmarks
@@ -45,10 +49,46 @@ SHAPES = {
     "qwen35": Shape("qwen35", n_layer=8),
     "gemma3": Shape("gemma3", n_layer=6),
     "llama": Shape("llama", n_layer=4),
+    # the hybrid with SmolLM2's vocabulary and the real Qwen3.5-4B/9B/27B chat template (thinking on
+    # unless enable_thinking is false): `engram-llama run` end to end on a Qwen3.5-style GGUF
+    "qwen35-chat": Shape("qwen35", n_layer=4, tokenizer="smollm2",
+                         chat_template="tests/data/qwen35_4b_chat_template.jinja"),
     "qwen35-2b": Shape("qwen35", n_layer=24, n_embd=2048, n_head=8, n_head_kv=2, n_ff=6144,
                        n_vocab=248320, n_ctx=32768, ssm_inner=2048, ssm_state=128, ssm_groups=16,
                        ssm_dt_rank=16),
 }
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tokenizer_source(name: str) -> Path:
+    if name != "smollm2":
+        return Path(name)
+    from engram_llama.cli import default_model
+
+    return Path(default_model())
+
+
+def _copy_tokenizer(w, src: Path) -> None:
+    """Every tokenizer.* key of src but its chat template."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    for k, f in r.fields.items():
+        if not k.startswith("tokenizer.") or k == "tokenizer.chat_template":
+            continue
+        t = f.types[0]
+        sub = f.types[1] if t == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(k, f.contents(), t, sub)
+
+
+def _n_vocab(shape: Shape) -> int:
+    if not shape.tokenizer:
+        return shape.n_vocab
+    import gguf
+
+    return len(gguf.GGUFReader(str(_tokenizer_source(shape.tokenizer))).fields["tokenizer.ggml.tokens"].data)
 
 
 def _metadata(shape: Shape, path: Path) -> None:
@@ -63,7 +103,7 @@ def _metadata(shape: Shape, path: Path) -> None:
     u32(f"{a}.feed_forward_length", shape.n_ff)
     u32(f"{a}.attention.head_count", shape.n_head)
     u32(f"{a}.attention.head_count_kv", shape.n_head_kv)
-    u32(f"{a}.vocab_size", shape.n_vocab)
+    u32(f"{a}.vocab_size", _n_vocab(shape))
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_float32(f"{a}.rope.freq_base", 10000.0)
     head = shape.n_embd // shape.n_head
@@ -87,9 +127,14 @@ def _metadata(shape: Shape, path: Path) -> None:
             w.add_float32(f"{a}.{k}", v)
         else:
             u32(f"{a}.{k}", int(v))
-    w.add_string("tokenizer.ggml.model", "test")
-    w.add_array("tokenizer.ggml.tokens", [f"tok_{i}" for i in range(shape.n_vocab)])
-    w.add_array("tokenizer.ggml.scores", [0.0] * shape.n_vocab)
+    if shape.tokenizer:
+        _copy_tokenizer(w, _tokenizer_source(shape.tokenizer))
+    else:
+        w.add_string("tokenizer.ggml.model", "test")
+        w.add_array("tokenizer.ggml.tokens", [f"tok_{i}" for i in range(shape.n_vocab)])
+        w.add_array("tokenizer.ggml.scores", [0.0] * shape.n_vocab)
+    if shape.chat_template:
+        w.add_string("tokenizer.chat_template", (ROOT / shape.chat_template).read_text(encoding="utf-8"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -148,12 +193,41 @@ def make_model(shape: Shape | str, path: str | os.PathLike, seed: int = 42, stde
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp_out = path.with_name(path.name + ".tmp")
                 llama_cpp.llama_model_save_to_file(model, str(tmp_out).encode())
+                if shape.chat_template:  # llama.cpp's writer leaves the chat template out
+                    _add_chat_template(tmp_out, (ROOT / shape.chat_template).read_text(encoding="utf-8"))
                 os.replace(tmp_out, path)
             finally:
                 llama_cpp.llama_model_free(model)
         finally:
             ggml.gguf_free(meta)
     return path
+
+
+def _add_chat_template(path: Path, template: str) -> None:
+    """Rewrite a GGUF with tokenizer.chat_template (as gguf's gguf_new_metadata copies a file)."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    out = path.with_name(path.name + ".t")
+    w = gguf.GGUFWriter(str(out), arch=r.fields["general.architecture"].contents())
+    for f in r.fields.values():
+        if f.name == "general.architecture" or f.name.startswith("GGUF."):
+            continue
+        t, v = f.types[0], f.contents()
+        if t == gguf.GGUFValueType.ARRAY and not v:
+            continue  # gguf's writer refuses an empty array (llama.cpp wrote an empty token score list)
+        w.add_key_value(f.name, v, t, sub_type=f.types[-1] if t == gguf.GGUFValueType.ARRAY else None)
+    w.add_chat_template(template)
+    for t in r.tensors:
+        w.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for t in r.tensors:
+        w.write_tensor_data(t.data, tensor_endianess=r.endianess)
+    w.close()
+    del r
+    os.replace(out, path)
 
 
 QUANTS = {"q8_0": 7, "f16": 1}  # llama_ftype values of the types benchmarks use
@@ -178,7 +252,8 @@ def cached_model(name: str, cache: str | os.PathLike | None = None, seed: int = 
     """A test model by SHAPES name, generated once into the cache directory (quant: see QUANTS)."""
     root = Path(cache or os.environ.get("ENGRAM_LLAMA_CACHE") or Path.home() / ".cache" / "engram-llama") / "models"
     shape = SHAPES[name]
-    tag = zlib.crc32(repr((shape, seed)).encode())
+    template = (ROOT / shape.chat_template).read_text(encoding="utf-8") if shape.chat_template else ""
+    tag = zlib.crc32(repr((shape, seed, template)).encode())
     path = root / f"synth-{name}-{tag:08x}.gguf"
     if not path.exists():
         make_model(shape, path, seed=seed)

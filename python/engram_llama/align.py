@@ -34,12 +34,20 @@ class Prompt:
     n_prefix: int                               # tokens added before the text (BOS)
 
 
+def takes_thinking(template: str | None) -> bool:
+    """The chat template has a thinking switch (Qwen3, Qwen3.5: `enable_thinking`)."""
+    return bool(template) and "enable_thinking" in template
+
+
 def render(chunks: list[Chunk], order: list[int], question: str, template: str | None,
-           bos: str = "", eos: str = "", answer_prefix: str | None = None) -> tuple[str, dict[int, tuple[int, int]], int]:
+           bos: str = "", eos: str = "", answer_prefix: str | None = None,
+           think: bool = False) -> tuple[str, dict[int, tuple[int, int]], int]:
     """Prompt text, char span of each chunk's text, char offset of the question. answer_prefix
     starts the answer: on its own line of a plain prompt (default ANSWER_PREFIX), after a chat
     template's turn (default none). A base model continues a prefix it can complete (KV
-    retrieval: the record's key, as Liu et al.'s prompt ends) better than a bare "Answer:"."""
+    retrieval: the record's key, as Liu et al.'s prompt ends) better than a bare "Answer:".
+    think: a template with a thinking switch renders with it on (default off: Qwen3.5 thinks
+    unless told not to, and a short answer budget would be spent inside <think>)."""
     by_id = {c.id: c for c in chunks}
     parts, spans, pos = [], {}, 0
     head = INSTRUCTION + "\n\n"
@@ -61,7 +69,8 @@ def render(chunks: list[Chunk], order: list[int], question: str, template: str |
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        text = fmt(messages=[{"role": "user", "content": content}]).prompt
+        extra = {"enable_thinking": bool(think)} if takes_thinking(template) else {}
+        text = fmt(messages=[{"role": "user", "content": content}], **extra).prompt
         at = text.find(content)
         if at < 0:
             raise AlignmentError("the chat template changed the message text; cannot locate the chunks")

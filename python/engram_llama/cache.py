@@ -25,9 +25,8 @@ from typing import Iterator, Sequence
 
 from . import llama_cpp, move
 from ._hook import LayerKind
+from .plan import CACHE_RAM_MIB as DEFAULT_CACHE_MIB
 
-# whole-sequence checkpoints kept over document sets (llama-server's --cache-ram, smaller: a laptop)
-DEFAULT_CACHE_MIB = 2048
 PARTIAL = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: the recurrent / sliding-window part alone
 
 

@@ -148,6 +148,8 @@ def cmd_run(args) -> int:
         raise UsageError(f"invalid -c {args.ctx_size}: at least 64")
     if args.max_ctx < 512:
         raise UsageError(f"invalid --max-ctx {args.max_ctx}: at least 512")
+    if args.cache_ram < 0:
+        raise UsageError(f"invalid --cache-ram {args.cache_ram}: 0 or more MiB")
     try:
         settings = settings_from(args)
     except ValueError as e:
@@ -167,7 +169,8 @@ def cmd_run(args) -> int:
     if n_ctx is None:  # what the documents need, up to the trained context and --max-ctx
         try:
             n_ctx, n_prompt, n_train = context_size(model, question or "", chunks, args.n_predict, args.max_ctx,
-                                                    chat=not args.no_chat, answer_prefix=args.answer_prefix)
+                                                    chat=not args.no_chat, answer_prefix=args.answer_prefix,
+                                                    think=args.think)
         except RuntimeError as e:
             raise UsageError(f"llama.cpp could not load {model}: {e}") from None
         if n_prompt + args.n_predict > n_ctx:
@@ -178,9 +181,12 @@ def cmd_run(args) -> int:
     try:
         eng = EngramLlama(model, n_ctx=n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                           seed=args.seed, settings=settings, table=table, chat=not args.no_chat,
-                          answer_prefix=args.answer_prefix)
+                          answer_prefix=args.answer_prefix, cache_mib=args.cache_ram, think=args.think)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"llama.cpp could not load {model}: {e}") from None
+    if args.think and not eng.think:
+        print("engram-llama: note: this model's chat template has no thinking switch; --think changes nothing",
+              file=sys.stderr)
     try:
         check_layers(settings.layers, eng.hook.kinds)
     except ValueError as e:
@@ -236,6 +242,7 @@ def _answer_json(q, ans) -> dict:
                       for c in ans.citations],
         "plan": ans.plan.to_json(),
         "prompt_tokens": ans.n_prompt_tokens, "dropped_chunks": [c.id for c in ans.dropped],
+        **({"thinking": ans.thinking} if ans.thinking is not None else {}),
     }
 
 
@@ -409,6 +416,14 @@ def build_parser(research: bool = False) -> argparse.ArgumentParser:
     r.add_argument("--answer-prefix", metavar="TEXT",
                    help="text the answer starts with (default with --no-chat: 'Answer:' on its own line; "
                         "with a chat template: none); the model continues it, and it is not repeated in the output")
+    from .plan import CACHE_RAM_MIB as DEFAULT_CACHE_MIB
+
+    r.add_argument("--think", action="store_true",
+                   help="let a thinking model (Qwen3, Qwen3.5) think first; its <think> part is left out of the "
+                        "answer (--json: 'thinking'). Default: thinking off")
+    r.add_argument("--cache-ram", type=int, default=DEFAULT_CACHE_MIB, metavar="MIB",
+                   help=f"memory for document checkpoints, so questions on earlier documents skip their prefill "
+                        f"(default {DEFAULT_CACHE_MIB}; 0: none)")
     r.add_argument("--explain", action="store_true", help="show what got biased and why")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("-i", "--interactive", action="store_true", help="ask follow-up questions on stdin")

@@ -4,9 +4,43 @@ from __future__ import annotations
 from typing import Callable, Iterator, Sequence
 
 
-def stops(llm, chat: bool) -> list[str]:
-    """A blank line ends an answer; a chat turn's end marker, or a plain prompt's newline."""
-    return ["\n\n"] + ([llm.eos] if llm.eos else []) + (["<|im_end|>", "<end_of_turn>"] if chat else ["\n"])
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def stops(llm, chat: bool, think: bool = False) -> list[str]:
+    """A blank line ends an answer; a chat turn's end marker, or a plain prompt's newline. While
+    a model thinks, blank lines are part of its reasoning: only the turn's end stops it."""
+    return ([] if think else ["\n\n"]) + ([llm.eos] if llm.eos else []) + (
+        ["<|im_end|>", "<end_of_turn>"] if chat else ["\n"])
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of a thinking model's output: the prompt opened <think> (or the model
+    did), and the answer is what follows </think>; without </think> the answer was never reached."""
+    head, sep, tail = text.partition(THINK_CLOSE)
+    if not sep:
+        return text.replace(THINK_OPEN, "", 1).strip(), ""
+    return head.replace(THINK_OPEN, "", 1).strip(), tail.strip()
+
+
+class AfterThinking:
+    """Streams only the answer of a thinking model: pieces after </think> reach on_token."""
+
+    def __init__(self, on_token: Callable[[str], None] | None):
+        self.on_token, self.buf, self.open = on_token, "", True
+
+    def __call__(self, piece: str) -> None:
+        if not self.open:
+            if self.on_token:
+                self.on_token(piece)
+            return
+        self.buf += piece
+        head, sep, tail = self.buf.partition(THINK_CLOSE)
+        if sep:
+            self.open = False
+            tail = tail.lstrip()
+            if tail and self.on_token:
+                self.on_token(tail)
 
 
 def generate(llm, tokens: Sequence[int], max_tokens: int, temperature: float, stop: list[str],

@@ -49,6 +49,10 @@ EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1   # reordered: +1 on the best chunk, which 
 MOVE_STRENGTH = 2.0       # the moved chunk (order "move")
 ORDER_AUTO, MOVE_FROM = "move", 6144   # "auto": move from 6144 prompt tokens where a move is valid
 
+# whole-sequence document checkpoints kept for questions on earlier document sets (MiB; --cache-ram;
+# llama-server's own default is 8192, this one is for a laptop)
+CACHE_RAM_MIB = 2048
+
 ORDERS = ("auto", "keep", "edges", "move")
 GRANULARITIES = ("novel", "chunk", "sentence", "entity")
 

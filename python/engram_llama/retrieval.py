@@ -50,7 +50,8 @@ class Retriever:
         return relevance.rerank(scored, np.array([self._lm_cache[key] for key in keys]))
 
     def fit(self, question: str, chunks: list[Chunk], scored: list[relevance.Scored], edges: bool,
-            template: str | None, answer_prefix: str | None, room: int) -> tuple[align.Prompt, list[int], list[Chunk]]:
+            template: str | None, answer_prefix: str | None, room: int,
+            think: bool = False) -> tuple[align.Prompt, list[int], list[Chunk]]:
         """Render and align the prompt with as many chunks as fit in `room` tokens, dropping the
         worst-ranked first; edges: the kept chunks reordered, best at the ends (best last)."""
         rank = {sc.chunk.id: k for k, sc in enumerate(scored)}
@@ -59,7 +60,7 @@ class Retriever:
         while True:
             order = relevance.edges_order(sorted(keep, key=rank.get)) if edges else keep
             text, spans, q_char = align.render(chunks, order, question, template, self.llm.bos, self.llm.eos,
-                                               answer_prefix)
+                                               answer_prefix, think)
             toks, pieces, n_prefix = self.llm.tokenize(text)
             if len(toks) <= room:
                 break

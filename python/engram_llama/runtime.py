@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import plan as plan_mod, relevance
+from . import align, plan as plan_mod, relevance
 from ._hook import Hook
 from .adapter import LlamaAdapter
 from .align import Prompt
 from .cache import DEFAULT_CACHE_MIB, CacheManager
 from .chunks import Chunk
 from .extract import Extractor
-from .generate import generate, stops
+from .generate import AfterThinking, generate, split_thinking, stops
 from .plan import Plan, Settings
 from .pointer_map import PointerMap
 from .retrieval import ContextTooSmall, Retriever
@@ -39,6 +39,7 @@ class Answer:
     dropped: list[Chunk] = field(default_factory=list)
     scored: list[relevance.Scored] = field(default_factory=list)
     chunk_order: list[int] = field(default_factory=list)  # chunk ids in prompt order
+    thinking: str | None = None  # a thinking model's <think> part (think=True), left out of text
 
     # the plan's parts, as --explain and --json name them
     layers = property(lambda self: self.plan.layers)
@@ -67,12 +68,15 @@ class EngramLlama:
     """model_path: a GGUF file; settings: the steering (plan.Settings; each ask may override it);
     chat=False: a plain prompt ending in an answer prefix (base models such as Gemma-3-270M);
     cache_mib: the cap on the documents' checkpoints kept for questions on earlier document sets;
+    think: a chat template with a thinking switch (Qwen3, Qwen3.5) renders with thinking on (default
+    off); the reasoning goes to Answer.thinking, not into the answer's text;
     cb_eval: a ggml eval callback on the context (research probes read attention through it)."""
 
     def __init__(self, model_path: str, n_ctx: int = 4096, n_threads: int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, settings: Settings | None = None,
                  extractor: Extractor | None = None, table=None, chat: bool = True, verbose: bool = False,
-                 answer_prefix: str | None = None, cache_mib: int = DEFAULT_CACHE_MIB, cb_eval=None):
+                 answer_prefix: str | None = None, cache_mib: int = DEFAULT_CACHE_MIB, think: bool = False,
+                 cb_eval=None):
         self.llm = LlamaAdapter(model_path, n_ctx, n_threads, n_gpu_layers, seed, verbose, cb_eval)
         self.hook = Hook(self.llm)
         self.cache = CacheManager(self.llm, self.hook, cache_mib << 20)
@@ -80,6 +84,7 @@ class EngramLlama:
         self.settings = settings or Settings()
         self.template = self.llm.metadata.get("tokenizer.chat_template") if chat else None
         self.answer_prefix = answer_prefix  # None: align.render's default for the prompt's kind
+        self.think = bool(think) and align.takes_thinking(self.template)  # a template without the switch: off
         self.n_ctx = self.llm.n_ctx
 
     def can_move(self) -> bool:
@@ -94,7 +99,7 @@ class EngramLlama:
         k = s.rerank if s.rerank is not None else relevance.RERANK_K
         pm, scored = self.retriever.rank(question, chunks, k)
         prompt, keep, dropped = self.retriever.fit(question, chunks, scored, s.order == "edges", self.template,
-                                                   prefix, self.n_ctx - max_tokens)
+                                                   prefix, self.n_ctx - max_tokens, self.think)
         kept = set(keep)
         return Prepared(prompt, pm, [sc for sc in scored if sc.chunk.id in kept], dropped)
 
@@ -119,7 +124,9 @@ class EngramLlama:
             self.hook.set_bias(p.bias, seq_id=0, gate=p.gate)
         else:
             self.hook.clear()
-        stop = stops(self.llm, bool(self.template))
+        stop = stops(self.llm, bool(self.template), self.think)
+        if self.think:
+            on_token = AfterThinking(on_token)
         try:
             if p.moved:
                 with self.cache.moved(prompt.tokens, prompt.question_token, *p.moved, reread=p.reread) as tokens:
@@ -129,9 +136,13 @@ class EngramLlama:
                 text = "".join(generate(self.llm, prompt.tokens, max_tokens, temperature, stop, on_token))
         finally:
             self.hook.clear()
+        thinking = None
+        if self.think:
+            thinking, text = split_thinking(text)
         pos = {cid: k + 1 for k, cid in enumerate(prompt.chunk_order)}
         cites = [Citation(sc.chunk, w, pos[sc.chunk.id]) for sc, w in p.selected]
-        return Answer(text.strip(), cites, p, len(prompt.tokens), prep.dropped, prep.scored, list(prompt.chunk_order))
+        return Answer(text.strip(), cites, p, len(prompt.tokens), prep.dropped, prep.scored, list(prompt.chunk_order),
+                      thinking)
 
     def close(self) -> None:
         self.retriever.close()
@@ -151,7 +162,7 @@ def trained_context(model_path: str) -> int:
 
 
 def context_size(model_path: str, question: str, chunks: list[Chunk], max_tokens: int, cap: int,
-                 chat: bool = True, answer_prefix: str | None = None) -> tuple[int, int, int]:
+                 chat: bool = True, answer_prefix: str | None = None, think: bool = False) -> tuple[int, int, int]:
     """The context the documents need: (n_ctx, the prompt's tokens, the model's trained context).
     The whole prompt and the answer, rounded up to 256, at most the trained context and `cap`;
     the prompt is rendered and tokenized by a vocabulary-only load (no weights read)."""
@@ -167,7 +178,7 @@ def context_size(model_path: str, question: str, chunks: list[Chunk], max_tokens
         bos_id, eos_id = llama_cpp.llama_vocab_bos(m.vocab), llama_cpp.llama_vocab_eos(m.vocab)
         bos = token_piece(m.vocab, bos_id).decode("utf-8", "ignore") if bos_id >= 0 else ""
         eos = token_piece(m.vocab, eos_id).decode("utf-8", "ignore") if eos_id >= 0 else ""
-        text, _, _ = align.render(chunks, [c.id for c in chunks], question, template, bos, eos, answer_prefix)
+        text, _, _ = align.render(chunks, [c.id for c in chunks], question, template, bos, eos, answer_prefix, think)
         data = text.encode("utf-8")
         buf = (llama_cpp.llama_token * (len(data) + 8))()
         n = llama_cpp.llama_tokenize(m.vocab, data, len(data), buf, len(buf), True, True)
