@@ -84,6 +84,23 @@ def test_follow_up_on_cached_documents_equals_a_fresh_prefill(arch):
     assert np.array_equal(logits, _fresh(arch, docs, q2))
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "gemma3-270m"])
+def test_a_long_answer_past_the_sliding_window_does_not_cost_the_documents_window(arch):
+    """A 900-token answer runs far past the documents' last window (Gemma-3: 512 tokens; the
+    generated gemma3: 16): the next question still reads the documents' window as a fresh
+    prefill does (the cache keeps a full-size window, and the manager checks that it did)."""
+    eng = _eng(arch)
+    try:
+        docs, q1, q2 = _ids(eng, 700, 1), _ids(eng, 20, 2), _ids(eng, 25, 3)
+        _ask(eng, docs, q1)
+        eng.llm.eval(_ids(eng, 900, 8))   # the long answer, decoded in one go
+        reused, logits = _ask(eng, docs, q2)
+        assert reused == len(docs)
+    finally:
+        eng.close()
+    assert np.array_equal(logits, _fresh(arch, docs, q2))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen35"])
 def test_an_earlier_document_set_is_restored_from_its_checkpoint(arch):
     eng = _eng(arch)

@@ -207,3 +207,15 @@ def test_interactive_follow_ups(docs):
 def test_layers_without_softmax_attention_are_refused(docs):
     one_line_error(cli("run", str(synth.cached_model("qwen35")), "q?", "--chunks", str(docs), "--layers", "0,3"),
                    "layer 0 cannot take a bias", "no softmax attention", "biasable: 3,7")
+
+
+def test_hf_picks_the_model_file_of_a_gguf_repository():
+    from engram_llama.cli import pick_gguf
+
+    files = ["README.md", "mmproj-F16.gguf", "Qwen3.5-2B-BF16.gguf", "Qwen3.5-2B-Q8_0.gguf",
+             "Qwen3.5-2B-Q4_K_M.gguf", "Qwen3.5-2B-UD-Q4_K_XL.gguf"]
+    assert pick_gguf(files) == "Qwen3.5-2B-Q4_K_M.gguf"              # never the vision projector
+    assert pick_gguf(files, "Q8_0") == "Qwen3.5-2B-Q8_0.gguf"        # llama-server's REPO:QUANT
+    assert pick_gguf(files, "q4_k_xl") == "Qwen3.5-2B-UD-Q4_K_XL.gguf"
+    assert pick_gguf(files, "Qwen3.5-2B-BF16.gguf") == "Qwen3.5-2B-BF16.gguf"
+    assert pick_gguf(files, "Q3_K_S") is None and pick_gguf(["mmproj-F16.gguf"]) is None

@@ -6,8 +6,8 @@ what is reused, keeps document checkpoints, moves the best chunk in the cache an
 documents back; its state snapshots (written once here) serve the reranker's small context too.
 
 How a follow-up reuses the documents, by memory:
-- dense and sliding-window caches (llama.cpp keeps a full-size sliding-window cache by default)
-  are cut back to the documents;
+- dense and sliding-window caches are cut back to the documents (llama-cpp-python's contexts keep
+  a full-size sliding-window cache; a cache whose window was overwritten is not reused);
 - a recurrent state (Gated DeltaNet, Mamba) cannot be cut back: right after the documents'
   prefill a partial checkpoint (the recurrent state alone, llama_state_seq_*_ext with
   PARTIAL_ONLY; a few MB) is kept, restored, and then the attention cells are cut back as above;
@@ -78,6 +78,7 @@ class CacheManager:
         self.llm, self.hook = llm, hook
         self._unbiased = 0  # how many cached tokens were decoded with no bias on their queries
         self.recurrent = any(k == LayerKind.NONE for k in hook.kinds)
+        self.n_swa = int(llama_cpp.llama_model_n_swa(llm.model)) if LayerKind.SWA in hook.kinds else 0
         self.cache_bytes = max(0, int(cache_bytes))
         self.checkpoints: OrderedDict[tuple[int, ...], Checkpoint] = OrderedDict()  # LRU, newest last
         self._partial: Checkpoint | None = None  # recurrent state at the cached documents' end
@@ -139,7 +140,7 @@ class CacheManager:
         the recurrent state where it cannot be cut, or restore a checkpoint that holds more;
         returns how many tokens are reused."""
         llm = self.llm
-        if p and (p == llm.n_cached or llm.cut(p)):  # dense, sliding-window; nothing to take away
+        if p and (p == llm.n_cached or llm.cut(p)) and self._window_kept(p):  # dense, sliding-window
             return self._better(tokens, p, docs)
         part = self._partial
         n = len(part.tokens) if part is not None else 0
@@ -155,6 +156,14 @@ class CacheManager:
         llm.clear()
         self._partial = None
         return 0
+
+    def _window_kept(self, p: int) -> bool:
+        """A sliding-window cache still holds the window before position p. llama-cpp-python's
+        contexts keep a full-size one (swa_full), so this holds; a context that keeps only
+        n_swa + n_ubatch cells overwrites the oldest, and a long answer would leave holes there."""
+        if self.n_swa <= 0:
+            return True
+        return llama_cpp.llama_memory_seq_pos_min(self.llm.memory, 0) <= max(0, p - self.n_swa)
 
     def _better(self, tokens: list[int], p: int, docs: int | None) -> int:
         """A checkpoint holding more of this prompt than the cut cache does replaces it."""

@@ -77,19 +77,30 @@ def default_docs() -> str:
     return str(Path(__file__).resolve().parent / "samples" / "docs")
 
 
+def pick_gguf(files: list[str], tag: str = "") -> str | None:
+    """The model file of a GGUF repository: the one named by tag (a file name, or a quantisation
+    such as Q4_K_M, as llama-server's -hf takes it), else Q4_K_M, else the first; never a vision
+    projector (mmproj) file."""
+    ggufs = sorted(f for f in files if f.endswith(".gguf") and "mmproj" not in f.lower())
+    if tag.endswith(".gguf"):
+        return tag
+    if tag:
+        hits = [f for f in ggufs if tag.lower() in f.lower()]
+        return hits[0] if hits else None
+    return sorted(ggufs, key=lambda f: "q4_k_m" not in f.lower())[0] if ggufs else None
+
+
 def fetch_hf(spec: str) -> str:
-    """REPO[:FILE] from Hugging Face (needs huggingface_hub and a network)."""
-    repo, _, fname = spec.partition(":")
+    """REPO[:FILE or QUANT] from Hugging Face (needs huggingface_hub and a network)."""
+    repo, _, tag = spec.partition(":")
     try:
         from huggingface_hub import hf_hub_download, list_repo_files
     except ImportError:
         raise UsageError("--hf needs huggingface_hub (pip install huggingface_hub)") from None
     try:
+        fname = tag if tag.endswith(".gguf") else pick_gguf(list_repo_files(repo), tag)
         if not fname:
-            ggufs = [f for f in list_repo_files(repo) if f.endswith(".gguf")]
-            if not ggufs:
-                raise UsageError(f"{repo} has no .gguf file")
-            fname = sorted(ggufs, key=lambda f: ("q4_k_m" not in f.lower(), f))[0]
+            raise UsageError(f"{repo} has no .gguf file" + (f" matching {tag!r}" if tag else ""))
         return hf_hub_download(repo, fname)
     except UsageError:
         raise
@@ -401,7 +412,8 @@ def build_parser(research: bool = False) -> argparse.ArgumentParser:
     r.add_argument("question", nargs="?", help="the question")
     r.add_argument("--chunks", metavar="DIR", help="folder of .txt/.md documents, or a .jsonl file ({\"title\", \"text\"} per line)")
     r.add_argument("--default", action="store_true", help="SmolLM2-135M-Instruct over the sample docs")
-    r.add_argument("--hf", metavar="REPO[:FILE]", help="download the model from Hugging Face")
+    r.add_argument("--hf", metavar="REPO[:FILE]", help="download the model from Hugging Face: REPO, REPO:FILE.gguf "
+                   "or REPO:QUANT (e.g. unsloth/Qwen3.5-2B-GGUF:Q4_K_M)")
     r.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context size (default: what the documents need, up to the model's trained context and --max-ctx)")
     r.add_argument("--max-ctx", type=int, default=DEFAULT_MAX_CTX, metavar="N",

@@ -99,6 +99,8 @@ OPTIONS = [
     Option("gate", "--no-gate", "bias every query, the documents' too", False, default_doc="on"),
     Option("reread", "--reread", "with a move: read the moved chunk again at the documents' end instead of "
            "shifting its cells", False, str, move.REREAD, default_doc="never"),
+    Option("repeat", "--repeat", "the best chunk's text once more after the documents, right before the question "
+           "(valid on every memory, recurrent ones too; the bias goes on the copy)", False, default_doc="off"),
 ]
 
 
@@ -116,6 +118,7 @@ class Settings:
     reread: str = "never"
     engram: bool = True               # False: vanilla, the same prompt without bias
     rerank: int | None = None         # None: relevance.RERANK_K, 0: off
+    repeat: bool = False              # the best chunk once more before the question
 
     def __post_init__(self):
         move.check_reread(self.reread)
@@ -282,12 +285,14 @@ class Plan:
     moved: tuple[int, int] | None = None  # order "move": the tokens shifted to the documents' end
     reread: bool = False                  # order "move": read again there, not shifted
     bias: np.ndarray | None = field(default=None, repr=False)
+    repeat: bool = False                  # the best chunk's copy before the question (Settings.repeat)
 
     def to_json(self) -> dict:
         return {"steered": self.steered, "order": self.order, "layers": self.layers,
                 "strength": round(self.strength, 4), "near": self.near, "mid": self.mid, "top_k": self.top_k,
                 "granularity": self.granularity, "gate_token": self.gate, "rerank": self.rerank,
                 "moved_tokens": list(self.moved) if self.moved else None, "reread": self.reread,
+                "repeat": self.repeat,
                 "spans": [{"chunk": s.chunk_id, "tokens": list(s.tokens), "value": round(s.value, 4), "what": s.what}
                           for s in self.spans]}
 
@@ -314,13 +319,13 @@ def resolve(s: Settings, kinds, can_shift: bool, prompt: Prompt, scored: list[re
     rerank = s.rerank if s.rerank is not None else relevance.RERANK_K
     if not steered:
         return Plan(False, order, [], strength, None, None, top_k, s.granularity, None, rerank,
-                    selected, [], moved, again)
+                    selected, [], moved, again, repeat=s.repeat)
     # spans and bias where the cache holds the chunks: the moved chunk at the documents' end
     at = move.moved_prompt(prompt, *moved) if moved else prompt
     b, spans = bias_mod.build(at, selected, strength, s.granularity, pm, question, near=near, mid=mid)
     gate = prompt.question_token if s.gate else 0
     return Plan(True, order, layers, strength, near, mid, top_k, s.granularity, gate, rerank,
-                selected, spans, moved, again, b)
+                selected, spans, moved, again, b, s.repeat)
 
 
 def markdown_table() -> str:

@@ -51,14 +51,17 @@ class Retriever:
 
     def fit(self, question: str, chunks: list[Chunk], scored: list[relevance.Scored], edges: bool,
             template: str | None, answer_prefix: str | None, room: int,
-            think: bool = False) -> tuple[align.Prompt, list[int], list[Chunk]]:
+            think: bool = False, repeat: bool = False) -> tuple[align.Prompt, list[int], list[Chunk]]:
         """Render and align the prompt with as many chunks as fit in `room` tokens, dropping the
-        worst-ranked first; edges: the kept chunks reordered, best at the ends (best last)."""
+        worst-ranked first; edges: the kept chunks reordered, best at the ends (best last); repeat:
+        the best kept chunk once more after them (its spans then are the copy's)."""
         rank = {sc.chunk.id: k for k, sc in enumerate(scored)}
         keep = [c.id for c in chunks]
         dropped: list[Chunk] = []
         while True:
             order = relevance.edges_order(sorted(keep, key=rank.get)) if edges else keep
+            if repeat and keep:
+                order = order + [min(keep, key=rank.get)]
             text, spans, q_char = align.render(chunks, order, question, template, self.llm.bos, self.llm.eos,
                                                answer_prefix, think)
             toks, pieces, n_prefix = self.llm.tokenize(text)

@@ -99,7 +99,7 @@ class EngramLlama:
         k = s.rerank if s.rerank is not None else relevance.RERANK_K
         pm, scored = self.retriever.rank(question, chunks, k)
         prompt, keep, dropped = self.retriever.fit(question, chunks, scored, s.order == "edges", self.template,
-                                                   prefix, self.n_ctx - max_tokens, self.think)
+                                                   prefix, self.n_ctx - max_tokens, self.think, s.repeat)
         kept = set(keep)
         return Prepared(prompt, pm, [sc for sc in scored if sc.chunk.id in kept], dropped)
 
@@ -139,7 +139,9 @@ class EngramLlama:
         thinking = None
         if self.think:
             thinking, text = split_thinking(text)
-        pos = {cid: k + 1 for k, cid in enumerate(prompt.chunk_order)}
+        pos: dict[int, int] = {}
+        for k, cid in enumerate(prompt.chunk_order):  # a repeated chunk is cited where it first stands
+            pos.setdefault(cid, k + 1)
         cites = [Citation(sc.chunk, w, pos[sc.chunk.id]) for sc, w in p.selected]
         return Answer(text.strip(), cites, p, len(prompt.tokens), prep.dropped, prep.scored, list(prompt.chunk_order),
                       thinking)
