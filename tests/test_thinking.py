@@ -39,7 +39,8 @@ def test_qwen35_templates_render_with_thinking_off_by_default(name):
     assert on.endswith("Question: What is Indore's code?<|im_end|>\n" + OPEN)
     assert off.startswith("<|im_start|>user\n" + align.INSTRUCTION)
     assert all(off[a:b] == c.text for c, (a, b) in zip(CHUNKS, (spans[0], spans[1])))
-    # what each file does when the flag is left out: the larger models' file thinks
+    # the template trims the message: a question with trailing blanks (or -i's empty one) still aligns
+    assert align.render(CHUNKS, [0, 1], "What is Indore's code? \n", t, "", "<|im_end|>")[0] == off
     plain = align.render(CHUNKS, [0, 1], "q", None, "", "")[0]  # (no template: no switch)
     assert not align.takes_thinking(None) and "<think>" not in plain
 
@@ -123,6 +124,14 @@ def test_run_end_to_end_on_a_generated_qwen35_with_the_real_template(model):
     out = json.loads(r.stdout)
     assert "thinking" not in out and "<think>" not in out["answer"]
     assert out["citations"][0]["source"] == "pm-kisan.md" and out["plan"]["layers"] == [3]
+    # follow-ups on the hybrid: the documents' recurrent state restored, nothing of them decoded again
+    r = cli("run", model, "--chunks", docs, "-i", "--json", "-n", "4",
+            stdin="What is PM-KISAN?\nWhat is the health cover under Ayushman Bharat?\n")
+    assert r.returncode == 0, r.stderr
+    first, second = (json.loads(l) for l in r.stdout.splitlines())
+    assert first["cache"]["reused_tokens"] == 0 and first["cache"]["checkpoint_bytes"] > 0
+    assert second["cache"] == {"reused_tokens": second["plan"]["gate_token"], "how": "recurrent state restored",
+                               "checkpoint_bytes": first["cache"]["checkpoint_bytes"]}
     r = cli("run", model, "--chunks", docs, "What is PM-KISAN?", "--json", "-n", "8", "--think")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

@@ -48,6 +48,7 @@ def render(chunks: list[Chunk], order: list[int], question: str, template: str |
     retrieval: the record's key, as Liu et al.'s prompt ends) better than a bare "Answer:".
     think: a template with a thinking switch renders with it on (default off: Qwen3.5 thinks
     unless told not to, and a short answer budget would be spent inside <think>)."""
+    question = question.strip()  # templates trim the message (Qwen3.5): the text must survive that
     by_id = {c.id: c for c in chunks}
     parts, spans, pos = [], {}, 0
     head = INSTRUCTION + "\n\n"
@@ -118,6 +119,7 @@ def token_span(offsets: list[int], n_prefix: int, b0: int, b1: int) -> tuple[int
 def answer_token(prompt: Prompt, question: str) -> int:
     """The first token after the question's text (the template's tail, the answer prefix): where
     the queries that choose the answer begin."""
+    question = question.strip()
     at = prompt.text.rfind(f"Question: {question}")
     if at < 0:
         raise AlignmentError("the question's text is not in the prompt")

@@ -84,6 +84,8 @@ class CacheManager:
         self._partial: Checkpoint | None = None  # recurrent state at the cached documents' end
         self._noted: set[str] = set()
         self.stats = {"reused": 0, "restored": 0, "prefilled": 0}
+        self._how = "cache"
+        self.last = ("none", 0)  # the last prefill: how the documents were reused, and how many tokens
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -131,6 +133,7 @@ class CacheManager:
                     self._checkpoint(tokens[:keep])
                 a = b
         self.stats["reused" if p else "prefilled"] += 1
+        self.last = (self._how if p else "none", p)
         return p
 
     # reuse ------------------------------------------------------------------------------------
@@ -140,6 +143,7 @@ class CacheManager:
         the recurrent state where it cannot be cut, or restore a checkpoint that holds more;
         returns how many tokens are reused."""
         llm = self.llm
+        self._how = "cache"
         if p and (p == llm.n_cached or llm.cut(p)) and self._window_kept(p):  # dense, sliding-window
             return self._better(tokens, p, docs)
         part = self._partial
@@ -148,6 +152,7 @@ class CacheManager:
             # the cached documents: their recurrent state back, then the attention cells cut there
             if restore_seq(llm.ctx, part.state, partial=True) and llm.cut(n):
                 llm.record(part.tokens)
+                self._how = "recurrent state restored"
                 return self._better(tokens, n, docs)
             self._failed("the documents' recurrent state")
         best = self._lookup(tokens, docs)
@@ -188,6 +193,7 @@ class CacheManager:
         llm = self.llm
         if restore_seq(llm.ctx, ck.state):
             llm.record(ck.tokens)
+            self._how = "checkpoint restored"
             self._partial = None
             if self.recurrent:
                 self._keep_partial(ck.tokens)

@@ -253,6 +253,7 @@ def _answer_json(q, ans) -> dict:
                       for c in ans.citations],
         "plan": ans.plan.to_json(),
         "prompt_tokens": ans.n_prompt_tokens, "dropped_chunks": [c.id for c in ans.dropped],
+        "cache": {"reused_tokens": ans.reused[1], "how": ans.reused[0], "checkpoint_bytes": ans.checkpoint_bytes},
         **({"thinking": ans.thinking} if ans.thinking is not None else {}),
     }
 
@@ -264,6 +265,9 @@ def _explain(ans, n_chunks: int, n_ctx: int | None = None) -> str:
     ctx = f" in a {n_ctx}-token context" if n_ctx else ""
     lines = [f"explain: {ans.n_prompt_tokens} prompt tokens{ctx}, {n_chunks} chunks"
              + (f", {len(ans.dropped)} left out to fit" if ans.dropped else "")]
+    how, n = ans.reused
+    lines.append(f"  cache: {n} prompt tokens reused" + (f" ({how})" if n else "")
+                 + f"; document checkpoints held: {ans.checkpoint_bytes / 2**20:.1f} MiB")
     reread = any(sc.lm is not None for sc in ans.scored)
     lines.append("  relevance (BM25 + entity overlap" + (f", then the question's log-probability per token after "
                                                           f"the best {p.rerank} chunks" if reread else "") + "), best first:")

@@ -40,6 +40,8 @@ class Answer:
     scored: list[relevance.Scored] = field(default_factory=list)
     chunk_order: list[int] = field(default_factory=list)  # chunk ids in prompt order
     thinking: str | None = None  # a thinking model's <think> part (think=True), left out of text
+    reused: tuple[str, int] = ("none", 0)  # how the cache served the prompt, and the tokens it reused
+    checkpoint_bytes: int = 0              # the document checkpoints held after this answer
 
     # the plan's parts, as --explain and --json name them
     layers = property(lambda self: self.plan.layers)
@@ -144,7 +146,7 @@ class EngramLlama:
             pos.setdefault(cid, k + 1)
         cites = [Citation(sc.chunk, w, pos[sc.chunk.id]) for sc, w in p.selected]
         return Answer(text.strip(), cites, p, len(prompt.tokens), prep.dropped, prep.scored, list(prompt.chunk_order),
-                      thinking)
+                      thinking, self.cache.last, self.cache.checkpoint_bytes)
 
     def close(self) -> None:
         self.retriever.close()
@@ -180,7 +182,9 @@ def context_size(model_path: str, question: str, chunks: list[Chunk], max_tokens
         bos_id, eos_id = llama_cpp.llama_vocab_bos(m.vocab), llama_cpp.llama_vocab_eos(m.vocab)
         bos = token_piece(m.vocab, bos_id).decode("utf-8", "ignore") if bos_id >= 0 else ""
         eos = token_piece(m.vocab, eos_id).decode("utf-8", "ignore") if eos_id >= 0 else ""
-        text, _, _ = align.render(chunks, [c.id for c in chunks], question, template, bos, eos, answer_prefix, think)
+        # -i sizes the context before any question: a placeholder (an empty one would end the message in a space)
+        text, _, _ = align.render(chunks, [c.id for c in chunks], question.strip() or "?", template, bos, eos,
+                                  answer_prefix, think)
         data = text.encode("utf-8")
         buf = (llama_cpp.llama_token * (len(data) + 8))()
         n = llama_cpp.llama_tokenize(m.vocab, data, len(data), buf, len(buf), True, True)
