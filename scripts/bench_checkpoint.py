@@ -105,6 +105,10 @@ def bench(name: str, n_docs: int, reps: int, ngl: int) -> dict:
     return out
 
 
+def size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", help="qwen35 | gemma3-270m | a synth shape | a GGUF path (repeatable)")
@@ -117,11 +121,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.model or ["qwen35", "gemma3-270m"]:
         r = bench(name, args.n_docs, args.reps, args.n_gpu_layers)
-        part = f"{r['partial_bytes'] / 2**20:.1f} MiB" if r["recurrent"] else "-"
+        part = size(r["partial_bytes"]) if r["recurrent"] else "-"
         rp = f" / {r['restore_partial_s'] * 1e3:.1f} ms" if "restore_partial_s" in r else ""
         print(f"| {r['model']} | {r['n_docs']} tokens | {r['re-prefill']:.2f} s | {r['follow-up']:.3f} s "
               f"| {r['switch']:.3f} s | {r['follow-up'] / r['re-prefill']:.1%} | {r['switch'] / r['re-prefill']:.1%} "
-              f"| {r['full_bytes'] / 2**20:.0f} MiB | {part} | {r['restore_full_s'] * 1e3:.0f} ms{rp} |", flush=True)
+              f"| {size(r['full_bytes'])} | {part} | {r['restore_full_s'] * 1e3:.0f} ms{rp} |", flush=True)
 
 
 if __name__ == "__main__":

