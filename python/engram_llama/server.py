@@ -18,7 +18,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 MAX_BODY_BYTES = 8 << 20     # a request body larger than this is refused (413)
 MAX_DOCUMENTS = 512          # documents per request
@@ -284,19 +289,16 @@ def _settle(fut: asyncio.Future, value, error) -> None:
 # --- HTTP ---------------------------------------------------------------------------------------
 
 
-def create_app(service: Service):
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from sse_starlette.sse import EventSourceResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
+def create_app(service: Service) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         await service.start()
         yield
 
-    app = FastAPI(title="engram-llama", version=_version(), lifespan=lifespan)
+    # the generated API docs only on an open server: --api-key covers every endpoint but /health
+    docs = service.cfg.api_key is None
+    app = FastAPI(title="engram-llama", version=_version(), lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url=None, openapi_url="/openapi.json" if docs else None)
 
     def check_key(request: Request) -> None:
         key = service.cfg.api_key
