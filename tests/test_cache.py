@@ -39,7 +39,7 @@ def _ids(eng, n, seed):
     return [int(t) for t in rng.integers(lo, min(eng.llm.n_vocab, 20000), n)]
 
 
-def _ask(eng, docs, q, n_answer=0, layers=None):
+def _ask(eng, docs, q, n_answer=0, layers=None, gate=True):
     """Documents + question under a bias on the documents' first tokens (gated at the question),
     greedy answer tokens after it; the logits at the question's last token and the tokens reused."""
     toks = docs + q
@@ -47,7 +47,7 @@ def _ask(eng, docs, q, n_answer=0, layers=None):
     bias[10:60] = 3.0
     soft = [i for i, k in enumerate(eng.hook.kinds) if k != LayerKind.NONE]
     eng.hook.set_layers(layers or soft[-2:], 1.0)
-    eng.hook.set_bias(bias, seq_id=0, gate=len(docs))
+    eng.hook.set_bias(bias, seq_id=0, gate=len(docs) if gate else 0)
     try:
         reused = eng.cache.prefill(toks, docs=len(docs))
         eng.llm.eval(toks[-1:])
@@ -59,10 +59,10 @@ def _ask(eng, docs, q, n_answer=0, layers=None):
     return reused, logits
 
 
-def _fresh(arch, docs, q):
+def _fresh(arch, docs, q, gate=True):
     eng = _eng(arch)
     try:
-        return _ask(eng, docs, q)[1]
+        return _ask(eng, docs, q, gate=gate)[1]
     finally:
         eng.close()
 
@@ -188,3 +188,78 @@ def test_two_sequences_with_different_documents_in_one_context(arch):
     model.close()
     assert np.array_equal(on_a, ref_a) and np.array_equal(on_b, ref_b)
     assert not np.allclose(ref_a, ref_b)   # the documents matter: the comparison can fail
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen35"])
+def test_a_failed_restore_over_a_shared_prefix_prefills_from_the_start(arch, capfd):
+    """Document sets that share their opening (the instruction, the same first chunks): the cache
+    is cut back to the shared part, then a checkpoint that holds more is tried; when it does not
+    restore, nothing of the cut cache is left, and the documents are decoded from token 0."""
+    eng = _eng(arch)
+    try:
+        common, q = _ids(eng, 300, 9), _ids(eng, 20, 6)
+        a, b = common + _ids(eng, 300, 4), common + _ids(eng, 300, 5)
+        _ask(eng, a, q)
+        _ask(eng, b, q)
+        ck = eng.cache.checkpoints[tuple(a)]
+        half = bytes(ck.state)[:len(ck.state) // 2]
+        ck.state = (ctypes.c_uint8 * len(half)).from_buffer_copy(half)
+        reused, logits = _ask(eng, a, q)
+        assert reused == 0
+        _ask(eng, b, q)
+        q2 = _ids(eng, 20, 7)
+        again, logits2 = _ask(eng, a, q2)  # and the checkpoint kept anew is whole
+        assert again == len(a)
+    finally:
+        eng.close()
+    assert "did not restore" in capfd.readouterr().err
+    assert np.array_equal(logits, _fresh(arch, a, q))
+    assert np.array_equal(logits2, _fresh(arch, a, q2))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen35"])
+def test_documents_that_extend_a_kept_set_restore_it_and_decode_the_rest(arch):
+    eng = _eng(arch)
+    try:
+        a, b, more, q = _ids(eng, 400, 4), _ids(eng, 400, 5), _ids(eng, 150, 10), _ids(eng, 20, 6)
+        _ask(eng, a, q)
+        _ask(eng, b, q)              # A's cells replaced; A kept as a checkpoint
+        reused, logits = _ask(eng, a + more, q)
+        assert reused == len(a) and eng.cache.stats["restored"] == 1
+    finally:
+        eng.close()
+    assert np.array_equal(logits, _fresh(arch, a + more, q))
+
+
+def test_the_lru_drops_the_oldest_set_first():
+    eng = _eng("llama")
+    try:
+        a, b, c, q = _ids(eng, 400, 4), _ids(eng, 400, 5), _ids(eng, 400, 11), _ids(eng, 20, 6)
+        _ask(eng, a, q)
+        one = eng.cache.checkpoint_bytes
+        eng.cache.cache_bytes = 2 * one + one // 2   # room for two
+        _ask(eng, b, q)
+        _ask(eng, a, q)              # A used again: B is now the oldest
+        _ask(eng, c, q)
+        assert set(eng.cache.checkpoints) == {tuple(a), tuple(c)}
+        assert _ask(eng, a, q)[0] == len(a) and _ask(eng, b, q)[0] == 0
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen35"])
+def test_without_the_gate_documents_read_under_a_bias_are_never_reused(arch):
+    """--no-gate biases the documents' own queries: their cells depend on the bias, so neither the
+    cache nor a checkpoint serves the next question (which prefills again, as a fresh run)."""
+    eng = _eng(arch)
+    try:
+        docs, q1, q2 = _ids(eng, 500, 1), _ids(eng, 20, 2), _ids(eng, 25, 3)
+        _ask(eng, docs, q1)                          # gated: documents kept
+        assert _ask(eng, docs, q2, gate=False)[0] == 0
+        reused, logits = _ask(eng, docs, q1, gate=False)
+        assert reused == 0
+        # gated again: the cells hold biased documents, but the gated read's checkpoint is whole
+        assert _ask(eng, docs, q2)[0] == len(docs) and eng.cache.last[0] == "checkpoint restored"
+    finally:
+        eng.close()
+    assert np.array_equal(logits, _fresh(arch, docs, q1, gate=False))

@@ -122,17 +122,20 @@ def test_concurrent_answers_equal_one_at_a_time(client):
 
 
 def test_a_client_gone_mid_stream_frees_its_slot(server, client):
+    """The answer stops at its next token (counted by the server) and the slot comes back."""
+    before = httpx.get(server + "/health").json()["answers_cancelled"]
     body = {"model": _model_id(client), "messages": [{"role": "user", "content": QUESTIONS[2]}], "max_tokens": 200,
-            "stream": True, "documents": DOCS}
+            "stream": True, "documents": DOCS, "engram": {"strength": 40}}   # a strength that makes it ramble
     with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data:") and '"content"' in line:
                 break   # the first piece, then gone
     deadline = time.time() + 60
-    while httpx.get(server + "/health").json()["slots_idle"] < 2:
-        assert time.time() < deadline, "the slot was not freed"
+    while (h := httpx.get(server + "/health").json())["slots_idle"] < 2 or h["answers_cancelled"] == before:
+        assert time.time() < deadline, f"the answer was not stopped: {h}"
         time.sleep(0.2)
+    assert h["answers_cancelled"] == before + 1
     assert "4417" in _ask(client, QUESTIONS[0]).choices[0].message.content
 
 
@@ -165,7 +168,7 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client):
     err({**ok, "engram": {"colour": "red"}}, 400, "engram")
     err({**ok, "max_tokens": 0}, 400, "max_tokens")
     big = {**ok, "messages": [{"role": "user", "content": "Why? " * 3000}]}   # the question alone overflows 2048
-    e = err(big, 413, "2048")
+    e = err(big, 400, "2048")   # OpenAI's status for an overflow: clients look for it
     assert e["code"] == "context_length_exceeded"
     err(b"x" * (9 << 20), 413, "limit")
     # still up, and still right

@@ -105,7 +105,8 @@ def test_an_interrupted_answer_leaves_documents_a_follow_up_reuses_exactly(model
     try:
         with pytest.raises(KeyboardInterrupt):
             eng.ask(q1, chunks, max_tokens=16, on_token=stop_after(3))
-        assert eng.llm.n_cached > eng.ask(q1, chunks, max_tokens=1).plan.gate  # the first answer was cut off mid-way
+        gate1 = eng.prepare(q1, chunks, 16).prompt.question_token
+        assert eng.llm.n_cached > gate1 + 10  # the cache holds documents, question and the cut-off answer
         reused, q0, got = logits_of(eng, q2)
         assert reused == q0 > 1000
     finally:
@@ -135,7 +136,8 @@ def test_run_end_to_end_on_a_generated_qwen35_with_the_real_template(model):
     r = cli("run", model, "--chunks", docs, "What is PM-KISAN?", "--json", "-n", "8", "--think")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert "thinking" in out and "</think>" not in out["answer"] and "</think>" not in out["thinking"]
+    # 8 tokens of a random model never close <think>: all of it is reasoning, the answer never came
+    assert out["thinking"] and out["answer"] == ""
 
 
 def test_think_on_a_template_without_the_switch_is_a_note():

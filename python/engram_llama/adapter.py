@@ -61,6 +61,7 @@ class LlamaAdapter:
         self.bos = llm._model.token_get_text(self.bos_id) if self.bos_id >= 0 else ""
         self.eos = llm._model.token_get_text(self.eos_id) if self.eos_id >= 0 else ""
         self._add_bos = self.bos_id >= 0 and llm._model.add_bos_token()
+        self.finish_reason: str | None = None  # the last completion's: "stop" or "length"
 
     # pointers for the C side (the hook, the cache manager) --------------------------------------
 
@@ -136,9 +137,13 @@ class LlamaAdapter:
     def complete(self, tokens: Sequence[int], max_tokens: int, temperature: float,
                  stop: list[str]) -> Iterator[str]:
         """Text pieces of a completion of tokens; the cached prefix is reused by llama-cpp-python."""
+        self.finish_reason = None
         for part in self._llm.create_completion(prompt=list(tokens), max_tokens=max_tokens, temperature=temperature,
                                                 top_k=1 if temperature == 0 else 40, stream=True, stop=stop):
-            yield part["choices"][0]["text"]
+            choice = part["choices"][0]
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]  # "stop" or "length"
+            yield choice["text"]
 
     def close(self) -> None:
         self._llm.close()

@@ -120,7 +120,8 @@ class CacheManager:
             progress = sys.stderr.isatty() and len(rest) >= 1024
         from tqdm import tqdm
 
-        keep = docs if docs is not None and 0 < docs < len(tokens) and p < docs else None
+        # a checkpoint holds documents decoded with no bias on their queries (the gate at or past them)
+        keep = docs if docs is not None and 0 < docs < len(tokens) and p < docs and self._unbiased >= docs else None
         with tqdm(total=len(rest), desc="prefill", unit="tok", disable=not progress, file=sys.stderr, leave=False) as bar:
             a = p
             while a < len(tokens) - 1:
@@ -148,7 +149,7 @@ class CacheManager:
             return self._better(tokens, p, docs)
         part = self._partial
         n = len(part.tokens) if part is not None else 0
-        if part is not None and 0 < n <= p and tuple(tokens[:n]) == part.tokens:
+        if part is not None and 0 < n <= p and tuple(tokens[:n]) == part.tokens:  # p <= the gate: n is unbiased
             # the cached documents: their recurrent state back, then the attention cells cut there
             if restore_seq(llm.ctx, part.state, partial=True) and llm.cut(n):
                 llm.record(part.tokens)
@@ -173,12 +174,17 @@ class CacheManager:
     def _better(self, tokens: list[int], p: int, docs: int | None) -> int:
         """A checkpoint holding more of this prompt than the cut cache does replaces it."""
         best = self._lookup(tokens, docs)
-        if best is not None and len(best.tokens) > p and self._restore_checkpoint(best):
+        if best is None or len(best.tokens) <= p:
+            return p
+        if self._restore_checkpoint(best):
             return len(best.tokens)
-        return p
+        self._partial = None
+        return 0  # the failed restore left the cache empty
 
     def _lookup(self, tokens: list[int], docs: int | None) -> Checkpoint | None:
-        if docs is None or not self.checkpoints:
+        """The checkpoint holding the most of this prompt's documents; none when the bias reaches
+        into the documents (no gate): their cells then depend on it."""
+        if docs is None or not self.checkpoints or self._unbiased < docs:
             return None
         key = tuple(tokens[:docs])
         ck = self.checkpoints.get(key)

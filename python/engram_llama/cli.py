@@ -247,7 +247,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import os
     import socket
+    from pathlib import Path
 
     from .chunks import DocsError, read_docs, split
     from .gguf_check import check_gguf
@@ -281,13 +283,12 @@ def cmd_serve(args) -> int:
     n_train = trained_context(model)
     n_ctx = args.ctx_size or (min(n_train, DEFAULT_MAX_CTX) if n_train > 0 else DEFAULT_MAX_CTX)
     table = _open_table(args.table)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)  # the cores shared by the slots
     try:
-        engines = [EngramLlama(model, n_ctx=n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+        engines = [EngramLlama(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=args.n_gpu_layers,
                                table=table, cache_mib=args.cache_ram) for _ in range(args.parallel)]
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"llama.cpp could not load {model}: {e}") from None
-    from pathlib import Path
-
     cfg = Config(model=model, n_ctx=n_ctx, n_parallel=args.parallel, n_threads=args.threads,
                  n_gpu_layers=args.n_gpu_layers, api_key=args.api_key, cache_mib=args.cache_ram, chunks=chunks,
                  model_id=Path(model).stem)

@@ -42,6 +42,7 @@ class Answer:
     thinking: str | None = None  # a thinking model's <think> part (think=True), left out of text
     reused: tuple[str, int] = ("none", 0)  # how the cache served the prompt, and the tokens it reused
     checkpoint_bytes: int = 0              # the document checkpoints held after this answer
+    finish_reason: str | None = None       # "stop" (a stop string or the end of the turn) or "length"
 
     # the plan's parts, as --explain and --json name them
     layers = property(lambda self: self.plan.layers)
@@ -141,14 +142,15 @@ class EngramLlama:
         finally:
             self.hook.clear()
         thinking = None
-        if self.think:
+        if self.think:  # blank lines were allowed while it thought; the answer ends at one, as unthinking
             thinking, text = split_thinking(text)
+            text = text.split("\n\n")[0]
         pos: dict[int, int] = {}
         for k, cid in enumerate(prompt.chunk_order):  # a repeated chunk is cited where it first stands
             pos.setdefault(cid, k + 1)
         cites = [Citation(sc.chunk, w, pos[sc.chunk.id]) for sc, w in p.selected]
         return Answer(text.strip(), cites, p, len(prompt.tokens), prep.dropped, prep.scored, list(prompt.chunk_order),
-                      thinking, self.cache.last, self.cache.checkpoint_bytes)
+                      thinking, self.cache.last, self.cache.checkpoint_bytes, self.llm.finish_reason)
 
     def close(self) -> None:
         self.retriever.close()

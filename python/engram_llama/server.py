@@ -141,13 +141,19 @@ class Service:
         self.cfg = cfg
         self.engines = engines
         self.free: asyncio.Queue | None = None
+        self.cancelled = 0              # answers stopped because their client went away
+        self._busy = 0
+        self._idle = threading.Condition()
 
     async def start(self) -> None:
         self.free = asyncio.Queue()
         for e in self.engines:
             self.free.put_nowait(e)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60) -> None:
+        """Free the engines once no answer runs on them (a shutdown waits for the running ones)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy == 0, timeout)
         for e in self.engines:
             e.close()
 
@@ -217,27 +223,43 @@ class Service:
         the thread ends (also after a cancel)."""
         question, history, chunks, labels, settings, max_tokens = self.plan_request(req)
         loop = asyncio.get_running_loop()
-        eng = await self.free.get()
+        eng = await self.free.get()  # a cancel while queued takes no engine
+        if cancelled is not None and cancelled.is_set():
+            self.free.put_nowait(eng)
+            self.cancelled += 1
+            raise Cancelled
         done: asyncio.Future = loop.create_future()
+        with self._idle:
+            self._busy += 1
 
         def work():
             try:
                 res = self._run(eng, question, history, chunks, labels, settings, max_tokens,
                                 req.temperature or 0.0, on_piece, cancelled)
-                loop.call_soon_threadsafe(_settle, done, res, None)
+                _call(loop, _settle, done, res, None)
             except BaseException as e:  # noqa: BLE001  (handed to the request)
-                loop.call_soon_threadsafe(_settle, done, None, e)
+                if isinstance(e, Cancelled):
+                    self.cancelled += 1
+                _call(loop, _settle, done, None, e)
             finally:
-                loop.call_soon_threadsafe(self.free.put_nowait, eng)
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
+                _call(loop, self.free.put_nowait, eng)
 
         threading.Thread(target=work, daemon=True).start()
-        return await asyncio.shield(done)
+        return await asyncio.shield(done)  # a cancelled request leaves the thread to finish and free the engine
 
     def _run(self, eng, question, history, chunks, labels, settings, max_tokens, temperature, on_piece, cancelled):
         from ._hook import EngramError
         from .plan import check_layers
         from .runtime import ContextTooSmall
 
+        def check() -> None:
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled
+
+        check()
         try:
             check_layers(settings.layers, eng.hook.kinds)
         except ValueError as e:
@@ -246,22 +268,23 @@ class Service:
         pieces: list[str] = []
 
         def on_token(t: str) -> None:
-            if cancelled is not None and cancelled.is_set():
-                raise Cancelled
+            check()
             pieces.append(t)
             if on_piece is not None:
                 on_piece(t)
 
-        try:
-            ans = eng.ask(question, chunks, max_tokens=max_tokens, temperature=temperature, on_token=on_token,
-                          settings=settings, history=history)
+        try:  # as eng.ask, with the checks between its steps
+            prep = eng.prepare(question, chunks, max_tokens, settings=settings, history=history)
+            if len(prep.dropped) == len(chunks):
+                raise APIError(400, f"no document fits in the context ({eng.n_ctx} tokens, {max_tokens} of them "
+                                    f"for the answer; the prompt without documents takes {len(prep.prompt.tokens)})",
+                               code="context_length_exceeded", param="documents")
+            check()
+            ans = eng.answer(prep, eng.plan(prep, question, settings), max_tokens, temperature, on_token)
         except ContextTooSmall as e:
-            raise APIError(413, str(e), code="context_length_exceeded") from None
+            raise APIError(400, str(e), code="context_length_exceeded", param="messages") from None
         except (EngramError, ValueError) as e:
             raise APIError(400, str(e)) from None
-        if len(ans.dropped) == len(chunks):
-            raise APIError(413, f"no document fits in the context ({eng.n_ctx} tokens with {max_tokens} to answer)",
-                           code="context_length_exceeded", param="documents")
         toks, _, n_pre = eng.llm.tokenize(ans.text) if ans.text else ([], [], 0)
         n_completion = max(len(pieces), len(toks) - n_pre)
         cites = []
@@ -270,11 +293,19 @@ class Service:
             cites.append({"id": doc_id, "title": title, "position": c.position, "relevance": round(c.score, 4)})
         return {
             "text": ans.text, "citations": cites,
-            "finish_reason": "length" if len(pieces) >= max_tokens else "stop",
+            "finish_reason": ans.finish_reason or "stop",
             "usage": {"prompt_tokens": ans.n_prompt_tokens, "completion_tokens": n_completion,
                       "total_tokens": ans.n_prompt_tokens + n_completion},
             "dropped_documents": sorted({labels.get(c.source, (c.source,))[0] for c in ans.dropped}, key=str),
         }
+
+
+def _call(loop, fn, *args) -> None:
+    """fn(*args) on the event loop, from a worker thread; nothing when the loop has shut down."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
 
 
 def _settle(fut: asyncio.Future, value, error) -> None:
@@ -326,7 +357,8 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "slots": service.cfg.n_parallel,
-                "slots_idle": service.free.qsize() if service.free is not None else 0}
+                "slots_idle": service.free.qsize() if service.free is not None else 0,
+                "answers_cancelled": service.cancelled}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -351,7 +383,16 @@ def create_app(service: Service) -> FastAPI:
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created, "model": service.cfg.model_id}
         if not req.stream:
-            res = await service.answer(req)
+            cancelled = threading.Event()
+            task = asyncio.ensure_future(service.answer(req, None, cancelled))
+            while not task.done():  # a client gone before its answer stops it
+                await asyncio.wait({task}, timeout=0.5)
+                if not task.done() and await request.is_disconnected():
+                    cancelled.set()
+                    task.cancel()
+                    task.add_done_callback(_retrieve)
+                    return JSONResponse(APIError(499, "the client went away").body(), status_code=499)
+            res = task.result()
             return {**head, "object": "chat.completion",
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": res["text"]},
                                  "finish_reason": res["finish_reason"]}],
@@ -377,8 +418,7 @@ async def _stream(service: Service, req: ChatRequest, head: dict):
     task = asyncio.ensure_future(service.answer(req, lambda t: loop.call_soon_threadsafe(q.put_nowait, t), cancelled))
 
     def ended(t: asyncio.Task) -> None:
-        if not t.cancelled():
-            t.exception()  # retrieved here: a cancelled answer's exception is nobody's to raise
+        _retrieve(t)
         q.put_nowait(None)
 
     task.add_done_callback(ended)
@@ -394,12 +434,22 @@ async def _stream(service: Service, req: ChatRequest, head: dict):
         except APIError as e:
             yield {"data": json.dumps(e.body())}
             return
+        except Exception as e:  # noqa: BLE001  (after the 200 headers: an error event, not a cut stream)
+            yield {"data": json.dumps(APIError(500, f"{type(e).__name__}: {e}".splitlines()[0], "server_error").body())}
+            return
         yield {"data": chunk({}, res["finish_reason"], usage=res["usage"], citations=res["citations"],
                              dropped_documents=res["dropped_documents"])}
         yield {"data": "[DONE]"}
     finally:
-        if not task.done():
-            cancelled.set()  # the engine stops at its next token and frees the slot
+        if not task.done():  # the client went away: queued, it takes no slot; running, it stops at its next token
+            cancelled.set()
+            task.cancel()
+
+
+def _retrieve(t: asyncio.Task) -> None:
+    """A finished answer's exception, read so that asyncio does not report it (its client is gone)."""
+    if not t.cancelled():
+        t.exception()
 
 
 def _version() -> str:
