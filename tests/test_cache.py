@@ -8,7 +8,7 @@ import ctypes
 import numpy as np
 import pytest
 
-from conftest import gemma3_path
+from conftest import KERNEL_ATOL, gemma3_path
 from engram_llama import llama_cpp
 from engram_llama._hook import LayerKind
 from engram_llama.cache import restore_seq, save_seq
@@ -82,6 +82,25 @@ def test_follow_up_on_cached_documents_equals_a_fresh_prefill(arch):
     finally:
         eng.close()
     assert np.array_equal(logits, _fresh(arch, docs, q2))
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "gemma3-270m"])
+def test_follow_up_with_flash_attention_equals_a_fresh_prefill(arch):
+    """The same with llama.cpp's flash-attention kernels (both runs with them on)."""
+    eng = _eng(arch, flash_attn=True)
+    try:
+        docs, q1, q2 = _ids(eng, 700, 1), _ids(eng, 20, 2), _ids(eng, 25, 3)
+        _ask(eng, docs, q1, n_answer=6)
+        reused, logits = _ask(eng, docs, q2)
+        assert reused == len(docs)
+    finally:
+        eng.close()
+    fresh = _eng(arch, flash_attn=True)
+    try:
+        ref = _ask(fresh, docs, q2)[1]
+    finally:
+        fresh.close()
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=KERNEL_ATOL)
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "gemma3-270m"])

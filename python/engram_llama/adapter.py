@@ -44,12 +44,12 @@ class LlamaAdapter:
     """A loaded model and its context, through llama_cpp.Llama."""
 
     def __init__(self, model_path: str, n_ctx: int, n_threads: int | None = None, n_gpu_layers: int = 0,
-                 seed: int = 0, verbose: bool = False, cb_eval=None):
+                 seed: int = 0, verbose: bool = False, cb_eval=None, flash_attn: bool = False):
         quiet_logs()
         self.n_threads = n_threads or os.cpu_count() or 1
         with eval_callback(cb_eval):
             self._llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=self.n_threads,
-                                        n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose)
+                                        n_gpu_layers=n_gpu_layers, seed=seed, verbose=verbose, flash_attn=flash_attn)
         llm = self._llm
         # llama.cpp may round the context up; llama-cpp-python sizes its buffers by the request
         self.n_ctx = min(llm.n_ctx(), n_ctx)

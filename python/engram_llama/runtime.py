@@ -73,14 +73,15 @@ class EngramLlama:
     cache_mib: the cap on the documents' checkpoints kept for questions on earlier document sets;
     think: a chat template with a thinking switch (Qwen3, Qwen3.5) renders with thinking on (default
     off); the reasoning goes to Answer.thinking, not into the answer's text;
-    cb_eval: a ggml eval callback on the context (research probes read attention through it)."""
+    cb_eval: a ggml eval callback on the context (research probes read attention through it);
+    flash_attn: llama.cpp's flash attention kernels (off by default, as llama-cpp-python has it)."""
 
     def __init__(self, model_path: str, n_ctx: int = 4096, n_threads: int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, settings: Settings | None = None,
                  extractor: Extractor | None = None, table=None, chat: bool = True, verbose: bool = False,
                  answer_prefix: str | None = None, cache_mib: int = DEFAULT_CACHE_MIB, think: bool = False,
-                 cb_eval=None):
-        self.llm = LlamaAdapter(model_path, n_ctx, n_threads, n_gpu_layers, seed, verbose, cb_eval)
+                 cb_eval=None, flash_attn: bool = False):
+        self.llm = LlamaAdapter(model_path, n_ctx, n_threads, n_gpu_layers, seed, verbose, cb_eval, flash_attn)
         self.hook = Hook(self.llm)
         self.cache = CacheManager(self.llm, self.hook, cache_mib << 20)
         self.retriever = Retriever(self.llm, extractor, table)
