@@ -27,10 +27,23 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from engram_llama import llama_cpp  # noqa: E402,F401  (the patched libllama first)
-from engram_llama._hook import LayerKind  # noqa: E402
-from engram_llama.cache import restore_seq  # noqa: E402
-from engram_llama.runtime import EngramLlama  # noqa: E402
+from engram_llama._hook import Hook, LayerKind  # noqa: E402
+from engram_llama.adapter import LlamaAdapter  # noqa: E402
+from engram_llama.cache import CacheManager, restore_seq  # noqa: E402
 from research import synth  # noqa: E402
+
+
+class Engine:
+    """The model, its hook and the cache manager: what EngramLlama holds below retrieval (so the
+    bench runs where spaCy and the retrieval packages are not installed, a lent GPU machine)."""
+
+    def __init__(self, path: str, n_ctx: int, n_gpu_layers: int):
+        self.llm = LlamaAdapter(path, n_ctx, n_gpu_layers=n_gpu_layers)
+        self.hook = Hook(self.llm)
+        self.cache = CacheManager(self.llm, self.hook)
+
+    def close(self) -> None:
+        self.llm.close()
 
 N_QUESTION, N_ANSWER = 24, 16
 
@@ -67,7 +80,7 @@ def answer(eng, docs, q):
 
 
 def bench(name: str, n_docs: int, reps: int, ngl: int) -> dict:
-    eng = EngramLlama(model_path(name), n_ctx=n_docs + 256, n_gpu_layers=ngl, chat=False)
+    eng = Engine(model_path(name), n_docs + 256, ngl)
     rng = np.random.default_rng(0)
     lo, hi = (300, min(eng.llm.n_vocab, 20000)) if eng.llm.n_vocab > 1000 else (0, eng.llm.n_vocab)
     ids = lambda n: [int(t) for t in rng.integers(lo, hi, n)]  # noqa: E731

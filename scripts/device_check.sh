@@ -2,7 +2,8 @@
 # The GPU side of docs/PERFORMANCE.md, on a lent NVIDIA machine (no package registry, 16 cores):
 # build the patched libllama and the unpatched one of the same commit for CUDA, run the hook's
 # numeric and API tests with the generated models on the GPU, make the Qwen3.5-2B-shaped model
-# (random weights, Q8_0) and time an 8K prefill unpatched / cleared / active, FA off and on.
+# (random weights, Q8_0) and time an 8K prefill unpatched / cleared / active, FA off and on, then a
+# follow-up on cached 8K documents against a re-prefill (scripts/bench_checkpoint.py).
 #     bash scripts/device_prepare.sh           # here, first: fills .device/ (ignored by git)
 #     bash scripts/device_check.sh             # there; `cpu` as first argument: a CPU rehearsal
 # Steps already done on the same machine (build, model) are skipped, so a rerun continues.
@@ -101,5 +102,11 @@ $PY -X faulthandler scripts/bench_hook.py --model "synth:$model:q8_0" --ctx "${B
     > "$OUT/bench.md" 2> "$OUT/bench.log"
 brc=$?
 cat "$OUT/bench.md"; tail -3 "$OUT/bench.log"
-step "done (tests $trc, bench $brc)"
-exit $(( trc || brc ))
+# follow-ups over cached 8K documents against a re-prefill (document checkpoints), the same model
+step "bench: checkpoints"
+$PY -X faulthandler scripts/bench_checkpoint.py --model "$(tail -1 "$L/model.log")" -ngl $ngl \
+    > "$OUT/bench_checkpoint.md" 2> "$OUT/bench_checkpoint.log"
+crc=$?
+cat "$OUT/bench_checkpoint.md"; tail -3 "$OUT/bench_checkpoint.log"
+step "done (tests $trc, bench $brc, checkpoints $crc)"
+exit $(( trc || brc || crc ))

@@ -33,5 +33,6 @@ rm -rf $D/py/llama_cpp/lib
 "$VPY" -m pip download -q --no-deps --only-binary=:all: -d $D/whl \
     "pycparser==$("$VPY" -c 'import pycparser; print(pycparser.__version__)')" \
     "gguf==$("$VPY" -c 'import importlib.metadata as m; print(m.version("gguf"))')" \
-    "diskcache==$("$VPY" -c 'import diskcache; print(diskcache.__version__)')"
+    "diskcache==$("$VPY" -c 'import diskcache; print(diskcache.__version__)')" \
+    "tqdm==$("$VPY" -c 'import tqdm; print(tqdm.__version__)')"
 du -sh $D/llama $D/llama-unpatched $D/py $D/whl
