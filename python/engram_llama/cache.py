@@ -76,6 +76,8 @@ class CacheManager:
 
     def __init__(self, llm, hook, cache_bytes: int = DEFAULT_CACHE_MIB << 20):
         self.llm, self.hook = llm, hook
+        self.seq = getattr(llm, "seq", 0)   # this manager's sequence (serve -np: one per slot)
+        self._lock = getattr(llm, "lock", None) or contextlib.nullcontext()  # a context shared by sequences
         self._unbiased = 0  # how many cached tokens were decoded with no bias on their queries
         self.recurrent = any(k == LayerKind.NONE for k in hook.kinds)
         self.n_swa = int(llama_cpp.llama_model_n_swa(llm.model)) if LayerKind.SWA in hook.kinds else 0
@@ -104,7 +106,7 @@ class CacheManager:
         """
         llm = self.llm
         tokens = list(tokens)
-        gate = self.hook.gate(0)
+        gate = self.hook.gate(self.seq)
         if docs is None:
             docs = gate
         cached = llm.cached()[:self._unbiased]
@@ -151,7 +153,7 @@ class CacheManager:
         n = len(part.tokens) if part is not None else 0
         if part is not None and 0 < n <= p and tuple(tokens[:n]) == part.tokens:  # p <= the gate: n is unbiased
             # the cached documents: their recurrent state back, then the attention cells cut there
-            if restore_seq(llm.ctx, part.state, partial=True) and llm.cut(n):
+            if self._load(part.state, partial=True) and llm.cut(n):
                 llm.record(part.tokens)
                 self._how = "recurrent state restored"
                 return self._better(tokens, n, docs)
@@ -169,7 +171,8 @@ class CacheManager:
         n_swa + n_ubatch cells overwrites the oldest, and a long answer would leave holes there."""
         if self.n_swa <= 0:
             return True
-        return llama_cpp.llama_memory_seq_pos_min(self.llm.memory, 0) <= max(0, p - self.n_swa)
+        with self._lock:
+            return llama_cpp.llama_memory_seq_pos_min(self.llm.memory, self.seq) <= max(0, p - self.n_swa)
 
     def _better(self, tokens: list[int], p: int, docs: int | None) -> int:
         """A checkpoint holding more of this prompt than the cut cache does replaces it."""
@@ -197,7 +200,7 @@ class CacheManager:
 
     def _restore_checkpoint(self, ck: Checkpoint) -> bool:
         llm = self.llm
-        if restore_seq(llm.ctx, ck.state):
+        if self._load(ck.state):
             llm.record(ck.tokens)
             self._how = "checkpoint restored"
             self._partial = None
@@ -209,6 +212,14 @@ class CacheManager:
         self.checkpoints.pop(ck.tokens, None)
         llm.clear()
         return False
+
+    def _save(self, partial: bool = False):
+        with self._lock:
+            return save_seq(self.llm.ctx, self.seq, partial)
+
+    def _load(self, state, partial: bool = False) -> bool:
+        with self._lock:
+            return restore_seq(self.llm.ctx, state, self.seq, partial=partial)
 
     def _failed(self, what: str) -> None:
         _note(f"{what} did not restore; prefilling the documents again")
@@ -222,8 +233,8 @@ class CacheManager:
         if self.cache_bytes <= 0:
             return
         key = tuple(docs)
-        ctx = self.llm.ctx
-        n = llama_cpp.llama_state_seq_get_size_ext(ctx, 0, 0)
+        with self._lock:
+            n = llama_cpp.llama_state_seq_get_size_ext(self.llm.ctx, self.seq, 0)
         if n > self.cache_bytes:
             self._once("cap", f"the documents' checkpoint ({_mib(n)}) does not fit in --cache-ram "
                               f"({_mib(self.cache_bytes)}); questions on other documents prefill again")
@@ -232,13 +243,13 @@ class CacheManager:
         while self.checkpoints and sum(c.nbytes for c in self.checkpoints.values()) + n > self.cache_bytes:
             self.checkpoints.popitem(last=False)
         try:
-            self.checkpoints[key] = Checkpoint(key, save_seq(ctx))
+            self.checkpoints[key] = Checkpoint(key, self._save())
         except (RuntimeError, MemoryError):
             self._once("save", "could not keep the documents' checkpoint; questions on other documents prefill again")
 
     def _keep_partial(self, docs) -> None:
         try:
-            self._partial = Checkpoint(tuple(docs), save_seq(self.llm.ctx, partial=True), partial=True)
+            self._partial = Checkpoint(tuple(docs), self._save(partial=True), partial=True)
         except (RuntimeError, MemoryError):
             self._partial = None
             self._once("partial", "could not keep the documents' recurrent state; follow-up questions prefill again")
@@ -266,14 +277,16 @@ class CacheManager:
         self.prefill(tokens[:q0 + 1], docs=q0)
         ctx, llm = self.llm.ctx, self.llm
         ck = self.checkpoints.get(tuple(tokens[:q0]))
-        saved = ck.state if ck is not None else save_seq(ctx)
+        saved = ck.state if ck is not None else self._save()
         try:
             if reread:
                 # through llama-cpp-python's record: the chunk read from its new position on; the
                 # gate keeps its queries unbiased, as a document's
-                move.reread_to_end(llama_cpp, llm.memory, llm.eval_at, tokens, a, b, q0)
+                with self._lock:
+                    move.reread_to_end(llama_cpp, llm.memory, llm.eval_at, tokens, a, b, q0, seq=self.seq)
             else:
-                move.shift_to_end(llama_cpp, llm.memory, a, b, q0)
+                with self._lock:
+                    move.shift_to_end(llama_cpp, llm.memory, a, b, q0, seq=self.seq)
             order = move.moved_tokens(tokens, a, b, q0)
             llm.record(order[:q0])
             yield order
@@ -281,7 +294,7 @@ class CacheManager:
             self._restore(tokens, q0, saved)
 
     def _restore(self, tokens: list[int], q0: int, saved) -> None:
-        if restore_seq(self.llm.ctx, saved):
+        if self._load(saved):
             self.llm.record(tokens[:q0])
         else:  # the next question prefills again
             self.llm.clear()

@@ -247,7 +247,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
     import socket
     from pathlib import Path
 
@@ -283,16 +282,20 @@ def cmd_serve(args) -> int:
     n_train = trained_context(model)
     n_ctx = args.ctx_size or (min(n_train, DEFAULT_MAX_CTX) if n_train > 0 else DEFAULT_MAX_CTX)
     table = _open_table(args.table)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)  # the cores shared by the slots
-    try:
-        engines = [EngramLlama(model, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=args.n_gpu_layers,
-                               table=table, cache_mib=args.cache_ram) for _ in range(args.parallel)]
+    from .sequences import SharedContext
+
+    try:  # one context, a sequence per slot (a unified KV buffer of -c tokens per slot)
+        shared = SharedContext(model, n_ctx * args.parallel, args.parallel, n_threads=args.threads,
+                               n_gpu_layers=args.n_gpu_layers)
+        engines = [EngramLlama(model, table=table, cache_mib=args.cache_ram, llm=shared.sequence(i), hook=shared.hook)
+                   for i in range(args.parallel)]
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"llama.cpp could not load {model}: {e}") from None
     cfg = Config(model=model, n_ctx=n_ctx, n_parallel=args.parallel, n_threads=args.threads,
                  n_gpu_layers=args.n_gpu_layers, api_key=args.api_key, cache_mib=args.cache_ram, chunks=chunks,
                  model_id=Path(model).stem)
-    serve(cfg, args.host, args.port, engines, log=lambda m: print(f"engram-llama: {m}", file=sys.stderr, flush=True))
+    serve(cfg, args.host, args.port, engines, log=lambda m: print(f"engram-llama: {m}", file=sys.stderr, flush=True),
+          on_close=shared.close)
     return 0
 
 
@@ -503,7 +506,8 @@ def build_parser(research: bool = False) -> argparse.ArgumentParser:
     sv.add_argument("--chunks", metavar="DIR", help="documents for requests that send none (folder or .jsonl)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8080)
-    sv.add_argument("-np", "--parallel", type=int, default=1, help="requests answered at once (default 1; more wait)")
+    sv.add_argument("-np", "--parallel", type=int, default=1,
+                    help="requests answered at once, as sequences of one context (default 1; more wait)")
     sv.add_argument("-c", "--ctx-size", type=int, default=None,
                     help=f"context per slot (default: the model's trained context, at most {DEFAULT_MAX_CTX})")
     sv.add_argument("-t", "--threads", type=int, default=None)

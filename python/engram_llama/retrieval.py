@@ -2,6 +2,8 @@
 likelihood after each (the model's own reading), and fit the best-ranked into the context."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from . import align, pointer_map, relevance
@@ -31,13 +33,18 @@ class Retriever:
         head = [sc.chunk for sc in scored[:k]]
         if len(head) < 2:
             return scored
+        # every llama.cpp call here under a shared context's lock (serve -np): the likelihood
+        # context's creation and decodes beside another sequence's decode changed the scores
+        lock = getattr(self.llm, "lock", None) or contextlib.nullcontext()
         if self._likelihood is not None and self._likelihood.n_seq < k:  # one batch per call, as a fresh run
-            self._likelihood.close()
+            with lock:
+                self._likelihood.close()
             self._likelihood = None
         if self._likelihood is None:
             from .likelihood import QueryLikelihood
 
-            self._likelihood = QueryLikelihood(self.llm.model, n_seq=k, n_threads=self.llm.n_threads)
+            with lock:
+                self._likelihood = QueryLikelihood(self.llm.model, n_seq=k, n_threads=self.llm.n_threads)
         # a score depends on the question and the chunk's text only: the same chunks in another
         # order (reordering, another slot) are not reread
         keys = [(question, c.source, c.text) for c in head]
@@ -45,7 +52,9 @@ class Retriever:
         if todo:
             if len(self._lm_cache) > 4096:
                 self._lm_cache.clear()
-            for c, v in zip(todo, self._likelihood(question, todo)):
+            with lock:
+                scores = self._likelihood(question, todo)
+            for c, v in zip(todo, scores):
                 self._lm_cache[(question, c.source, c.text)] = float(v)
         return relevance.rerank(scored, np.array([self._lm_cache[key] for key in keys]))
 

@@ -80,9 +80,11 @@ class EngramLlama:
                  n_gpu_layers: int = 0, seed: int = 0, settings: Settings | None = None,
                  extractor: Extractor | None = None, table=None, chat: bool = True, verbose: bool = False,
                  answer_prefix: str | None = None, cache_mib: int = DEFAULT_CACHE_MIB, think: bool = False,
-                 cb_eval=None, flash_attn: bool = False):
-        self.llm = LlamaAdapter(model_path, n_ctx, n_threads, n_gpu_layers, seed, verbose, cb_eval, flash_attn)
-        self.hook = Hook(self.llm)
+                 cb_eval=None, flash_attn: bool = False, llm=None, hook=None):
+        # llm, hook: one sequence of a context shared with others (sequences.SharedContext), and its hook
+        self.llm = llm or LlamaAdapter(model_path, n_ctx, n_threads, n_gpu_layers, seed, verbose, cb_eval, flash_attn)
+        self.hook = hook or Hook(self.llm)
+        self.seq = getattr(self.llm, "seq", 0)
         self.cache = CacheManager(self.llm, self.hook, cache_mib << 20)
         self.retriever = Retriever(self.llm, extractor, table)
         self.settings = settings or Settings()
@@ -127,9 +129,9 @@ class EngramLlama:
         prompt = prep.prompt
         if p.steered:
             self.hook.set_layers(p.layers, 1.0)
-            self.hook.set_bias(p.bias, seq_id=0, gate=p.gate)
+            self.hook.set_bias(p.bias, seq_id=self.seq, gate=p.gate)
         else:
-            self.hook.clear()
+            self.hook.clear(self.seq)
         stop = stops(self.llm, bool(self.template), self.think)
         if self.think:
             on_token = AfterThinking(on_token)
@@ -141,7 +143,7 @@ class EngramLlama:
                 self.cache.prefill(prompt.tokens, docs=prompt.question_token)
                 text = "".join(generate(self.llm, prompt.tokens, max_tokens, temperature, stop, on_token))
         finally:
-            self.hook.clear()
+            self.hook.clear(self.seq)
         thinking = None
         if self.think:  # blank lines were allowed while it thought; the answer ends at one, as unthinking
             thinking, text = split_thinking(text)

@@ -2,9 +2,9 @@
 documents sent with each request.
 
 The stack of llama-cpp-python's own server (FastAPI, uvicorn, sse-starlette, pydantic models of the
-OpenAI schema). One engine per parallel slot (`-np`), each an `EngramLlama` with its own context and
-cache manager, so a request whose documents a slot saw before reuses their cached state; requests
-beyond the slots wait in a queue. The blocking work runs in threads; a client that disconnects
+OpenAI schema). One context with a sequence per parallel slot (`-np`, sequences.py), each slot an `EngramLlama`
+with its own bias (the hook is per sequence) and cache manager, so a request whose documents a slot
+saw before reuses their cached state; requests beyond the slots wait in a queue. The blocking work runs in threads; a client that disconnects
 mid-stream stops its answer at the next token and frees its slot.
 """
 from __future__ import annotations
@@ -207,6 +207,9 @@ class Service:
             raise APIError(400, "no documents: send 'documents' with the request, or start the server with --chunks",
                            param="documents")
         o = req.engram or EngramOptions()
+        if o.layers is not None and self.cfg.n_parallel > 1:
+            raise APIError(400, "engram.layers per request needs -np 1: the slots' sequences share one context, "
+                                "and its biased layers", param="engram")
         try:
             settings = Settings(engram=not o.off, strength=o.strength,
                                 layers=parse_layers(",".join(map(str, o.layers)) if isinstance(o.layers, list)
@@ -458,7 +461,7 @@ def _version() -> str:
     return __version__
 
 
-def serve(cfg: Config, host: str, port: int, engines: list, log=None) -> None:
+def serve(cfg: Config, host: str, port: int, engines: list, log=None, on_close=None) -> None:
     import uvicorn
 
     service = Service(cfg, engines)
@@ -472,3 +475,5 @@ def serve(cfg: Config, host: str, port: int, engines: list, log=None) -> None:
         server.run()
     finally:
         service.close()
+        if on_close is not None:
+            on_close()

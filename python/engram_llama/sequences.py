@@ -1,0 +1,230 @@
+"""N sequences of one llama context, for `serve -np N`: each sequence behaves as a LlamaAdapter
+(what the cache manager, the retriever and `ask` use), with its own token record, bias, KV stream
+and checkpoints, while the context, the weights and the hook are shared.
+
+llama.cpp decodes one batch at a time per context, so every operation on the context (a decode, a
+state copy, a cell edit, a change of the hook) holds the context's lock; sequences interleave
+token by token. Generation is llama-cpp-python's greedy / top-k sampling with its stop-string rule
+(text that may begin a stop string is held back), so an answer here equals `run`'s.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import llama_cpp
+from ._hook import Hook
+from .lowlevel import Context, Model, Token, token_piece
+
+
+class SharedContext:
+    """The model, one context with n_seq sequences (a KV stream of n_ctx / n_seq cells each), its
+    hook, the lock."""
+
+    def __init__(self, model_path: str, n_ctx: int, n_seq: int, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, flash_attn: bool = False, n_batch: int = 512):
+        import os
+
+        self.model_ = Model(model_path, n_gpu_layers=n_gpu_layers)
+        self.n_threads = n_threads or os.cpu_count() or 1
+        # a KV stream per sequence (not one unified buffer): a sequence's cells then do not
+        # interleave with another's, and its answers do not depend on what runs beside it (with a
+        # unified buffer they did, by float rounding over the other sequences' masked cells)
+        self.context = Context(self.model_, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq,
+                               flash_attn=flash_attn, n_threads=self.n_threads, kv_unified=False)
+        self.n_ctx, self.n_seq, self.n_batch = n_ctx, n_seq, n_batch
+        self.lock = threading.RLock()
+        self.hook = LockedHook(self.context.hook, self.lock)
+
+    def sequence(self, seq: int) -> "SeqAdapter":
+        return SeqAdapter(self, seq)
+
+    def close(self) -> None:
+        self.context.close()
+        self.model_.close()
+
+
+class LockedHook:
+    """The context's hook; every call under the context's lock (a change of the bias while another
+    sequence decodes would race the graph that reads it)."""
+
+    def __init__(self, hook: Hook, lock):
+        self._hook, self._lock = hook, lock
+
+    def __getattr__(self, name):
+        attr = getattr(self._hook, name)
+        if not callable(attr):
+            return attr
+
+        def call(*a, **kw):
+            with self._lock:
+                return attr(*a, **kw)
+        return call
+
+
+def _meta(model_ptr, key: str) -> str | None:
+    from .runtime import _meta as meta
+
+    return meta(model_ptr, key)
+
+
+class SeqAdapter:
+    """One sequence of a SharedContext, with LlamaAdapter's interface."""
+
+    def __init__(self, shared: SharedContext, seq: int):
+        self.shared, self.seq = shared, seq
+        self.lock = shared.lock
+        m = shared.model_
+        self.vocab = m.vocab
+        self.n_threads = shared.n_threads
+        self.n_ctx = shared.n_ctx // shared.n_seq   # what one sequence may fill while all run
+        self.n_batch = shared.n_batch
+        self.n_vocab = m.n_vocab
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(m.ptr))
+        template = _meta(m.ptr, "tokenizer.chat_template")
+        self.metadata = {"tokenizer.chat_template": template} if template else {}
+        self.bos_id = llama_cpp.llama_vocab_bos(m.vocab)
+        self.eos_id = llama_cpp.llama_vocab_eos(m.vocab)
+        self.bos = token_piece(m.vocab, self.bos_id).decode("utf-8", "ignore") if self.bos_id >= 0 else ""
+        self.eos = token_piece(m.vocab, self.eos_id).decode("utf-8", "ignore") if self.eos_id >= 0 else ""
+        self._add_bos = self.bos_id >= 0 and bool(llama_cpp.llama_vocab_get_add_bos(m.vocab))
+        self._tokens: list[int] = []
+        self._logits: np.ndarray | None = None
+        self.finish_reason: str | None = None
+        self._rng = np.random.default_rng(0)
+
+    # pointers for the C side -------------------------------------------------------------------
+
+    @property
+    def ctx(self):
+        return self.shared.context.ptr
+
+    @property
+    def model(self):
+        return self.shared.model_.ptr
+
+    @property
+    def memory(self):
+        return llama_cpp.llama_get_memory(self.ctx)
+
+    def can_shift(self) -> bool:
+        return bool(llama_cpp.llama_memory_can_shift(self.memory))
+
+    # text -------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> tuple[list[int], list[bytes], int]:
+        add_bos = self._add_bos and not (self.bos and text.startswith(self.bos))
+        data = text.encode("utf-8")
+        buf = (llama_cpp.llama_token * (len(data) + 8))()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_bos, True)
+        if n < 0:
+            buf = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_bos, True)
+        toks = list(buf[:n])
+        n_prefix = 1 if add_bos and toks and toks[0] == self.bos_id else 0
+        return toks, [token_piece(self.vocab, t) for t in toks], n_prefix
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return b"".join(token_piece(self.vocab, t, special=False) for t in ids).decode("utf-8", "ignore")
+
+    # what the sequence holds ------------------------------------------------------------------
+
+    @property
+    def n_cached(self) -> int:
+        return len(self._tokens)
+
+    def cached(self) -> list[int]:
+        return list(self._tokens)
+
+    def cut(self, p: int) -> bool:
+        if p <= 0:
+            return False
+        with self.lock:
+            if not llama_cpp.llama_memory_seq_rm(self.memory, self.seq, p, -1):
+                return False
+        del self._tokens[p:]
+        return True
+
+    def clear(self) -> None:
+        with self.lock:
+            llama_cpp.llama_memory_seq_rm(self.memory, self.seq, -1, -1)
+        self._tokens = []
+        self._logits = None
+
+    def record(self, tokens: Sequence[int]) -> None:
+        self._tokens = [int(t) for t in tokens]
+
+    def eval(self, ids: Sequence[int]) -> None:
+        ids = [int(t) for t in ids]
+        with self.lock:
+            llama_cpp.llama_memory_seq_rm(self.memory, self.seq, len(self._tokens), -1)
+            for a in range(0, len(ids), self.n_batch):
+                part = ids[a:a + self.n_batch]
+                n0 = len(self._tokens)
+                toks = [Token(t, n0 + i, self.seq, i == len(part) - 1) for i, t in enumerate(part)]
+                self._logits = self.shared.context.decode(toks)[-1].copy()  # the next decode overwrites it
+                self._tokens.extend(part)
+
+    def eval_at(self, ids: Sequence[int], pos0: int) -> None:
+        del self._tokens[pos0:]
+        self.eval(ids)
+
+    def logits(self) -> np.ndarray:
+        return self._logits.copy()
+
+    def complete(self, tokens: Sequence[int], max_tokens: int, temperature: float,
+                 stop: list[str]) -> Iterator[str]:
+        """llama-cpp-python's create_completion(stream=True) on this sequence: the cached prefix
+        reused (at least the last prompt token decoded again), greedy at temperature 0, else top-k 40
+        sampling; text that may begin a stop string is held back, and a stop string ends the text."""
+        tokens = [int(t) for t in tokens]
+        p = 0
+        for a, b in zip(self._tokens, tokens):
+            if a != b:
+                break
+            p += 1
+        p = min(p, len(tokens) - 1)
+        if p < len(self._tokens) and not self.cut(p):  # (a recurrent state cannot be cut back)
+            self.clear()
+            p = 0
+        self.eval(tokens[p:])
+        self.finish_reason = "length"
+        out, sent, pending = b"", 0, ""
+        for _ in range(max_tokens):
+            tok = self._sample(temperature)
+            if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
+                self.finish_reason = "stop"
+                break
+            out += token_piece(self.vocab, tok, special=False)
+            text = out.decode("utf-8", "ignore")
+            hit = min((i for i in (text.find(s, sent) for s in stop if s) if i >= 0), default=-1)
+            if hit >= 0:
+                if hit > sent:
+                    yield text[sent:hit]
+                self.finish_reason = "stop"
+                return
+            # hold back a tail that may begin a stop string (or a split UTF-8 character)
+            hold = max((k for s in stop if s for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            safe = len(text) - hold  # (an unfinished UTF-8 character is not in text yet)
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+            self.eval([tok])
+        text = out.decode("utf-8", "ignore")
+        if len(text) > sent:
+            yield text[sent:]
+
+    def _sample(self, temperature: float) -> int:
+        z = self._logits
+        if temperature <= 0:
+            return int(np.argmax(z))
+        top = np.argpartition(z, -40)[-40:]
+        w = (z[top] - z[top].max()) / temperature
+        pr = np.exp(w)
+        return int(top[self._rng.choice(len(top), p=pr / pr.sum())])
+
+    def close(self) -> None:
+        self.clear()
+
