@@ -90,3 +90,20 @@ def test_a_hybrid_sequence_restores_its_documents_beside_another(chunks):
         fresh.close()
     np.testing.assert_allclose(logits, ref, rtol=0, atol=KERNEL_ATOL)
     assert np.argmax(logits) == np.argmax(ref)
+
+
+def test_sampling_keeps_llama_cpp_pythons_chain_and_whole_characters():
+    """At a temperature: only tokens inside top-p 0.95 and min-p 0.05 are drawn, the same seed
+    gives the same draws; a UTF-8 character cut at the byte level is still open."""
+    from types import SimpleNamespace
+
+    from engram_llama.sequences import SeqAdapter, _tail_len
+
+    z = np.full(1000, -30.0, np.float32)
+    z[[7, 8, 9]] = [5.0, 4.5, 0.0]            # token 9: p ~ 0.006 < 0.05 x p(7): never drawn
+    fake = SimpleNamespace(_logits=z)
+    draws = [SeqAdapter._sample(fake, 0.8, np.random.default_rng(s)) for s in range(200)]
+    assert set(draws) == {7, 8}
+    assert draws == [SeqAdapter._sample(fake, 0.8, np.random.default_rng(s)) for s in range(200)]
+    assert SeqAdapter._sample(fake, 0.0, None) == 7
+    assert [_tail_len(b) for b in (b"a", "中".encode()[:2], "中".encode(), "😀".encode()[:3])] == [0, 2, 0, 3]

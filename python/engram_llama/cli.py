@@ -284,7 +284,7 @@ def cmd_serve(args) -> int:
     table = _open_table(args.table)
     from .sequences import SharedContext
 
-    try:  # one context, a sequence per slot (a unified KV buffer of -c tokens per slot)
+    try:  # one context, a sequence per slot (a KV stream of -c tokens each)
         shared = SharedContext(model, n_ctx * args.parallel, args.parallel, n_threads=args.threads,
                                n_gpu_layers=args.n_gpu_layers)
         engines = [EngramLlama(model, table=table, cache_mib=args.cache_ram, llm=shared.sequence(i), hook=shared.hook)

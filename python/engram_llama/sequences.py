@@ -37,13 +37,16 @@ class SharedContext:
         self.n_ctx, self.n_seq, self.n_batch = n_ctx, n_seq, n_batch
         self.lock = threading.RLock()
         self.hook = LockedHook(self.context.hook, self.lock)
+        self.closed = False
 
     def sequence(self, seq: int) -> "SeqAdapter":
         return SeqAdapter(self, seq)
 
     def close(self) -> None:
-        self.context.close()
-        self.model_.close()
+        with self.lock:  # after any decode in flight; a later one is refused
+            self.closed = True
+            self.context.close()
+            self.model_.close()
 
 
 class LockedHook:
@@ -54,7 +57,8 @@ class LockedHook:
         self._hook, self._lock = hook, lock
 
     def __getattr__(self, name):
-        attr = getattr(self._hook, name)
+        with self._lock:
+            attr = getattr(self._hook, name)  # (properties read the context too)
         if not callable(attr):
             return attr
 
@@ -93,7 +97,7 @@ class SeqAdapter:
         self._tokens: list[int] = []
         self._logits: np.ndarray | None = None
         self.finish_reason: str | None = None
-        self._rng = np.random.default_rng(0)
+        self.seed = 0  # sampling at a temperature: the same request, the same answer
 
     # pointers for the C side -------------------------------------------------------------------
 
@@ -159,13 +163,19 @@ class SeqAdapter:
     def eval(self, ids: Sequence[int]) -> None:
         ids = [int(t) for t in ids]
         with self.lock:
-            llama_cpp.llama_memory_seq_rm(self.memory, self.seq, len(self._tokens), -1)
-            for a in range(0, len(ids), self.n_batch):
-                part = ids[a:a + self.n_batch]
-                n0 = len(self._tokens)
-                toks = [Token(t, n0 + i, self.seq, i == len(part) - 1) for i, t in enumerate(part)]
-                self._logits = self.shared.context.decode(toks)[-1].copy()  # the next decode overwrites it
-                self._tokens.extend(part)
+            if self.shared.closed:
+                raise RuntimeError("the shared context is closed")
+            try:
+                llama_cpp.llama_memory_seq_rm(self.memory, self.seq, len(self._tokens), -1)
+                for a in range(0, len(ids), self.n_batch):
+                    part = ids[a:a + self.n_batch]
+                    n0 = len(self._tokens)
+                    toks = [Token(t, n0 + i, self.seq, i == len(part) - 1) for i, t in enumerate(part)]
+                    self._logits = self.shared.context.decode(toks)[-1].copy()  # the next decode overwrites it
+                    self._tokens.extend(part)
+            except BaseException:
+                self.clear()  # a failed decode may leave a state the record does not describe
+                raise
 
     def eval_at(self, ids: Sequence[int], pos0: int) -> None:
         del self._tokens[pos0:]
@@ -177,8 +187,9 @@ class SeqAdapter:
     def complete(self, tokens: Sequence[int], max_tokens: int, temperature: float,
                  stop: list[str]) -> Iterator[str]:
         """llama-cpp-python's create_completion(stream=True) on this sequence: the cached prefix
-        reused (at least the last prompt token decoded again), greedy at temperature 0, else top-k 40
-        sampling; text that may begin a stop string is held back, and a stop string ends the text."""
+        reused (at least the last prompt token decoded again), greedy at temperature 0, else its
+        default sampling chain (_sample); text that may begin a stop string is held back, and a
+        stop string ends the text."""
         tokens = [int(t) for t in tokens]
         p = 0
         for a, b in zip(self._tokens, tokens):
@@ -191,9 +202,14 @@ class SeqAdapter:
             p = 0
         self.eval(tokens[p:])
         self.finish_reason = "length"
-        out, sent, pending = b"", 0, ""
-        for _ in range(max_tokens):
-            tok = self._sample(temperature)
+        out, sent = b"", 0
+        rng = np.random.default_rng(self.seed)
+        n = 0
+        # as llama-cpp-python: an answer that ends inside a UTF-8 character at max_tokens goes on
+        # until the character is whole
+        while n < max_tokens or (out and _tail_len(out) and n < max_tokens + 4):
+            n += 1
+            tok = self._sample(temperature, rng)
             if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
                 self.finish_reason = "stop"
                 break
@@ -216,15 +232,29 @@ class SeqAdapter:
         if len(text) > sent:
             yield text[sent:]
 
-    def _sample(self, temperature: float) -> int:
+    def _sample(self, temperature: float, rng) -> int:
+        """llama-cpp-python's chain at its defaults: greedy at temperature 0, else top-k 40, top-p
+        0.95 and min-p 0.05 on the probabilities, then the temperature, then a draw."""
         z = self._logits
         if temperature <= 0:
             return int(np.argmax(z))
-        top = np.argpartition(z, -40)[-40:]
-        w = (z[top] - z[top].max()) / temperature
-        pr = np.exp(w)
-        return int(top[self._rng.choice(len(top), p=pr / pr.sum())])
+        top = np.argsort(-z, kind="stable")[:40]
+        pr = np.exp(z[top] - z[top[0]])
+        pr /= pr.sum()
+        keep = int(np.searchsorted(np.cumsum(pr), 0.95) + 1)   # top-p: the smallest set reaching 0.95
+        keep = max(1, min(keep, int((pr >= 0.05 * pr[0]).sum())))  # min-p
+        w = np.exp((z[top[:keep]] - z[top[0]]) / temperature)
+        return int(top[rng.choice(keep, p=w / w.sum())])
 
     def close(self) -> None:
         self.clear()
 
+
+def _tail_len(b: bytes) -> int:
+    """How many bytes at the end of b begin a UTF-8 character not yet complete (0: none)."""
+    for k in range(1, min(4, len(b)) + 1):
+        c = b[-k]
+        if c & 0xC0 != 0x80:  # a lead byte (or ASCII)
+            need = 1 if c < 0x80 else 2 if c >> 5 == 6 else 3 if c >> 4 == 14 else 4
+            return k if need > k else 0
+    return 0

@@ -150,7 +150,7 @@ class Service:
         for e in self.engines:
             self.free.put_nowait(e)
 
-    def close(self, timeout: float = 60) -> None:
+    def close(self, timeout: float = 600) -> None:
         """Free the engines once no answer runs on them (a shutdown waits for the running ones)."""
         with self._idle:
             self._idle.wait_for(lambda: self._busy == 0, timeout)
