@@ -10,6 +10,7 @@ throughput; the run stops by itself.
 
     .venv/bin/python scripts/bench_serve.py                          # 8 clients x 25 requests
     .venv/bin/python scripts/bench_serve.py --clients 4 --requests 5  # a quick look
+    .venv/bin/python scripts/bench_serve.py --nq --clients 4 --requests 3   # ~2K tokens, no reuse
 """
 import argparse
 import os
@@ -95,6 +96,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("-np", "--parallel", type=int, default=1, help="engram-llama's slots")
     ap.add_argument("-c", "--ctx-size", type=int, default=4096)
+    ap.add_argument("--nq", action="store_true",
+                    help="a different document set per request: an NQ question with 15 passages (~2K tokens; "
+                         "../shared/data, the file's last items), nothing to reuse")
     args = ap.parse_args()
 
     from engram_llama import align, lib_path
@@ -102,12 +106,20 @@ def main() -> None:
     from engram_llama.cli import default_docs, default_model
 
     model = args.model or default_model()
-    chunks = split(read_docs(default_docs())[0])
-    docs = [{"id": str(c.id), "title": c.source, "text": c.text} for c in chunks]
-    ours = [{"messages": [{"role": "user", "content": q}], "documents": docs, "max_tokens": args.max_tokens,
-             "temperature": 0} for q in QUESTIONS]
-    inline = []
-    for q in QUESTIONS:  # the same prompt text, the documents inlined as engram-llama renders them
+    if args.nq:  # (a speed figure: the answers are not judged)
+        from research import datasets
+
+        items = datasets.nq(ROOT.parent / "shared" / "data" / "nq-open-dev.jsonl.gz", 15)
+        sets = [(it.question, split([it.gold] + it.distractors)) for it in items[-args.clients * args.requests:]]
+    else:
+        chunks = split(read_docs(default_docs())[0])
+        sets = [(q, chunks) for q in QUESTIONS]
+    ours, inline = [], []
+    for q, chunks in sets:
+        docs = [{"id": str(c.id), "title": c.source, "text": c.text} for c in chunks]
+        ours.append({"messages": [{"role": "user", "content": q}], "documents": docs,
+                     "max_tokens": args.max_tokens, "temperature": 0})
+        # the same prompt text, the documents inlined as engram-llama renders them
         text, _, _ = align.render(chunks, [c.id for c in chunks], q, None)
         content = text[:text.rfind("\n")]  # the plain prompt without its answer prefix
         inline.append({"messages": [{"role": "user", "content": content}], "max_tokens": args.max_tokens,
@@ -120,7 +132,7 @@ def main() -> None:
          [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", str(args.ctx_size)]),
     ]
     print(f"model {Path(model).name}, {args.clients} clients x {args.requests} requests, {args.max_tokens} answer tokens, "
-          f"{len(chunks)} documents\n")
+          + (f"a different NQ set of 15 passages per request\n" if args.nq else f"{len(sets[0][1])} chunks\n"))
     print("| server | requests | errors | p50 latency | p95 latency | throughput |")
     print("|---|---|---|---|---|---|")
     results = []
