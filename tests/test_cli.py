@@ -219,3 +219,15 @@ def test_hf_picks_the_model_file_of_a_gguf_repository():
     assert pick_gguf(files, "q4_k_xl") == "Qwen3.5-2B-UD-Q4_K_XL.gguf"
     assert pick_gguf(files, "Qwen3.5-2B-BF16.gguf") == "Qwen3.5-2B-BF16.gguf"
     assert pick_gguf(files, "Q3_K_S") is None and pick_gguf(["mmproj-F16.gguf"]) is None
+
+
+def test_serve_bad_input_is_one_line_before_any_loading(tmp_path):
+    import socket
+
+    one_line_error(cli("serve", str(tmp_path / "missing.gguf")), "missing.gguf")
+    one_line_error(cli("serve", str(smollm2_path()), "-np", "0"), "-np 0")
+    one_line_error(cli("serve", str(smollm2_path()), "--chunks", str(tmp_path / "nowhere")), "nowhere")
+    with socket.socket() as s:   # a port in use
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        one_line_error(cli("serve", str(smollm2_path()), "--port", str(s.getsockname()[1])), "cannot listen on")

@@ -291,9 +291,8 @@ def cmd_serve(args) -> int:
                    for i in range(args.parallel)]
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"llama.cpp could not load {model}: {e}") from None
-    cfg = Config(model=model, n_ctx=n_ctx, n_parallel=args.parallel, n_threads=args.threads,
-                 n_gpu_layers=args.n_gpu_layers, api_key=args.api_key, cache_mib=args.cache_ram, chunks=chunks,
-                 model_id=Path(model).stem)
+    cfg = Config(model_id=Path(model).stem, n_ctx=n_ctx, n_parallel=args.parallel, api_key=args.api_key,
+                 chunks=chunks)
     serve(cfg, args.host, args.port, engines, log=lambda m: print(f"engram-llama: {m}", file=sys.stderr, flush=True),
           on_close=shared.close)
     return 0

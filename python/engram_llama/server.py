@@ -102,15 +102,11 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
 
 @dataclass
 class Config:
-    model: str
-    n_ctx: int
+    model_id: str                       # the name /v1/models gives and requests may send
+    n_ctx: int                          # per slot
     n_parallel: int = 1
-    n_threads: int | None = None
-    n_gpu_layers: int = 0
     api_key: str | None = None
-    cache_mib: int = 2048
     chunks: list | None = None          # the --chunks folder's, for requests that send none
-    model_id: str = ""
 
 
 class Cancelled(Exception):
