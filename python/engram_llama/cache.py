@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 from . import llama_cpp, move
 from ._hook import LayerKind
-from .plan import CACHE_RAM_MIB as DEFAULT_CACHE_MIB
+from .plan import CACHE_RAM_MIB
 
 PARTIAL = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: the recurrent / sliding-window part alone
 
@@ -55,7 +55,6 @@ def restore_seq(ctx, buf, seq: int = 0, clear: bool = True, partial: bool = Fals
 class Checkpoint:
     tokens: tuple[int, ...]  # the documents it holds: a prompt's tokens before its question
     state: object            # save_seq's buffer
-    partial: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -74,7 +73,7 @@ class CacheManager:
     """The KV cells and state of one context (sequence 0), under llama-cpp-python's record.
     cache_bytes: the whole-sequence checkpoints' cap (0: none kept)."""
 
-    def __init__(self, llm, hook, cache_bytes: int = DEFAULT_CACHE_MIB << 20):
+    def __init__(self, llm, hook, cache_bytes: int = CACHE_RAM_MIB << 20):
         self.llm, self.hook = llm, hook
         self.seq = getattr(llm, "seq", 0)   # this manager's sequence (serve -np: one per slot)
         self._lock = getattr(llm, "lock", None) or contextlib.nullcontext()  # a context shared by sequences
@@ -249,7 +248,7 @@ class CacheManager:
 
     def _keep_partial(self, docs) -> None:
         try:
-            self._partial = Checkpoint(tuple(docs), self._save(partial=True), partial=True)
+            self._partial = Checkpoint(tuple(docs), self._save(partial=True))
         except (RuntimeError, MemoryError):
             self._partial = None
             self._once("partial", "could not keep the documents' recurrent state; follow-up questions prefill again")

@@ -484,14 +484,14 @@ def build_parser(research: bool = False) -> argparse.ArgumentParser:
     r.add_argument("--answer-prefix", metavar="TEXT",
                    help="text the answer starts with (default with --no-chat: 'Answer:' on its own line; "
                         "with a chat template: none); the model continues it, and it is not repeated in the output")
-    from .plan import CACHE_RAM_MIB as DEFAULT_CACHE_MIB
+    from .plan import CACHE_RAM_MIB
 
     r.add_argument("--think", action="store_true",
                    help="let a thinking model (Qwen3, Qwen3.5) think first; its <think> part is left out of the "
                         "answer (--json: 'thinking'). Default: thinking off")
-    r.add_argument("--cache-ram", type=int, default=DEFAULT_CACHE_MIB, metavar="MIB",
+    r.add_argument("--cache-ram", type=int, default=CACHE_RAM_MIB, metavar="MIB",
                    help=f"memory for document checkpoints, so questions on earlier documents skip their prefill "
-                        f"(default {DEFAULT_CACHE_MIB}; 0: none)")
+                        f"(default {CACHE_RAM_MIB}; 0: none)")
     r.add_argument("--explain", action="store_true", help="show what got biased and why")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("-i", "--interactive", action="store_true", help="ask follow-up questions on stdin")
@@ -512,8 +512,8 @@ def build_parser(research: bool = False) -> argparse.ArgumentParser:
     sv.add_argument("-t", "--threads", type=int, default=None)
     sv.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     sv.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (all but /health)")
-    sv.add_argument("--cache-ram", type=int, default=DEFAULT_CACHE_MIB, metavar="MIB",
-                    help=f"memory for document checkpoints per slot (default {DEFAULT_CACHE_MIB}; 0: none)")
+    sv.add_argument("--cache-ram", type=int, default=CACHE_RAM_MIB, metavar="MIB",
+                    help=f"memory for document checkpoints per slot (default {CACHE_RAM_MIB}; 0: none)")
     sv.add_argument("--table", help="Engram table file, or 'none' (default: the starter table when built)")
     sv.set_defaults(func=cmd_serve)
 

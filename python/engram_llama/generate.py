@@ -35,7 +35,7 @@ class AfterThinking:
                 self.on_token(piece)
             return
         self.buf += piece
-        head, sep, tail = self.buf.partition(THINK_CLOSE)
+        _, sep, tail = self.buf.partition(THINK_CLOSE)
         if sep:
             self.open = False
             tail = tail.lstrip()

@@ -23,7 +23,7 @@ import numpy as np
 from . import llama_cpp
 from .cache import restore_seq, save_seq
 from .chunks import Chunk
-from .lowlevel import Context, Token
+from .lowlevel import Context, Token, tokenize
 
 # tokens of a chunk read for its score: NQ passages (~100 words) and the CLI's chunks (<= 800
 # characters) fit; a longer chunk is judged on its opening
@@ -62,10 +62,7 @@ class QueryLikelihood:
         self.read = 0
 
     def tokenize(self, text: str, bos: bool) -> list[int]:
-        data = text.encode("utf-8")
-        buf = (llama_cpp.llama_token * (len(data) + 8))()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, len(buf), bos and self.add_bos, False)
-        return list(buf[:n])
+        return tokenize(self.vocab, text, bos and self.add_bos, special=False)
 
     def prefix(self, chunk: Chunk) -> list[int]:
         """The tokens before the question: the chunk (source label and text, as the prompt shows

@@ -212,3 +212,26 @@ def token_piece(vocab, token: int, special: bool = True) -> bytes:
         buf = ctypes.create_string_buffer(-n)
         n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
     return buf.raw[:n]
+
+
+def tokenize(vocab, text: str, add_bos: bool, special: bool = True) -> list[int]:
+    """Token ids of text (llama_tokenize, its buffer grown when the first is too small)."""
+    data = text.encode("utf-8")
+    buf = (llama_cpp.llama_token * (len(data) + 8))()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), add_bos, special)
+    if n < 0:
+        buf = (llama_cpp.llama_token * -n)()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), add_bos, special)
+    return list(buf[:n])
+
+
+def meta_str(model_ptr, key: str) -> str | None:
+    """A GGUF metadata string of a loaded model (None when absent)."""
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = llama_cpp.llama_model_meta_val_str(model_ptr, key.encode(), buf, len(buf))
+    if n < 0:
+        return None
+    if n >= len(buf):
+        buf = ctypes.create_string_buffer(n + 1)
+        llama_cpp.llama_model_meta_val_str(model_ptr, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", "replace")

@@ -12,11 +12,11 @@ from . import align, plan as plan_mod, relevance
 from ._hook import Hook
 from .adapter import LlamaAdapter
 from .align import Prompt
-from .cache import DEFAULT_CACHE_MIB, CacheManager
+from .cache import CacheManager
 from .chunks import Chunk
 from .extract import Extractor
 from .generate import AfterThinking, generate, split_thinking, stops
-from .plan import Plan, Settings
+from .plan import CACHE_RAM_MIB, Plan, Settings
 from .pointer_map import PointerMap
 from .retrieval import ContextTooSmall, Retriever
 
@@ -79,7 +79,7 @@ class EngramLlama:
     def __init__(self, model_path: str, n_ctx: int = 4096, n_threads: int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, settings: Settings | None = None,
                  extractor: Extractor | None = None, table=None, chat: bool = True, verbose: bool = False,
-                 answer_prefix: str | None = None, cache_mib: int = DEFAULT_CACHE_MIB, think: bool = False,
+                 answer_prefix: str | None = None, cache_mib: int = CACHE_RAM_MIB, think: bool = False,
                  cb_eval=None, flash_attn: bool = False, llm=None, hook=None):
         # llm, hook: one sequence of a context shared with others (sequences.SharedContext), and its hook
         self.llm = llm or LlamaAdapter(model_path, n_ctx, n_threads, n_gpu_layers, seed, verbose, cb_eval, flash_attn)
@@ -178,40 +178,24 @@ def context_size(model_path: str, question: str, chunks: list[Chunk], max_tokens
     The whole prompt and the answer, rounded up to 256, at most the trained context and `cap`;
     the prompt is rendered and tokenized by a vocabulary-only load (no weights read)."""
     from . import align
-    from .lowlevel import Model, token_piece
+    from .lowlevel import Model, meta_str, token_piece, tokenize
 
     m = Model(model_path, vocab_only=True)
     try:
         from . import llama_cpp
 
         n_train = llama_cpp.llama_model_n_ctx_train(m.ptr)
-        template = _meta(m.ptr, "tokenizer.chat_template") if chat else None
+        template = meta_str(m.ptr, "tokenizer.chat_template") if chat else None
         bos_id, eos_id = llama_cpp.llama_vocab_bos(m.vocab), llama_cpp.llama_vocab_eos(m.vocab)
         bos = token_piece(m.vocab, bos_id).decode("utf-8", "ignore") if bos_id >= 0 else ""
         eos = token_piece(m.vocab, eos_id).decode("utf-8", "ignore") if eos_id >= 0 else ""
         # -i sizes the context before any question: a placeholder (an empty one would end the message in a space)
         text, _, _ = align.render(chunks, [c.id for c in chunks], question.strip() or "?", template, bos, eos,
                                   answer_prefix, think)
-        data = text.encode("utf-8")
-        buf = (llama_cpp.llama_token * (len(data) + 8))()
-        n = llama_cpp.llama_tokenize(m.vocab, data, len(data), buf, len(buf), True, True)
+        n = len(tokenize(m.vocab, text, True))
     finally:
         m.close()
     need = n + max_tokens + 64  # a follow-up question a little longer than this one
     limit = min(n_train, cap) if n_train > 0 else cap
     return min(limit, max(512, -(-need // 256) * 256)), n, n_train
 
-
-def _meta(model_ptr, key: str) -> str | None:
-    import ctypes
-
-    from . import llama_cpp
-
-    buf = ctypes.create_string_buffer(1 << 16)
-    n = llama_cpp.llama_model_meta_val_str(model_ptr, key.encode(), buf, len(buf))
-    if n < 0:
-        return None
-    if n >= len(buf):
-        buf = ctypes.create_string_buffer(n + 1)
-        llama_cpp.llama_model_meta_val_str(model_ptr, key.encode(), buf, len(buf))
-    return buf.value.decode("utf-8", "replace")

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import llama_cpp
 from ._hook import Hook
-from .lowlevel import Context, Model, Token, token_piece
+from .lowlevel import Context, Model, Token, meta_str, token_piece, tokenize
 
 
 class SharedContext:
@@ -68,12 +68,6 @@ class LockedHook:
         return call
 
 
-def _meta(model_ptr, key: str) -> str | None:
-    from .runtime import _meta as meta
-
-    return meta(model_ptr, key)
-
-
 class SeqAdapter:
     """One sequence of a SharedContext, with LlamaAdapter's interface."""
 
@@ -87,7 +81,7 @@ class SeqAdapter:
         self.n_batch = shared.n_batch
         self.n_vocab = m.n_vocab
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(m.ptr))
-        template = _meta(m.ptr, "tokenizer.chat_template")
+        template = meta_str(m.ptr, "tokenizer.chat_template")
         self.metadata = {"tokenizer.chat_template": template} if template else {}
         self.bos_id = llama_cpp.llama_vocab_bos(m.vocab)
         self.eos_id = llama_cpp.llama_vocab_eos(m.vocab)
@@ -120,13 +114,7 @@ class SeqAdapter:
 
     def tokenize(self, text: str) -> tuple[list[int], list[bytes], int]:
         add_bos = self._add_bos and not (self.bos and text.startswith(self.bos))
-        data = text.encode("utf-8")
-        buf = (llama_cpp.llama_token * (len(data) + 8))()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_bos, True)
-        if n < 0:
-            buf = (llama_cpp.llama_token * -n)()
-            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_bos, True)
-        toks = list(buf[:n])
+        toks = tokenize(self.vocab, text, add_bos)
         n_prefix = 1 if add_bos and toks and toks[0] == self.bos_id else 0
         return toks, [token_piece(self.vocab, t) for t in toks], n_prefix
 

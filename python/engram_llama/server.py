@@ -217,10 +217,10 @@ class Service:
 
     # one answer on a free engine --------------------------------------------------------------
 
-    async def answer(self, req: ChatRequest, on_piece=None, cancelled: threading.Event | None = None):
-        """Wait for a free engine, answer on it in a thread; the engine goes back to the pool when
-        the thread ends (also after a cancel)."""
-        question, history, chunks, labels, settings, max_tokens = self.plan_request(req)
+    async def answer(self, req: ChatRequest, planned: tuple, on_piece=None, cancelled: threading.Event | None = None):
+        """Wait for a free engine, answer on it in a thread (planned: plan_request's); the engine
+        goes back to the pool when the thread ends (also after a cancel)."""
+        question, history, chunks, labels, settings, max_tokens = planned
         loop = asyncio.get_running_loop()
         eng = await self.free.get()  # a cancel while queued takes no engine
         if cancelled is not None and cancelled.is_set():
@@ -378,12 +378,12 @@ def create_app(service: Service) -> FastAPI:
             if len(raw) > MAX_BODY_BYTES:
                 raise APIError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", code="request_too_large")
         req = service.parse(bytes(raw))
-        service.plan_request(req)  # bad input answered before a slot is taken
+        planned = service.plan_request(req)  # bad input answered before a slot is taken
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         head = {"id": rid, "created": created, "model": service.cfg.model_id}
         if not req.stream:
             cancelled = threading.Event()
-            task = asyncio.ensure_future(service.answer(req, None, cancelled))
+            task = asyncio.ensure_future(service.answer(req, planned, None, cancelled))
             while not task.done():  # a client gone before its answer stops it
                 await asyncio.wait({task}, timeout=0.5)
                 if not task.done() and await request.is_disconnected():
@@ -397,12 +397,12 @@ def create_app(service: Service) -> FastAPI:
                                  "finish_reason": res["finish_reason"]}],
                     "usage": res["usage"], "citations": res["citations"],
                     "dropped_documents": res["dropped_documents"]}
-        return EventSourceResponse(_stream(service, req, head), ping=15)
+        return EventSourceResponse(_stream(service, req, planned, head), ping=15)
 
     return app
 
 
-async def _stream(service: Service, req: ChatRequest, head: dict):
+async def _stream(service: Service, req: ChatRequest, planned: tuple, head: dict):
     """SSE chunks in OpenAI's format: the role, the answer's pieces, a last chunk with the finish
     reason, usage and citations, then [DONE]. A client gone mid-stream cancels its answer."""
     loop = asyncio.get_running_loop()
@@ -414,7 +414,8 @@ async def _stream(service: Service, req: ChatRequest, head: dict):
                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra},
                           ensure_ascii=False)
 
-    task = asyncio.ensure_future(service.answer(req, lambda t: loop.call_soon_threadsafe(q.put_nowait, t), cancelled))
+    task = asyncio.ensure_future(service.answer(req, planned, lambda t: loop.call_soon_threadsafe(q.put_nowait, t),
+                                                cancelled))
 
     def ended(t: asyncio.Task) -> None:
         _retrieve(t)
