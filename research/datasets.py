@@ -190,4 +190,18 @@ def load(name: str, n_passages: int, path: str | Path | None = None, n_items: in
         return kv(path, n_passages, restate_key)
     if name == "domain":
         return domain(n_items, n_passages, seed)
-    raise ValueError(f"unknown dataset {name!r} (nq, kv, domain)")
+    if name == "bulletin":
+        return bulletin(n_items, n_passages, seed)
+    raise ValueError(f"unknown dataset {name!r} (nq, kv, domain, bulletin)")
+
+
+def bulletin(n_items: int, n_passages: int, seed: int) -> list[Item]:
+    """The calibration task's bulletins (engram_llama.tasks: the answering sentence anywhere among
+    boilerplate), as items; the sealed split uses a seed calibration never does."""
+    from engram_llama import tasks
+
+    out = []
+    for i, t in enumerate(tasks.generate("bulletin", n_items, seed, n_distractors=max(n_passages - 1, 1))):
+        out.append(Item(f"bul-{seed}-{i}", t.question, t.answers, (t.gold.source, t.gold.text),
+                        [(c.source, c.text) for c in t.distractors], t.answer_prefix))
+    return out

@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 from .evaluate import judge, load_presets, miss_kind, run  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-DATASETS = {"nq": DATA / "nq-open-dev.jsonl.gz", "kv": DATA / "kv-retrieval-75-dev.jsonl.gz", "domain": None}
+DATASETS = {"nq": DATA / "nq-open-dev.jsonl.gz", "kv": DATA / "kv-retrieval-75-dev.jsonl.gz", "domain": None,
+            "bulletin": None}
+SEALED = Path(__file__).resolve().parent / "sealed.json"  # the split declared in docs/EVAL.md (issue 27)
 
 
 def wilson(k, n, z=1.96):
@@ -195,6 +197,9 @@ def main(argv=None):
     r.add_argument("-t", "--threads", type=int, default=None)
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
     r.add_argument("--restate-key", action="store_true", help="KV: the answer starts by restating the record's key")
+    r.add_argument("--profile", default=None, help="a calibrated profile for the conditions marked \"profile\"")
+    r.add_argument("--sealed", action="store_true", help="the sealed split's items (research/sealed.json): run it "
+                   "once, choose nothing on it")
     p = sub.add_parser("report", help="accuracy per condition and slot, paired against one condition")
     p.add_argument("path")
     p.add_argument("--against", default="vanilla")
@@ -219,12 +224,21 @@ def main(argv=None):
         if unknown:
             sys.exit(f"research: unknown conditions {unknown}; known: {', '.join(conds)}")
         data = args.data or DATASETS[args.dataset]
+        only = set(args.ids.split(",")) if args.ids else None
+        if args.sealed:
+            sealed = json.loads(SEALED.read_text())
+            if args.dataset in ("nq", "kv"):
+                only = set(sealed[args.dataset])
+            elif args.dataset == "bulletin":
+                args.seed = sealed["bulletin_seed"]
+            else:
+                sys.exit("research: the sealed split has nq, kv and bulletin items")
         try:
             run(args.model or default_model(), args.out, {n: conds[n] for n in names}, n_items=args.n,
                 n_passages=args.passages, slots=tuple(args.slots.split(",")), data=str(data) if data else None,
                 n_ctx=args.ctx_size, answerable_only=not args.no_filter, seed=args.seed, chat=not args.no_chat,
                 dataset=args.dataset, restate_key=args.restate_key, n_threads=args.threads, skip=args.skip,
-                only=set(args.ids.split(",")) if args.ids else None)
+                only=only, profile=args.profile)
         except (ValueError, OSError) as e:
             sys.exit(f"research: {e}")
         except Exception as e:  # the CLI's UsageError (no default model), a model llama.cpp refuses

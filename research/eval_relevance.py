@@ -60,6 +60,7 @@ def main() -> None:
         model = Model(a.model)
         scorer = QueryLikelihood(model.ptr, n_seq=a.rerank)
     r4: list[int] = []
+    gated: list[tuple[float, bool, bool]] = []  # r3's lead of its first over its second, r3 right, r4 right
     sweep: dict[tuple[int, float], list[bool]] = {}
     ranks: dict[tuple[bool, bool, float], list[int]] = {}
     variants = [(False, False, 0.25)] + [(True, stem, w) for stem in (False, True) for w in (0.0, 0.25, 0.5)]
@@ -79,8 +80,9 @@ def main() -> None:
                 lm = scorer(it.question, head)
                 rr = relevance.rerank(sc, lm)
                 r4.append(next(r for r, s in enumerate(rr) if s.chunk.id == g))
+                gated.append((sc[0].score - sc[1].score, sc[0].chunk.id == g, rr[0].chunk.id == g))
                 # the choice of K and weight: the same scores, fewer chunks reread or another weight
-                for k in sorted({3, 5, a.rerank}):
+                for k in sorted({2, 3, 4, 5, a.rerank}):
                     for lw in (0.5, 1.0, 2.0, 3.0, 5.0):
                         top = relevance.rerank(sc, lm[:k], weight=lw)[0].chunk.id
                         sweep.setdefault((k, lw), []).append(top == g)
@@ -105,6 +107,13 @@ def main() -> None:
         print(f"reranked (r4) against r3, gold first: +{int(((v == 0) & (r3 != 0)).sum())}/"
               f"-{int(((r3 == 0) & (v != 0)).sum())} of {len(v)} prompts")
         print(f"gold among the {a.rerank} reread (the ceiling of the rerank): {100 * (r3 < a.rerank).mean():.0f}%")
+        print("\nthe rerank skipped where r3's best leads its second by more than m (scores in [0, 1]):\n")
+        print("| m | prompts reranked | gold first |")
+        print("|---|---|---|")
+        for m in (0.05, 0.1, 0.2, 0.3, 0.5, 1.01):
+            run = [lead <= m for lead, _, _ in gated]
+            ok = [r4ok if go else r3ok for (lead, r3ok, r4ok), go in zip(gated, run)]
+            print(f"| {m:g} | {100 * np.mean(run):.0f}% | {100 * np.mean(ok):.0f}% |")
         print("\ngold first, by chunks reread (rows) and weight of the question's likelihood (columns):\n")
         ws = sorted({lw for _, lw in sweep})
         print("| reread | " + " | ".join(f"{lw:g}" for lw in ws) + " |")

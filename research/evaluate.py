@@ -71,12 +71,25 @@ MAX_NEW = {"nq": 16, "domain": 40, "kv": 96}
 PRESETS = Path(__file__).resolve().parent / "presets.json"
 
 
+def settings_of(over: dict, policy) -> Settings:
+    """A condition's Settings; {"profile": true} applies the run's calibrated policy (--profile) as
+    `run` does with that profile found (plan.with_policy), on the engine without a profile of its own."""
+    from engram_llama.plan import with_policy
+
+    rest = {k: v for k, v in over.items() if k != "profile"}
+    if over.get("profile"):
+        if policy is None:
+            raise ValueError("a condition with \"profile\" needs --profile FILE")
+        return with_policy(Settings(**rest), policy)
+    return Settings(**rest)
+
+
 def load_presets(path: str | Path = PRESETS) -> tuple[dict[str, dict], dict[str, list[str]]]:
     """(conditions: name -> Settings overrides, presets: name -> condition names), checked."""
     data = json.loads(Path(path).read_text())
     conds, presets = data["conditions"], data["presets"]
     for over in conds.values():
-        Settings(**over)  # a bad field or value fails here, not mid-run
+        settings_of(over, None)  # a bad field or value fails here, not mid-run
     for p, names in presets.items():
         missing = [n for n in names if n not in conds]
         if missing:
@@ -104,13 +117,15 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
         slots=("first", "middle", "last"), data: str = "../shared/data/nq-open-dev.jsonl.gz", n_ctx: int | None = None,
         answerable_only: bool = True, seed: int = 0, chat: bool = True, log=print, dataset: str = "nq",
         max_new: int | None = None, restate_key: bool = False, only: set[str] | None = None,
-        skip: int = 0, n_threads: int | None = None) -> None:
+        skip: int = 0, n_threads: int | None = None, profile: str | None = None) -> None:
     """Resumable: rows already in out_path are not run again. answerable_only: only items the model
     answers from the gold passage alone (the closed-book filter, itself a vanilla `ask`).
     restate_key: KV answers start with the record's key (datasets.kv). only: these item ids.
     skip: the first `skip` items of the seeded order are left out (a split declared apart).
     n_ctx None: the model's trained context up to the CLI's --max-ctx default, so that a prompt
-    the CLI would fit whole is not cut here (rows record the chunks left out, if any)."""
+    the CLI would fit whole is not cut here (rows record the chunks left out, if any).
+    profile: a calibrated profile of this model for the conditions marked {"profile": true}; every
+    other condition runs the hand-tuned defaults (the engine has no profile of its own)."""
     from engram_llama.cli import DEFAULT_MAX_CTX
     from engram_llama.runtime import EngramLlama, trained_context
 
@@ -135,11 +150,18 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
                 unanswerable.add(r["id"])
     if n_ctx is None:
         n_ctx = min(trained_context(model) or DEFAULT_MAX_CTX, DEFAULT_MAX_CTX)
-    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=n_threads, chat=chat, table=default_table())
+    policy = None
+    if profile:
+        from engram_llama.gguf_check import identity
+        from engram_llama.profile import read
+
+        policy = read(profile, identity(model)).policy
+    settings = {c: settings_of(conditions[c], policy) for c in conditions}
+    eng = EngramLlama(model, n_ctx=n_ctx, n_threads=n_threads, chat=chat, table=default_table(), profile=None)
     n_new = max_new or MAX_NEW.get(dataset, 16)
     order = np.random.default_rng(seed).permutation(len(items))[skip:]
     # the given order's conditions first, so that they share one prefill of the documents
-    names = sorted(conditions, key=lambda c: Settings(**conditions[c]).order == "edges")
+    names = sorted(conditions, key=lambda c: settings[c].order == "edges")
     used = 0
     with open(out, "a") as f:
         def write(rec):
@@ -170,7 +192,7 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
                 for c in todo:
                     t0 = time.perf_counter()
                     a = eng.ask(it.question, chunks, n_new, answer_prefix=it.answer_prefix,
-                                settings=Settings(**conditions[c]))
+                                settings=settings[c])
                     rank = next((r for r, s in enumerate(a.scored) if s.chunk.id in gold_ids), -1)
                     pos = next((p for p, cid in enumerate(a.chunk_order) if cid in gold_ids), -1)
                     write({"id": it.id, "slot": slot, "condition": c, "question": it.question, "answer": a.text,

@@ -51,6 +51,8 @@ SHAPES = {
     "llama": Shape("llama", n_layer=4),
     # the hybrid with SmolLM2's vocabulary and the real Qwen3.5-4B/9B/27B chat template (thinking on
     # unless enable_thinking is false): `engram-llama run` end to end on a Qwen3.5-style GGUF
+    # a dense model with a real vocabulary: `ask` end to end (calibrate) without SmolLM2's weights
+    "llama-smol": Shape("llama", n_layer=4, tokenizer="smollm2"),
     "qwen35-chat": Shape("qwen35", n_layer=4, tokenizer="smollm2",
                          chat_template="tests/data/qwen35_4b_chat_template.jinja"),
     "qwen35-2b": Shape("qwen35", n_layer=24, n_embd=2048, n_head=8, n_head_kv=2, n_ff=6144,

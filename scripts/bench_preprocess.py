@@ -31,7 +31,7 @@ from engram_llama import align, bias as bias_mod, pointer_map, relevance  # noqa
 from research import datasets  # noqa: E402
 from engram_llama.chunks import Chunk  # noqa: E402
 from engram_llama.extract import Extractor  # noqa: E402
-from engram_llama.plan import TOP_K  # noqa: E402
+from engram_llama.policy import TOP_K  # noqa: E402
 
 
 def stages(eng, ex, question, chunks, fresh=False):
@@ -52,7 +52,7 @@ def stages(eng, ex, question, chunks, fresh=False):
     if fresh and r._likelihood is not None:
         r._likelihood.forget()
     t0 = time.perf_counter()
-    scored = r.rerank(question, scored, relevance.RERANK_K)
+    scored = r.rerank(question, scored, relevance.rerank_count(scored, relevance.RERANK_K))
     t["rerank"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     text, spans, q_char = align.render(chunks, [c.id for c in chunks], question, eng.template, eng.llm.bos, eng.llm.eos)
@@ -106,12 +106,14 @@ def main():
         ex = Extractor(table=table, quiet=True)  # a fresh one: nothing cached
         t, _ = stages(eng, ex, it.question, chunks, fresh=True)
         res["uncached"].append(t["total"]); per_stage["uncached"].append(t)
-        lk = eng.retriever._likelihood
-        before = (lk.restored, lk.read)
+        lk = eng.retriever._likelihood  # None while no question was reranked (a clear leader)
+        before = (lk.restored, lk.read) if lk else (0, 0)
         t, _ = stages(eng, ex, it2.question, chunks)  # same chunks, a new question
         res["cached"].append(t["total"]); per_stage["cached"].append(t)
-        print(f"rep {rep}: the new question's rerank restored {lk.restored - before[0]} chunk states, "
-              f"read {lk.read - before[1]}", file=sys.stderr, flush=True)
+        lk = eng.retriever._likelihood
+        after = (lk.restored, lk.read) if lk else (0, 0)
+        print(f"rep {rep}: the new question's rerank restored {after[0] - before[0]} chunk states, "
+              f"read {after[1] - before[1]}", file=sys.stderr, flush=True)
         # a follow-up whose best chunks are the first question's (all their states kept): the
         # first question again, its scores dropped so that the rerank runs
         t, _ = stages(eng, ex, it.question, chunks)

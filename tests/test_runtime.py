@@ -5,8 +5,8 @@ import pytest
 from engram_llama.chunks import read_docs, split
 from engram_llama.cli import default_docs, default_model
 from research import synth
-from engram_llama.plan import (MID, MOVE_FROM, MOVE_STRENGTH, ORDER_AUTO, Settings, auto_strength, chunk_choice,
-                               default_layers, is_dense, mid_strength, resolve_order, why_not_move)
+from engram_llama.plan import Settings, chunk_choice, default_layers, is_dense, resolve_order, why_not_move
+from engram_llama.policy import MID, MOVE_FROM, MOVE_STRENGTH, ORDER_AUTO, auto_strength, mid_strength
 from engram_llama.runtime import EngramLlama
 from engram_llama._hook import LayerKind
 
@@ -198,8 +198,9 @@ def test_near_lowers_the_bias_of_chunks_next_to_the_question(chunks):
 
 
 def test_rerank_reads_each_chunk_once_per_question(chunks):
-    """prepare reranks the best RERANK_K chunks by the question's likelihood; the same chunks in
-    another order are not reread, and rerank=0 keeps the BM25 + entity order."""
+    """prepare reranks the best chunks by the question's likelihood, as many of the best RERANK_K
+    as fit in RERANK_SHARE of the documents' text (at least 2); the same chunks in another order
+    are not reread, and rerank=0 keeps the BM25 + entity order."""
     from engram_llama import relevance
 
     q = "How much money does a farmer family get each year under PM-KISAN?"
@@ -212,7 +213,7 @@ def test_rerank_reads_each_chunk_once_per_question(chunks):
         eng.retriever._likelihood = type("Spy", (), {"__call__": lambda self, qq, cs: calls.append(len(cs)) or real(qq, cs),
                                                      "n_seq": lk.n_seq, "close": lambda self: None})()
         _, _, again, _ = eng.prepare(q, chunks[::-1], 12)
-        k = min(relevance.RERANK_K, len(chunks))
+        k = sum(s.lm is not None for s in scored)
         assert calls == []  # every score came from the first call
         assert [s.lm for s in scored[:k]] == [s.lm for s in again[:k]] and all(s.lm is not None for s in scored[:k])
         assert all(s.lm is None for s in scored[k:])
@@ -220,6 +221,15 @@ def test_rerank_reads_each_chunk_once_per_question(chunks):
         eng.settings.rerank = 0
         _, _, plain, _ = eng.prepare(q, chunks, 12)
         assert all(s.lm is None for s in plain)
+        # the count by hand: the best chunks while their text stays within a sixth of all of it
+        total, used, want = sum(len(c.text) for c in chunks), 0, 0
+        for s in plain[:relevance.RERANK_K]:
+            used += len(s.chunk.text)
+            if want >= 2 and used > total / 6:
+                break
+            want += 1
+        assert relevance.RERANK_SHARE == 1 / 6 and k == want and 2 <= k < relevance.RERANK_K
+        assert {s.chunk.id for s in scored[:k]} == {s.chunk.id for s in plain[:k]}
         lm = {s.chunk.id: s.lm for s in scored[:k]}
         fused = {s.chunk.id: s.score + relevance.LM_WEIGHT * lm[s.chunk.id] for s in plain[:k]}
         assert [s.chunk.id for s in scored[:k]] == sorted(fused, key=lambda i: -fused[i])

@@ -10,7 +10,8 @@ from .align import Prompt, char_to_byte, token_span
 from .pointer_map import PointerMap
 from .relevance import Scored
 
-GRANULARITIES = ("chunk", "sentence", "entity", "body", "novel")
+GRANULARITIES = ("chunk", "sentence", "entity", "body", "novel", "focus")
+REST = 0.5  # focus: the rest of the chunk at this share of its best sentences' strength (policy.REST)
 ECHO_RUN = 6  # novel: a run of this many tokens that the question (or answer prefix) repeats is an echo
 
 _STOP = set("the a an of in on at to for and or is are was were be been by with from as that this what which who "
@@ -21,10 +22,11 @@ def _words(text: str) -> set[str]:
     return {w for w in re.findall(r"\w+", text.lower()) if len(w) >= 3 and w not in _STOP}
 
 
-def sentences(text: str) -> list[tuple[int, int]]:
-    """Character spans of the sentences of text (ends at . ! ? । or a blank line)."""
+def sentences(text: str, lines: bool = False) -> list[tuple[int, int]]:
+    """Character spans of the sentences of text (ends at . ! ? । or a blank line; lines: at every
+    line break too, so that records one per line are units of their own)."""
     spans, start = [], 0
-    for m in re.finditer(r"[.!?।]+(?=\s)|\n\s*\n", text):
+    for m in re.finditer(r"[.!?।]+(?=\s)|\n" if lines else r"[.!?।]+(?=\s)|\n\s*\n", text):
         end = m.end()
         if text[start:end].strip():
             spans.append((start, end))
@@ -84,6 +86,18 @@ def echo_mask(toks: list[int], tail: list[int], n: int = ECHO_RUN) -> np.ndarray
     return out
 
 
+def best_sentences(text: str, question: str, pm: PointerMap | None, cid: int,
+                   lines: bool = False) -> list[tuple[int, int]] | None:
+    """The sentences of a chunk that share the most content words or entities with the question
+    (those within half of the best score), as character spans; None when none shares any."""
+    qw = _words(question)
+    hits = [x for v in (pm.hits.get(cid, {}) if pm else {}).values() for x in v]
+    sents = sentences(text, lines)
+    score = [len(qw & _words(text[x:y])) + 2 * sum(1 for h in hits if x <= h[0] < y) for x, y in sents]
+    best = max(score, default=0)
+    return [sp for sp, sc in zip(sents, score) if sc >= max(1, best / 2)] if best > 0 else None
+
+
 def others(prompt: Prompt, bias: np.ndarray, keep: list[int], value: float) -> np.ndarray:
     """`value` over every chunk not in `keep` (an evaluation probe): a negative value pushes the
     distractors down, which leaves the kept chunk where it was against the tokens outside the
@@ -137,15 +151,24 @@ def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
                 edges = np.flatnonzero(np.diff(np.concatenate(([0], keep.astype(np.int8), [0]))))
                 spans.extend(BiasSpan(cid, (a + int(x), a + int(y)), value, "novel")
                              for x, y in zip(edges[::2], edges[1::2]))
+        elif granularity == "focus":
+            c2b = c2b or char_to_byte(prompt.text)
+            base = prompt.chunk_chars[cid][0]
+            a, b = prompt.chunk_tokens[cid]
+            vals = np.full(b - a, value * REST, dtype=np.float32)
+            for x, y in best_sentences(s.chunk.text, question, pm, cid, lines=True) or []:
+                ta, tb = token_span(prompt.offsets, prompt.n_prefix, c2b[base + x], c2b[base + y])
+                vals[max(ta, a) - a:max(min(tb, b), a) - a] = value
+            vals[echoes(prompt, a, b, echo_run)] = 0.0
+            cuts = np.flatnonzero(np.diff(vals)) + 1
+            for x, y in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [b - a]))):
+                if vals[x] > 0:
+                    spans.append(BiasSpan(cid, (a + int(x), a + int(y)), float(vals[x]),
+                                          "sentence" if vals[x] == value else "rest"))
         elif granularity == "sentence":
             c2b = c2b or char_to_byte(prompt.text)
             base = prompt.chunk_chars[cid][0]
-            qw = _words(question)
-            hits = [x for v in (pm.hits.get(cid, {}) if pm else {}).values() for x in v]
-            sents = sentences(s.chunk.text)
-            score = [len(qw & _words(s.chunk.text[x:y])) + 2 * sum(1 for h in hits if x <= h[0] < y) for x, y in sents]
-            best = max(score, default=0)
-            chosen = [sp for sp, sc in zip(sents, score) if best > 0 and sc >= max(1, best / 2)] or [(0, len(s.chunk.text))]
+            chosen = best_sentences(s.chunk.text, question, pm, cid) or [(0, len(s.chunk.text))]
             for x, y in chosen:
                 a, b = token_span(prompt.offsets, prompt.n_prefix, c2b[base + x], c2b[base + y])
                 spans.append(BiasSpan(cid, (a, b), value, "sentence" if (x, y) != (0, len(s.chunk.text)) else "chunk"))

@@ -192,9 +192,11 @@ def cmd_run(args) -> int:
     try:
         eng = EngramLlama(model, n_ctx=n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                           seed=args.seed, settings=settings, table=table, chat=not args.no_chat,
-                          answer_prefix=args.answer_prefix, cache_mib=args.cache_ram, think=args.think)
+                          answer_prefix=args.answer_prefix, cache_mib=args.cache_ram, think=args.think,
+                          profile=_profile(model, args.profile))
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"llama.cpp could not load {model}: {e}") from None
+    _profile_note(eng, args.json)
     if args.think and not eng.think:
         print("engram-llama: note: this model's chat template has no thinking switch; --think changes nothing",
               file=sys.stderr)
@@ -246,6 +248,49 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _profile(model: str, spec: str | None):
+    """--profile: 'auto' (None), 'none' or a file; UsageError when the file is not this model's."""
+    if spec is None:
+        return "auto"
+    if spec == "none":
+        return None
+    from .gguf_check import identity
+    from .profile import ProfileError, read
+
+    try:
+        return read(spec, identity(model))
+    except ProfileError as e:
+        raise UsageError(str(e)) from None
+
+
+def _profile_note(eng, quiet: bool) -> None:
+    """One line when the model's profile turned steering off (an uncalibrated model is named so in
+    --explain and --json, with the hint to calibrate)."""
+    pol = eng.policy
+    if not quiet and pol is not None and not (pol.steer or pol.reorder) and eng.settings.strength is None:
+        print(f"engram-llama: note: steering is off for this model: its calibration found no setting that beat "
+              f"vanilla ({eng.profile.path})", file=sys.stderr)
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import CalibrationError, report, run
+
+    model = fetch_hf(args.hf) if args.hf else args.model
+    if not model:
+        raise UsageError("no model: give MODEL.gguf or --hf REPO[:FILE]")
+    try:
+        prof, path = run(model, n_ctx=args.ctx_size, budget_minutes=args.budget, n_gpu_layers=args.n_gpu_layers,
+                         n_threads=args.threads, chat=not args.no_chat, progress=True)
+    except CalibrationError as e:
+        raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        print("engram-llama: interrupted; what is done is kept: the same command resumes", file=sys.stderr)
+        return 130
+    print(report(prof))
+    print(f"profile: {path}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     import socket
     from pathlib import Path
@@ -287,8 +332,13 @@ def cmd_serve(args) -> int:
     try:  # one context, a sequence per slot (a KV stream of -c tokens each)
         shared = SharedContext(model, n_ctx * args.parallel, args.parallel, n_threads=args.threads,
                                n_gpu_layers=args.n_gpu_layers)
-        engines = [EngramLlama(model, table=table, cache_mib=args.cache_ram, llm=shared.sequence(i), hook=shared.hook)
-                   for i in range(args.parallel)]
+        prof = _profile(model, args.profile)
+        if prof == "auto":
+            from .profile import find
+
+            prof = find(model, warn=lambda m: print(f"engram-llama: note: {m}", file=sys.stderr))
+        engines = [EngramLlama(model, table=table, cache_mib=args.cache_ram, llm=shared.sequence(i), hook=shared.hook,
+                               profile=prof) for i in range(args.parallel)]
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"llama.cpp could not load {model}: {e}") from None
     cfg = Config(model_id=Path(model).stem, n_ctx=n_ctx, n_parallel=args.parallel, api_key=args.api_key,
@@ -306,6 +356,7 @@ def _answer_json(q, ans) -> dict:
         "plan": ans.plan.to_json(),
         "prompt_tokens": ans.n_prompt_tokens, "dropped_chunks": [c.id for c in ans.dropped],
         "cache": {"reused_tokens": ans.reused[1], "how": ans.reused[0], "checkpoint_bytes": ans.checkpoint_bytes},
+        "profile": ans.profile,
         **({"thinking": ans.thinking} if ans.thinking is not None else {}),
     }
 
@@ -317,6 +368,9 @@ def _explain(ans, n_chunks: int, n_ctx: int | None = None) -> str:
     ctx = f" in a {n_ctx}-token context" if n_ctx else ""
     lines = [f"explain: {ans.n_prompt_tokens} prompt tokens{ctx}, {n_chunks} chunks"
              + (f", {len(ans.dropped)} left out to fit" if ans.dropped else "")]
+    pr = ans.profile
+    lines.append(f"  profile: calibrated ({pr['file']}): {pr['policy']}" if pr.get("calibrated") else
+                 f"  profile: uncalibrated: {pr['policy']}; {pr['hint']}")
     how, n = ans.reused
     lines.append(f"  cache: {n} prompt tokens reused" + (f" ({how})" if n else "")
                  + f"; document checkpoints held: {ans.checkpoint_bytes / 2**20:.1f} MiB")
@@ -492,6 +546,8 @@ def build_parser(research: bool = False) -> argparse.ArgumentParser:
     r.add_argument("--cache-ram", type=int, default=CACHE_RAM_MIB, metavar="MIB",
                    help=f"memory for document checkpoints, so questions on earlier documents skip their prefill "
                         f"(default {CACHE_RAM_MIB}; 0: none)")
+    r.add_argument("--profile", metavar="FILE", help="a calibrated profile of this model (default: the one "
+                   "`engram-llama calibrate` wrote or a built-in one; 'none': the hand-tuned defaults)")
     r.add_argument("--explain", action="store_true", help="show what got biased and why")
     r.add_argument("--json", action="store_true", help="machine-readable output")
     r.add_argument("-i", "--interactive", action="store_true", help="ask follow-up questions on stdin")
@@ -515,7 +571,24 @@ def build_parser(research: bool = False) -> argparse.ArgumentParser:
     sv.add_argument("--cache-ram", type=int, default=CACHE_RAM_MIB, metavar="MIB",
                     help=f"memory for document checkpoints per slot (default {CACHE_RAM_MIB}; 0: none)")
     sv.add_argument("--table", help="Engram table file, or 'none' (default: the starter table when built)")
+    sv.add_argument("--profile", metavar="FILE", help="a calibrated profile of this model (default: found by the "
+                    "model's identity; 'none': the hand-tuned defaults)")
     sv.set_defaults(func=cmd_serve)
+
+    cb = sub.add_parser("calibrate", help="measure on this model whether and how strongly to steer; writes its profile")
+    cb.add_argument("model", nargs="?", help="GGUF model file")
+    cb.add_argument("--hf", metavar="REPO[:FILE]", help="download the model from Hugging Face")
+    cb.add_argument("-c", "--ctx-size", type=int, default=4096,
+                    help="the prompt length you will run (default 4096); the tasks fill it")
+    from .calibrate import BUDGET_MINUTES
+
+    cb.add_argument("--budget", type=float, default=BUDGET_MINUTES, metavar="MINUTES",
+                    help=f"time to spend, all runs of the same calibration together (default {BUDGET_MINUTES:g}); "
+                         "Ctrl-C keeps what is done and the same command resumes")
+    cb.add_argument("-t", "--threads", type=int, default=None)
+    cb.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
+    cb.add_argument("--no-chat", action="store_true", help="plain prompt (base models), as you will run it")
+    cb.set_defaults(func=cmd_calibrate)
 
     tb = sub.add_parser("table", help="build or describe an Engram table")
     tsub = tb.add_subparsers(dest="table_cmd", required=True)

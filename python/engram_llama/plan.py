@@ -8,7 +8,7 @@ defaults table, so the three cannot drift apart.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -17,44 +17,17 @@ from . import bias as bias_mod, move, relevance
 from .align import Prompt
 from .pointer_map import PointerMap
 
-# --- the measured defaults ---------------------------------------------------------------------
+# --- the steering policy (policy.py: the calibrated one and the hand-tuned family defaults) ---
 
-
-def by_length(n_tokens: int, lo: float, hi: float, at_lo: float, at_hi: float) -> float:
-    """at_lo up to lo tokens, at_hi from hi, linear in log2 of the length between."""
-    t = np.log2(max(n_tokens, 1) / lo) / np.log2(hi / lo)
-    return float(at_lo + (at_hi - at_lo) * np.clip(t, 0.0, 1.0))
-
-
-def auto_strength(n_tokens: int) -> float:
-    """The strength at the prompt's start: a passage's share of attention falls as the keys it
-    competes with grow, so the bias grows with the context. SmolLM2: +2 best at ~2K tokens (+3/+4
-    lose the last slot), +4 at ~4K (docs/EVAL.md)."""
-    return by_length(n_tokens, 2048, 4096, 2.0, 4.0)
-
-
-MID_FROM, MID_FULL = 1536, 3072
-
-
-def mid_strength(n_tokens: int, lo: float = MID_FROM, hi: float = MID_FULL) -> float:
-    """The middle's strength on dense models: +2 up to `lo` prompt tokens, +5 from `hi`."""
-    return by_length(n_tokens, lo, hi, 2.0, 5.0)
-
-
-TOP_K = 1                 # the best chunk alone (top-3: -11 answers over three sets)
-NEAR = 2.0                # next to the question, dense models
-NEAR_WINDOWED = 3.0       # next to the question, sliding-window and recurrent models
-MID = mid_strength        # a quarter to half the prompt before the question, dense models
-EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1   # reordered: +1 on the best chunk, which sits last
-MOVE_STRENGTH = 2.0       # the moved chunk (order "move")
-ORDER_AUTO, MOVE_FROM = "move", 6144   # "auto": move from 6144 prompt tokens where a move is valid
+from .policy import (EDGES_STRENGTH, EDGES_TOP_K, MID, MOVE_FROM, MOVE_STRENGTH, NEAR, NEAR_WINDOWED,  # noqa: E402
+                     NEAR_SHARE, ORDER_AUTO, TOP_K, Candidate, Policy, auto_strength)
 
 # whole-sequence document checkpoints kept for questions on earlier document sets (MiB; --cache-ram;
 # llama-server's own default is 8192, this one is for a laptop)
 CACHE_RAM_MIB = 2048
 
 ORDERS = ("auto", "keep", "edges", "move")
-GRANULARITIES = ("novel", "chunk", "sentence", "entity")
+GRANULARITIES = ("novel", "chunk", "sentence", "entity", "focus")
 
 
 # --- settings and their schema -------------------------------------------------------------
@@ -85,7 +58,8 @@ OPTIONS = [
            default_doc=f"auto (move from {MOVE_FROM} tokens on dense models, else keep)"),
     Option("rerank", "--rerank", "reread the K best chunks and rank them by how likely the model finds the "
            "question after each (0: BM25 and entities only)", True, int, metavar="K",
-           default_doc=f"{relevance.RERANK_K}"),
+           default_doc=f"none where the best chunk's score leads the second's by over {relevance.RERANK_LEAD:g}; "
+                       f"else the best {relevance.RERANK_K} within a sixth of the documents' text (at least 2)"),
     Option("engram", "--no-engram", "vanilla: the same prompt, no bias", True, default_doc="on"),
     Option("top_k", "--top-k", "chunks biased, scaled by relevance", False, int,
            default_doc=f"{TOP_K} (reordered: {EDGES_TOP_K})"),
@@ -112,19 +86,19 @@ class Settings:
     top_k: int | None = None
     near: float | None = None
     mid: float | None = None          # 0: none
-    granularity: str = "novel"
+    granularity: str | None = None   # None: the policy's (novel, or a calibrated profile's focus)
     gate: bool = True                 # bias only the question's and the answer's queries
     order: str = "auto"
     reread: str = "never"
     engram: bool = True               # False: vanilla, the same prompt without bias
-    rerank: int | None = None         # None: relevance.RERANK_K, 0: off
+    rerank: int | None = None         # None: RERANK_K within RERANK_SHARE of the text, 0: off
     repeat: bool = False              # the best chunk once more before the question
 
     def __post_init__(self):
         move.check_reread(self.reread)
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {self.order!r}")
-        if self.granularity not in GRANULARITIES:
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {self.granularity!r}")
         for name in ("strength", "near", "mid"):
             v = getattr(self, name)
@@ -136,8 +110,38 @@ class Settings:
             raise ValueError(f"invalid rerank {self.rerank}: 0 (off) to 64")
         if self.order == "move" and not self.gate:
             raise ValueError("order 'move' needs the query gate: the documents are read before the move")
-        if self.order == "move" and self.granularity not in ("chunk", "novel"):
+        if self.order == "move" and self.granularity not in (None, "chunk", "novel"):
             raise ValueError("order 'move' biases the moved chunk by its tokens: granularity must be 'chunk' or 'novel'")
+
+
+def candidate_settings(c: Candidate) -> Settings:
+    """The settings that carry out one calibration candidate (and a profile that chose it)."""
+    if c.order == "edges":
+        return Settings(order="edges", strength=c.strength, engram=c.strength > 0)
+    if not c.strength:
+        return Settings(order="keep", engram=False)
+    return Settings(order="keep", strength=c.strength, near=c.strength * NEAR_SHARE, mid=0.0,
+                    granularity="novel" if c.focus == "chunk" else "focus")
+
+
+def with_policy(s: Settings, pol: Policy | None) -> Settings:
+    """The settings a calibrated policy gives (None: the hand-tuned defaults, s unchanged); what
+    the user set explicitly wins, and a strength of the user's own steers even where the profile
+    turned the bias off. Order "auto" reorders only where the profile found reordering better."""
+    if pol is None or not s.engram:
+        return s
+    order = ("edges" if pol.reorder else "keep") if s.order == "auto" else s.order
+    if order == "edges":
+        base = candidate_settings(Candidate("", "edges", pol.edges))
+    elif order == "keep":
+        base = candidate_settings(Candidate("", "keep", pol.peak if pol.steer else 0.0, pol.focus))
+    else:  # move: the hand-tuned move
+        return s
+    own = {f.name: getattr(s, f.name) for f in fields(Settings)
+           if f.name not in ("order", "engram") and getattr(s, f.name) != f.default}
+    if s.strength is not None:
+        own["engram"] = True
+    return replace(base, **own)
 
 
 def parse_layers(spec: str | None) -> list[int] | str | None:
@@ -231,7 +235,7 @@ def why_not_move(s: Settings, kinds, can_shift: bool) -> str | None:
                 "(dense, Llama-style); use 'edges' or 'keep' with this one")
     if not s.gate:
         return "order 'move' needs the query gate: the documents are read before the move"
-    if s.granularity not in ("chunk", "novel"):
+    if s.granularity not in (None, "chunk", "novel"):
         return "order 'move' biases the moved chunk by its tokens: granularity must be 'chunk' or 'novel'"
     return None
 
@@ -279,7 +283,7 @@ class Plan:
     top_k: int
     granularity: str
     gate: int | None                    # first query token the bias applies to; None: no bias
-    rerank: int
+    rerank: int                         # chunks reread for the question's likelihood
     selected: list[tuple[relevance.Scored, float]] = field(default_factory=list)
     spans: list[bias_mod.BiasSpan] = field(default_factory=list)
     moved: tuple[int, int] | None = None  # order "move": the tokens shifted to the documents' end
@@ -302,6 +306,7 @@ def resolve(s: Settings, kinds, can_shift: bool, prompt: Prompt, scored: list[re
     """The one resolution step: settings, the model's layer kinds (and whether its cache can shift)
     and a rendered prompt with its ranked chunks -> the plan `ask` carries out."""
     n = len(prompt.tokens)
+    s = replace(s, granularity=s.granularity or "novel")
     order = resolve_order(s, n, kinds, can_shift)
     strength, top_k, near, mid = chunk_choice(replace(s, order=order), n, is_dense(kinds))
     selected = relevance.select(scored, top_k)
@@ -316,7 +321,7 @@ def resolve(s: Settings, kinds, can_shift: bool, prompt: Prompt, scored: list[re
         moved = (a, b) if b < prompt.question_token else None
     again = bool(moved) and move.rereads(s.reread, prompt, selected[0][0].chunk.id)
     steered = bool(s.engram and selected)
-    rerank = s.rerank if s.rerank is not None else relevance.RERANK_K
+    rerank = sum(sc.lm is not None for sc in scored)  # the chunks the rerank read
     if not steered:
         return Plan(False, order, [], strength, None, None, top_k, s.granularity, None, rerank,
                     selected, [], moved, again, repeat=s.repeat)

@@ -78,6 +78,35 @@ def score(question: str, chunks: list[Chunk], pm: PointerMap, entity_weight: flo
 # that mean log-probability per token against the [0, 1] score (docs/EVAL.md, "Reranking")
 RERANK_K = 8
 LM_WEIGHT = 2.0
+# by default the rerank reads at most this share of the documents' text (at least 2 chunks): the
+# rereading costs about what a prefill of those tokens costs, which was 50% of a ~2K-token prompt's
+# prefill at K = 8 (docs/PERFORMANCE.md); on NQ at 15 passages 2 chunks rank the gold first in 91%
+# against 94% for 8 (r3: 85%); at ~8K the share still allows all 8 (docs/EVAL.md, "Reranking")
+RERANK_SHARE = 1 / 6
+# by default no rerank where BM25 + entities already lead clearly: the best chunk's score ([0, 1])
+# above the second's by more than this. NQ items 500-649: at 15 passages 61% of prompts reranked,
+# at 58 passages 55%, the gold first as often as with every prompt reranked (91%, 94%); 0.2 would
+# rerank a quarter of them but cost 3 points at 58 passages (docs/EVAL.md, "Protocol")
+RERANK_LEAD = 0.5
+
+
+def rerank_count(scored: list[Scored], k: int, share: float | None = RERANK_SHARE,
+                 lead: float | None = RERANK_LEAD) -> int:
+    """How many of the best chunks the rerank reads: k; or by default (share, lead) none where
+    the best leads the second by more than `lead`, else as many of the best k as fit in `share`
+    of all the chunks' characters, but at least 2."""
+    k = min(k, len(scored))
+    if lead is not None and len(scored) > 1 and scored[0].score - scored[1].score > lead:
+        return 0
+    if share is None or k <= 2:
+        return k
+    budget, used, n = share * sum(len(s.chunk.text) for s in scored), 0, 0
+    for s in scored[:k]:
+        used += len(s.chunk.text)
+        if n >= 2 and used > budget:
+            break
+        n += 1
+    return n
 
 
 def rerank(scored: list[Scored], lm: np.ndarray, weight: float = LM_WEIGHT) -> list[Scored]:

@@ -23,10 +23,17 @@ class Retriever:
         self._likelihood = None  # made on first use: a small second context on the same weights
         self._lm_cache: dict[tuple[str, str, str], float] = {}
 
-    def rank(self, question: str, chunks: list[Chunk], rerank_k: int) -> tuple[pointer_map.PointerMap, list[relevance.Scored]]:
+    def rank(self, question: str, chunks: list[Chunk], rerank_k: int | None) -> tuple[pointer_map.PointerMap, list[relevance.Scored]]:
+        """rerank_k None: the default rerank (none where the best leads clearly, else RERANK_K
+        within RERANK_SHARE of the text); K: the best K; 0: none."""
         ents = self.extract([question] + [c.text for c in chunks])
         pm = pointer_map.build(ents[0], chunks, ents[1:], self.table)
-        return pm, self.rerank(question, relevance.score(question, chunks, pm), rerank_k)
+        scored = relevance.score(question, chunks, pm)
+        if rerank_k is None:
+            k = relevance.rerank_count(scored, relevance.RERANK_K)
+        else:
+            k = relevance.rerank_count(scored, rerank_k, share=None, lead=None)
+        return pm, self.rerank(question, scored, k)
 
     def rerank(self, question: str, scored: list[relevance.Scored], k: int) -> list[relevance.Scored]:
         """The best k chunks reordered by score and the question's likelihood after each."""

@@ -5,10 +5,11 @@ that holds it. A facade over one concern per module, data flowing one way:
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import align, plan as plan_mod, relevance
+from . import align, plan as plan_mod, profile as profile_mod, relevance
 from ._hook import Hook
 from .adapter import LlamaAdapter
 from .align import Prompt
@@ -43,6 +44,7 @@ class Answer:
     reused: tuple[str, int] = ("none", 0)  # how the cache served the prompt, and the tokens it reused
     checkpoint_bytes: int = 0              # the document checkpoints held after this answer
     finish_reason: str | None = None       # "stop" (a stop string or the end of the turn) or "length"
+    profile: dict = field(default_factory=dict)  # the policy in force: calibrated or not (profile.describe)
 
     # the plan's parts, as --explain and --json name them
     layers = property(lambda self: self.plan.layers)
@@ -74,14 +76,25 @@ class EngramLlama:
     think: a chat template with a thinking switch (Qwen3, Qwen3.5) renders with thinking on (default
     off); the reasoning goes to Answer.thinking, not into the answer's text;
     cb_eval: a ggml eval callback on the context (research probes read attention through it);
-    flash_attn: llama.cpp's flash attention kernels (off by default, as llama-cpp-python has it)."""
+    flash_attn: llama.cpp's flash attention kernels (off by default, as llama-cpp-python has it);
+    profile: "auto" finds the model's calibrated profile (profile.find), a path reads that one
+    (profile.ProfileError if it is not this model's), a profile.Profile is used as given, None
+    keeps the hand-tuned family defaults (uncalibrated)."""
 
     def __init__(self, model_path: str, n_ctx: int = 4096, n_threads: int | None = None,
                  n_gpu_layers: int = 0, seed: int = 0, settings: Settings | None = None,
                  extractor: Extractor | None = None, table=None, chat: bool = True, verbose: bool = False,
                  answer_prefix: str | None = None, cache_mib: int = CACHE_RAM_MIB, think: bool = False,
-                 cb_eval=None, flash_attn: bool = False, llm=None, hook=None):
+                 cb_eval=None, flash_attn: bool = False, llm=None, hook=None, profile="auto"):
         # llm, hook: one sequence of a context shared with others (sequences.SharedContext), and its hook
+        if profile == "auto":
+            profile = profile_mod.find(model_path, warn=lambda m: print(f"engram-llama: note: {m}", file=sys.stderr))
+        elif profile is not None and not isinstance(profile, profile_mod.Profile):
+            from .gguf_check import identity
+
+            profile = profile_mod.read(profile, identity(model_path))
+        self.profile = profile
+        self.policy = profile.policy if profile is not None else None
         self.llm = llm or LlamaAdapter(model_path, n_ctx, n_threads, n_gpu_layers, seed, verbose, cb_eval, flash_attn)
         self.hook = hook or Hook(self.llm)
         self.seq = getattr(self.llm, "seq", 0)
@@ -97,21 +110,24 @@ class EngramLlama:
         """Every layer keeps the whole context (dense) and llama.cpp can shift this cache."""
         return plan_mod.is_dense(self.hook.kinds) and self.llm.can_shift()
 
+    def settings_for(self, settings: Settings | None = None) -> Settings:
+        """The settings in force: the call's or the runtime's, completed by the calibrated policy."""
+        return plan_mod.with_policy(settings or self.settings, self.policy)
+
     def prepare(self, question: str, chunks: list[Chunk], max_tokens: int = 64, answer_prefix: str | None = None,
                 settings: Settings | None = None, history: list[dict] | None = None) -> Prepared:
         """Rank the chunks, fit the best that fit the context, render and align the prompt
         (history: earlier chat turns, before the documents)."""
-        s = settings or self.settings
+        s = self.settings_for(settings)
         prefix = self.answer_prefix if answer_prefix is None else answer_prefix
-        k = s.rerank if s.rerank is not None else relevance.RERANK_K
-        pm, scored = self.retriever.rank(question, chunks, k)
+        pm, scored = self.retriever.rank(question, chunks, s.rerank)
         prompt, keep, dropped = self.retriever.fit(question, chunks, scored, s.order == "edges", self.template,
                                                    prefix, self.n_ctx - max_tokens, self.think, s.repeat, history)
         kept = set(keep)
         return Prepared(prompt, pm, [sc for sc in scored if sc.chunk.id in kept], dropped)
 
     def plan(self, prepared: Prepared, question: str, settings: Settings | None = None) -> Plan:
-        return plan_mod.resolve(settings or self.settings, self.hook.kinds, self.llm.can_shift(),
+        return plan_mod.resolve(self.settings_for(settings), self.hook.kinds, self.llm.can_shift(),
                                 prepared.prompt, prepared.scored, prepared.pm, question)
 
     def ask(self, question: str, chunks: list[Chunk], max_tokens: int = 64, temperature: float = 0.0,
@@ -153,7 +169,8 @@ class EngramLlama:
             pos.setdefault(cid, k + 1)
         cites = [Citation(sc.chunk, w, pos[sc.chunk.id]) for sc, w in p.selected]
         return Answer(text.strip(), cites, p, len(prompt.tokens), prep.dropped, prep.scored, list(prompt.chunk_order),
-                      thinking, self.cache.last, self.cache.checkpoint_bytes, self.llm.finish_reason)
+                      thinking, self.cache.last, self.cache.checkpoint_bytes, self.llm.finish_reason,
+                      profile_mod.describe(self.profile))
 
     def close(self) -> None:
         self.retriever.close()

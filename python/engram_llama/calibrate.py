@@ -1,0 +1,336 @@
+"""`engram-llama calibrate`: measure on the user's own model whether steering helps, and which of a
+few candidate policies (policy.CANDIDATES) to keep, then write the model's profile.
+
+Offline tasks of three kinds (tasks.py) at the length the user runs, the answer at the first /
+middle / last chunk; per item and placement the documents are prefilled once and every candidate
+in the given order answers on the cached documents (the query gate keeps them unbiased, so this
+is exact), then the reordered prompt (identical across placements, so read once per item).
+Answers are scored by quality.judge: a loop, a stutter or a recited chunk is a failure even when
+it holds the answer. Each placement's row is appended to a log in the cache folder as soon as it
+is done, so Ctrl-C loses nothing and the same command resumes; the budget counts the time of
+every run of that log.
+
+The choice (docs/EVAL.md, "Calibration"): a candidate qualifies if, paired per placement against
+vanilla, it wins more than it loses with a one-sided sign test at ALPHA, loses no more than
+SLOT_LOSS - 1 items net at any slot, and gives no more degenerate answers than vanilla. In the
+given order the qualifying candidate with the most correct answers is kept (ties: the earlier,
+milder one), none: no bias. Reordering is kept for retrieved chunks if a reordered candidate
+qualifies and is not behind the given order's choice (paired). Do no harm: with nothing
+qualifying, the profile turns steering off and `run` says so.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__, align, tasks
+from .gguf_check import identity
+from .plan import Settings, candidate_settings
+from .policy import CANDIDATES, POLICY_VERSION, VANILLA, Policy
+from .profile import Profile, cache_dir, key, write
+from .quality import judge
+
+MAX_TOKENS = 32          # answer tokens: a KV value (a UUID) takes ~25 on SmolLM2's vocabulary
+BUDGET_MINUTES = 30.0
+MIN_CTX = 2048          # lost in the middle needs length; and a middle needs neighbours
+MIN_CHUNKS = 4           # a middle with a neighbour on each side
+ALPHA = 0.10             # one-sided sign test against vanilla
+SLOT_LOSS = 2            # a candidate may not lose this many items net at any one slot
+MAX_ITEMS = 60           # per run of the log; the budget usually ends it first
+HAND = "hand-tuned"      # the uncalibrated defaults, measured for the table, not a candidate
+SEED = 0
+
+
+class CalibrationError(Exception):
+    """Bad input or a setup calibrate cannot run: one line for the user."""
+
+
+@dataclass
+class Outcome:
+    correct: int = 0
+    n: int = 0
+    degenerate: int = 0
+
+
+def _conditions() -> list[tuple[str, Settings | None]]:
+    """(name, settings) in the order they run for one placement; None: the hand-tuned defaults."""
+    keep = [(c.name, candidate_settings(c)) for c in CANDIDATES if c.order == "keep"]
+    edges = [(c.name, candidate_settings(c)) for c in CANDIDATES if c.order == "edges"]
+    return [(VANILLA.name, candidate_settings(VANILLA)), (HAND, Settings())] + keep + edges
+
+
+def log_path(ident: dict, n_ctx: int) -> Path:
+    return cache_dir() / "calibrate" / f"{key(ident)}-c{n_ctx}-v{POLICY_VERSION}.jsonl"
+
+
+def _writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CalibrationError(f"cannot write to the cache folder {folder}: {e.strerror or e} "
+                               "(set ENGRAM_LLAMA_CACHE to a writable folder)") from None
+
+
+def _read_log(path: Path, head: dict) -> list[dict]:
+    """The rows of an earlier run with the same setup; another setup's log is set aside."""
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    try:
+        first = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        first = None
+    if first != head:
+        path.rename(path.with_suffix(f".old-{int(time.time())}.jsonl"))
+        return []
+    for line in lines[1:]:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a crash: that placement runs again
+            break
+    return rows
+
+
+def _fit_chunks(eng, task: tasks.Task, room: int) -> int:
+    """How many chunks (gold included) fill the prompt up to `room` tokens, in the given order."""
+    def n_tokens(n: int) -> int:
+        chunks, _ = tasks.place(task, "middle", n)
+        text, _, _ = align.render(chunks, [c.id for c in chunks], task.question, eng.template, eng.llm.bos,
+                                  eng.llm.eos, eng.answer_prefix, eng.think)
+        return len(eng.llm.tokenize(text)[0])
+
+    lo, hi = 1, len(task.distractors) + 1
+    if n_tokens(lo) > room:
+        return 0
+    while lo < hi:  # the largest n that fits
+        mid = (lo + hi + 1) // 2
+        if n_tokens(mid) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def sign_p(wins: int, losses: int) -> float:
+    """One-sided exact sign test: P(at least `wins` of wins + losses fair coin flips)."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n if n else 1.0
+
+
+def _paired(rows: list[dict], a: str, b: str) -> tuple[int, int, dict[str, int]]:
+    """Wins and losses of a against b over the rows, and a's net per slot."""
+    wins = losses = 0
+    net: dict[str, int] = {s: 0 for s in tasks.SLOTS}
+    for r in rows:
+        x, y = r["results"][a]["verdict"] == "correct", r["results"][b]["verdict"] == "correct"
+        wins += x and not y
+        losses += y and not x
+        net[r["slot"]] += int(x) - int(y)
+    return wins, losses, net
+
+
+def table(rows: list[dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for name, _ in _conditions():
+        t = {s: [0, 0] for s in tasks.SLOTS}
+        deg = 0
+        for r in rows:
+            v = r["results"][name]["verdict"]
+            t[r["slot"]][0] += v == "correct"
+            t[r["slot"]][1] += 1
+            deg += v == "degenerate"
+        out[name] = {**t, "correct": sum(c for c, _ in t.values()), "n": len(rows), "degenerate": deg}
+    return out
+
+
+def qualifies(rows: list[dict], name: str, ref: str = VANILLA.name) -> tuple[bool, str]:
+    """The paired rule against the reference, and why not."""
+    w, l, net = _paired(rows, name, ref)
+    tab = table(rows)
+    p = sign_p(w, l)
+    if w <= l or p > ALPHA:
+        return False, f"+{w}/-{l} vs {ref}, p = {p:.2f}"
+    if min(net.values()) <= -SLOT_LOSS:
+        return False, f"loses {-min(net.values())} net at a slot"
+    if tab[name]["degenerate"] > tab[ref]["degenerate"]:
+        return False, f"{tab[name]['degenerate']} degenerate answers vs {tab[ref]['degenerate']}"
+    return True, f"+{w}/-{l} vs {ref}, p = {p:.3f}"
+
+
+def choose(rows: list[dict]) -> tuple[Policy, dict]:
+    """The profile's policy from the rows by the paired rule (module docstring), and the reasons."""
+    tab = table(rows)
+    why = {}
+    ok = {}
+    for c in CANDIDATES:
+        ok[c.name], why[c.name] = qualifies(rows, c.name)
+    order = {c.name: i for i, c in enumerate(CANDIDATES)}
+    best = lambda names: max(names, key=lambda n: (tab[n]["correct"], -order[n])) if names else None  # noqa: E731
+    keep = best([c.name for c in CANDIDATES if c.order == "keep" and ok[c.name]])
+    edges = best([c.name for c in CANDIDATES if c.order == "edges" and ok[c.name]])
+    reorder = False
+    if edges:
+        if keep is None:
+            reorder = True
+        else:
+            w, l, _ = _paired(rows, edges, keep)
+            reorder = w >= l
+            why[edges] += f"; against {keep}: +{w}/-{l}"
+    kc = next((c for c in CANDIDATES if c.name == keep), None)
+    ec = next((c for c in CANDIDATES if c.name == edges), None)
+    pol = Policy(steer=kc is not None, peak=kc.strength if kc else 0.0, focus=kc.focus if kc else "chunk",
+                 reorder=reorder, edges=ec.strength if (ec and reorder) else 0.0)
+    return pol, {"given_order": keep or VANILLA.name, "retrieved": (edges if reorder else keep or VANILLA.name),
+                 "why": why}
+
+
+def _probe_seconds(eng, n_tokens: int) -> float:
+    """A rough time for one item, before the first has run: a 256-token prefill timed, scaled to
+    four prefills of the prompt (attention's growth with length as SmolLM2 shows it: ~1 + n/8192)
+    and the answers (question and answer tokens one at a time: ~4 prefill tokens' time each)."""
+    toks = eng.llm.tokenize("The district administration released the funds. " * 40)[0][:256]
+    t0 = time.perf_counter()
+    eng.cache.prefill(toks)
+    per_tok = (time.perf_counter() - t0) / max(len(toks), 1)
+    prefill = n_tokens * per_tok * (1 + n_tokens / 8192)
+    answers = len(tasks.SLOTS) * len(_conditions()) * 40 * 4 * per_tok
+    return 4 * prefill + answers
+
+
+def run(model_path: str, n_ctx: int = 4096, budget_minutes: float = BUDGET_MINUTES, n_gpu_layers: int = 0,
+        n_threads: int | None = None, chat: bool = True, progress: bool = True, log=None) -> tuple[Profile, Path]:
+    """Calibrate, write the profile to the cache folder and return it with its path.
+    CalibrationError for a setup that cannot run (one line)."""
+    from .runtime import EngramLlama, trained_context
+
+    say = log or (lambda m: print(f"engram-llama: {m}", file=sys.stderr))
+    ident = identity(model_path)  # ModelFileError for a missing, non-GGUF or truncated file
+    if budget_minutes <= 0:
+        raise CalibrationError(f"invalid --budget {budget_minutes:g}: minutes, more than 0")
+    if n_ctx < MIN_CTX:
+        raise CalibrationError(f"-c {n_ctx} is too small for the calibration tasks: at least {MIN_CTX} tokens")
+    n_train = trained_context(model_path)
+    if 0 < n_train < n_ctx:
+        raise CalibrationError(f"-c {n_ctx} is more than the model's trained context ({n_train})")
+    logf = log_path(ident, n_ctx)
+    _writable(logf.parent)
+    _writable(cache_dir() / "profiles")
+
+    eng = EngramLlama(model_path, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers, chat=chat,
+                      profile=None)
+    try:
+        return _run(eng, ident, n_ctx, budget_minutes, chat, progress, logf, say)
+    finally:
+        eng.close()
+
+
+def _run(eng, ident, n_ctx, budget_minutes, chat, progress, logf, say):
+    room = n_ctx - MAX_TOKENS - 16
+    per_kind = MAX_ITEMS // len(tasks.KINDS) + 1
+    pool = {k: tasks.generate(k, per_kind, SEED, n_distractors=max(80, n_ctx // 40)) for k in tasks.KINDS}
+    items = [pool[tasks.KINDS[i % len(tasks.KINDS)]][i // len(tasks.KINDS)] for i in range(MAX_ITEMS)]
+    head = {"model": key(ident), "n_ctx": n_ctx, "chat": chat, "seed": SEED, "max_tokens": MAX_TOKENS,
+            "conditions": [n for n, _ in _conditions()], "policy_version": POLICY_VERSION}
+    rows = _read_log(logf, head)
+    if not rows:
+        logf.write_text(json.dumps(head) + "\n", encoding="utf-8")
+    done = {(r["item"], r["slot"]) for r in rows}
+    spent = sum(r["seconds"] for r in rows)
+    budget = budget_minutes * 60
+    n_chunks = min(_fit_chunks(eng, t, room) for t in items[:len(tasks.KINDS)])
+    if n_chunks < MIN_CHUNKS:
+        raise CalibrationError(f"-c {n_ctx} holds only {n_chunks} of the calibration chunks: at least {MIN_CHUNKS} "
+                               f"needed, raise -c")
+    est = _probe_seconds(eng, room) if not rows else None
+    if est is not None and est > budget:
+        raise CalibrationError(f"--budget {budget_minutes:g} min is too small for even one item (~{est / 60:.1f} min "
+                               f"at -c {n_ctx} on this machine)")
+    if rows:
+        say(f"resuming {logf.name}: {len(rows)} placements done, {spent / 60:.1f} of {budget_minutes:g} min spent")
+    conditions = _conditions()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        per_item = (spent / max(len({r['item'] for r in rows}), 1)) if rows else est
+        bar = tqdm(total=max(1, min(MAX_ITEMS, int(budget / max(per_item, 1e-6)))) * len(tasks.SLOTS),
+                   initial=len(rows), unit="placement", desc="calibrate", file=sys.stderr)
+    n_items_done = len({r["item"] for r in rows if sum(1 for x in rows if x["item"] == r["item"]) == len(tasks.SLOTS)})
+    try:
+        for i, task in enumerate(items):
+            if all((i, s) in done for s in tasks.SLOTS):
+                continue
+            per_item = spent / n_items_done if n_items_done else (est or 0)
+            if n_items_done and spent + per_item > budget:
+                break
+            n = _fit_chunks(eng, task, room)
+            for slot in tasks.SLOTS:
+                if (i, slot) in done:
+                    continue
+                t0 = time.perf_counter()
+                chunks, g = tasks.place(task, slot, n)
+                docs = "\n".join(c.text for c in chunks)
+                results, n_tok = {}, 0
+                for name, s in conditions:
+                    ans = eng.ask(task.question, chunks, max_tokens=MAX_TOKENS, settings=s,
+                                  answer_prefix=task.answer_prefix)
+                    n_tok = ans.n_prompt_tokens
+                    results[name] = {"answer": ans.text, "verdict": judge(ans.text, task.answers, docs)}
+                row = {"item": i, "kind": task.kind, "slot": slot, "n_chunks": n, "prompt_tokens": n_tok,
+                       "seconds": round(time.perf_counter() - t0, 2), "results": results}
+                with open(logf, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                rows.append(row)
+                spent += row["seconds"]
+                if bar is not None:
+                    bar.update(1)
+            n_items_done += 1
+            if bar is not None:
+                bar.total = max(bar.n, min(MAX_ITEMS, int(budget / (spent / n_items_done))) * len(tasks.SLOTS))
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+    if not rows:
+        raise CalibrationError("no item finished within the budget; raise --budget")
+    pol, chosen = choose(rows)
+    measured = {
+        "n_ctx": n_ctx, "prompt_tokens": [min(r["prompt_tokens"] for r in rows), max(r["prompt_tokens"] for r in rows)],
+        "kinds": sorted({r["kind"] for r in rows}), "items": len({r["item"] for r in rows}), "placements": len(rows),
+        "slots": list(tasks.SLOTS), "max_tokens": MAX_TOKENS, "chat": chat, "minutes": round(spent / 60, 1),
+        "seed": SEED, "rule": f"sign test vs vanilla, one-sided p <= {ALPHA}; no slot {SLOT_LOSS}+ items behind; "
+                              "no more degenerate answers than vanilla",
+        "table": table(rows), "chosen": chosen, "date": time.strftime("%Y-%m-%d"),
+    }
+    prof = Profile(pol, ident, measured, __version__)
+    path = write(prof, cache_dir() / "profiles" / f"{key(ident)}.json")
+    prof.path = path
+    return prof, path
+
+
+def report(prof: Profile) -> str:
+    """The table calibrate prints: accuracy per slot, degenerate answers, and the choice."""
+    m = prof.measured
+    lines = [f"calibrated on {m['placements']} placements ({m['items']} items: {', '.join(m['kinds'])}), "
+             f"{m['prompt_tokens'][0]}-{m['prompt_tokens'][1]} prompt tokens, {m['minutes']} min",
+             "", "| candidate | first | middle | last | all | degenerate | vs vanilla |", "|---|---|---|---|---|---|---|"]
+    for name, t in m["table"].items():
+        cells = [f"{100 * c / n:.0f}%" if n else "-" for c, n in (t[s] for s in tasks.SLOTS)]
+        why = m["chosen"]["why"].get(name, "")
+        lines.append(f"| {name} | {' | '.join(cells)} | {100 * t['correct'] / t['n']:.0f}% | {t['degenerate']} | {why} |")
+    lines += ["", f"policy: {prof.policy.label}"]
+    if not (prof.policy.steer or prof.policy.reorder):
+        lines.append("no candidate beat vanilla by the rule: steering is off for this model")
+    return "\n".join(lines)

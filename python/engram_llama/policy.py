@@ -1,0 +1,121 @@
+"""The steering policy, in one place: which chunk is biased, how strongly at its distance from the
+question, over which of its tokens, and in which order the chunks stand.
+
+Two sources. A calibrated profile (profile.py) holds a `Policy`: a handful of numbers measured on
+the user's own model by `engram-llama calibrate` (calibrate.py), which may also say "off" when no
+candidate beat vanilla there. A model without one gets the hand-tuned family defaults below,
+chosen on SmolLM2-135M and Gemma-3-270M development items (docs/EVAL.md) and labelled
+"uncalibrated" wherever a plan is shown.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+# --- the hand-tuned family defaults (uncalibrated models) --------------------------------------
+
+
+def by_length(n_tokens: int, lo: float, hi: float, at_lo: float, at_hi: float) -> float:
+    """at_lo up to lo tokens, at_hi from hi, linear in log2 of the length between."""
+    t = np.log2(max(n_tokens, 1) / lo) / np.log2(hi / lo)
+    return float(at_lo + (at_hi - at_lo) * np.clip(t, 0.0, 1.0))
+
+
+def auto_strength(n_tokens: int) -> float:
+    """The strength at the prompt's start: a passage's share of attention falls as the keys it
+    competes with grow, so the bias grows with the context. SmolLM2: +2 best at ~2K tokens (+3/+4
+    lose the last slot), +4 at ~4K (docs/EVAL.md)."""
+    return by_length(n_tokens, 2048, 4096, 2.0, 4.0)
+
+
+MID_FROM, MID_FULL = 1536, 3072
+
+
+def mid_strength(n_tokens: int, lo: float = MID_FROM, hi: float = MID_FULL) -> float:
+    """The middle's strength on dense models: +2 up to `lo` prompt tokens, +5 from `hi`."""
+    return by_length(n_tokens, lo, hi, 2.0, 5.0)
+
+
+TOP_K = 1                 # the best chunk alone (top-3: -11 answers over three sets)
+NEAR = 2.0                # next to the question, dense models
+NEAR_WINDOWED = 3.0       # next to the question, sliding-window and recurrent models
+MID = mid_strength        # a quarter to half the prompt before the question, dense models
+EDGES_STRENGTH, EDGES_TOP_K = 1.0, 1   # reordered: +1 on the best chunk, which sits last
+MOVE_STRENGTH = 2.0       # the moved chunk (order "move")
+ORDER_AUTO, MOVE_FROM = "move", 6144   # "auto": move from 6144 prompt tokens where a move is valid
+
+# --- the calibrated policy ---------------------------------------------------------------------
+
+# the strength next to the question, as a share of the peak: small models read the last chunk
+# anyway (recency), and a full bias there costs the last slot (docs/EVAL.md, "Strength")
+NEAR_SHARE = 0.5
+# focus "sentences": the rest of the chunk, around its sentences that match the question best,
+# at bias.REST (0.5) of their strength
+FOCI = ("chunk", "sentences")
+# bumped whenever a field's meaning changes: a profile of another policy version is refused
+POLICY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a calibrated profile holds: two choices, one per kind of chunk order.
+
+    In the given order (a document read in order, chat history, or retrieved chunks when reordering
+    did not win): steer False leaves them unbiased (calibration found nothing that beat vanilla);
+    else the best chunk gets `peak` from a quarter of the prompt before the question on, NEAR_SHARE
+    of it next to the question (linear between), over `focus`: "chunk" (the chunk less its echoes
+    of the question) or "sentences" (the sentences or lines that match the question most, the rest
+    of the chunk at half of that, bias.REST).
+    For chunks whose order means nothing (retrieved ones; the order "auto"): reorder True puts the
+    best last and the next best first, then `edges` on the best (0: none)."""
+    steer: bool = False
+    peak: float = 0.0
+    focus: str = "chunk"
+    reorder: bool = False
+    edges: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.steer, bool) or not isinstance(self.reorder, bool):
+            raise ValueError("steer and reorder are true or false")
+        if self.focus not in FOCI:
+            raise ValueError(f"focus {self.focus!r}: one of {', '.join(FOCI)}")
+        for name in ("peak", "edges"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 16:
+                raise ValueError(f"{name} {v!r}: a number from 0 to 16")
+
+    @property
+    def label(self) -> str:
+        given = f"+{self.peak:g} on the best chunk ({self.focus})" if self.steer else "no bias"
+        if not self.reorder:
+            return f"given order: {given}; retrieved chunks: the same"
+        return f"given order: {given}; retrieved chunks: reordered, best last" + (f", +{self.edges:g} on it" if self.edges else "")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d) -> "Policy":
+        if not isinstance(d, dict) or set(d) != {"steer", "peak", "focus", "reorder", "edges"}:
+            raise ValueError("not a policy")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting calibrate measures: in the given order (peak, focus) or reordered (edges)."""
+    name: str
+    order: str            # "keep" or "edges"
+    strength: float       # peak (keep) or edges (edges); 0 with keep is vanilla
+    focus: str = "chunk"
+
+
+# What calibrate measures besides vanilla and the hand-tuned defaults: where the bias goes inside
+# the chunk (two shapes) at two strengths in the given order (one prefill per placement: the query
+# gate makes every candidate exact on the cached documents), and reordering with and without +1
+# on the best chunk (one prefill per item). Small on purpose: six, not a sweep over every knob.
+CANDIDATES = [Candidate("chunk+2", "keep", 2.0), Candidate("chunk+4", "keep", 4.0),
+              Candidate("sentences+2", "keep", 2.0, "sentences"), Candidate("sentences+4", "keep", 4.0, "sentences"),
+              Candidate("reorder", "edges", 0.0), Candidate("reorder+1", "edges", 1.0)]
+VANILLA = Candidate("vanilla", "keep", 0.0)

@@ -1,0 +1,123 @@
+"""Calibrated profiles: a model's own steering policy, the numbers behind it, found by the model
+file's identity.
+
+A profile is a small JSON file keyed by the GGUF file's identity (gguf_check.identity: its
+architecture, size and the SHA-256 of its header), so another quantisation or fine-tune never
+inherits one. `engram-llama calibrate` writes it to the cache folder; `run`, `serve` and the API
+find it there, else among the built-in profiles shipped with the package, else fall back to the
+hand-tuned family defaults ("uncalibrated"). A profile for another model, of another policy
+version, or that does not parse is refused with one line, never applied.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .gguf_check import identity
+from .policy import POLICY_VERSION, Policy
+
+FORMAT = "engram-llama-profile"
+BUILTIN = Path(__file__).resolve().parent / "profiles"
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used: its message is one line for the user."""
+
+
+def cache_dir() -> Path:
+    """$ENGRAM_LLAMA_CACHE, else $XDG_CACHE_HOME/engram-llama, else ~/.cache/engram-llama."""
+    if os.environ.get("ENGRAM_LLAMA_CACHE"):
+        return Path(os.environ["ENGRAM_LLAMA_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "engram-llama"
+
+
+def key(ident: dict) -> str:
+    """The file name a model's profile has: architecture and the header digest's first 16 digits."""
+    return f"{ident['architecture']}-{ident['header_sha256'][:16]}"
+
+
+@dataclass
+class Profile:
+    policy: Policy
+    model: dict                 # the identity it was measured on
+    measured: dict = field(default_factory=dict)  # how: tasks, lengths, n, the table per candidate and slot
+    tool: str = ""              # the engram-llama version that wrote it
+    path: Path | None = None    # where it was read from
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "policy_version": POLICY_VERSION, "tool": self.tool, "model": self.model,
+                "policy": self.policy.to_json(), "measured": self.measured}
+
+
+def read(path: str | os.PathLike, ident: dict | None = None) -> Profile:
+    """The profile in path, checked against the model's identity; ProfileError (one line) when it
+    does not parse, is of another policy version or is another model's."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ProfileError(f"cannot read profile {p}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ProfileError(f"profile {p} is corrupt (not JSON)") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise ProfileError(f"{p} is not an engram-llama profile")
+    if d.get("policy_version") != POLICY_VERSION:
+        raise ProfileError(f"profile {p} is of policy version {d.get('policy_version')}, this engram-llama reads "
+                           f"{POLICY_VERSION}: run `engram-llama calibrate` again")
+    try:
+        pol = Policy.from_json(d.get("policy"))
+        model = d["model"]
+        if not isinstance(model, dict) or not isinstance(model.get("header_sha256"), str):
+            raise ValueError("no model identity")
+    except (ValueError, TypeError, KeyError) as e:
+        raise ProfileError(f"profile {p} is corrupt ({e})") from None
+    if ident is not None and (model.get("header_sha256"), model.get("size")) != (ident["header_sha256"], ident["size"]):
+        raise ProfileError(f"profile {p} was measured on another model file ({model.get('architecture')}, "
+                           f"{model.get('size')} bytes), not this one")
+    measured = d.get("measured") if isinstance(d.get("measured"), dict) else {}
+    return Profile(pol, model, measured, str(d.get("tool", "")), p)
+
+
+def find(model_path: str | os.PathLike, warn=None) -> Profile | None:
+    """The model's profile: the cache folder's, else a built-in one, else None (uncalibrated).
+    One that is found but unusable is skipped with a line to `warn`."""
+    ident = identity(model_path)
+    for folder in (cache_dir() / "profiles", BUILTIN):
+        p = folder / f"{key(ident)}.json"
+        if p.exists():
+            try:
+                return read(p, ident)
+            except ProfileError as e:
+                if warn:
+                    warn(f"{e}; ignored")
+    return None
+
+
+def write(profile: Profile, path: str | os.PathLike) -> Path:
+    """Write atomically: a temporary file in the same folder, then renamed over the target, so a
+    failure or Ctrl-C leaves the old profile or none, never half of one."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(profile.to_json(), f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def describe(profile: Profile | None) -> dict:
+    """What --json and --explain say about the policy in force."""
+    if profile is None:
+        return {"calibrated": False, "policy": "hand-tuned family defaults",
+                "hint": "run `engram-llama calibrate MODEL.gguf` to measure this model"}
+    return {"calibrated": True, "file": str(profile.path) if profile.path else None, "policy": profile.policy.label,
+            "steering": "on" if profile.policy.steer or profile.policy.reorder else "off"}

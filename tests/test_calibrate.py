@@ -1,0 +1,226 @@
+"""Calibrated steering: the policy a profile holds, profiles keyed by the model file's identity,
+the paired choice rule, and `engram-llama calibrate` end to end on generated models."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engram_llama import calibrate, policy, profile
+from engram_llama.gguf_check import identity, read_header
+from engram_llama.plan import Settings, candidate_settings, with_policy
+from engram_llama.policy import CANDIDATES, Candidate, Policy
+from research import synth
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGRAM_LLAMA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_identity_hashes_the_header_gguf_py_reads():
+    """The header ends where gguf-py's reader puts the tensor data; the digest is of those bytes."""
+    import gguf
+
+    for name in ("llama", "qwen35"):
+        p = synth.cached_model(name)
+        off = gguf.GGUFReader(str(p), "r").data_offset
+        assert read_header(p).data_offset == off
+        ident = identity(p)
+        assert ident["header_sha256"] == hashlib.sha256(p.read_bytes()[:off]).hexdigest()
+        assert ident["size"] == p.stat().st_size and ident["architecture"] == name
+    assert identity(synth.cached_model("llama")) != identity(synth.cached_model("qwen35"))
+
+
+def test_policy_json_round_trip_and_refusals():
+    p = Policy(steer=True, peak=4.0, focus="sentences", reorder=True, edges=1.0)
+    assert Policy.from_json(json.loads(json.dumps(p.to_json()))) == p
+    for bad in ({"steer": True}, {**p.to_json(), "peak": -1}, {**p.to_json(), "focus": "word"},
+                {**p.to_json(), "steer": "yes"}, {**p.to_json(), "extra": 1}, [1]):
+        with pytest.raises(ValueError):
+            Policy.from_json(bad)
+
+
+def test_a_profile_applies_the_settings_its_candidate_was_measured_with():
+    """with_policy turns a profile into exactly the Settings calibrate ran for the chosen candidate;
+    the user's own options win; a profile that turned steering off leaves the prompt unbiased."""
+    for c in CANDIDATES:
+        if c.order == "keep":
+            pol = Policy(steer=True, peak=c.strength, focus=c.focus)
+        else:
+            pol = Policy(steer=False, reorder=True, edges=c.strength)
+        assert with_policy(Settings(), pol) == candidate_settings(c), c
+    pol = Policy(steer=True, peak=4.0, focus="sentences", reorder=True, edges=1.0)
+    assert with_policy(Settings(order="keep"), pol) == candidate_settings(Candidate("", "keep", 4.0, "sentences"))
+    assert with_policy(Settings(strength=3.0), pol).strength == 3.0
+    off = Policy()
+    assert with_policy(Settings(), off).engram is False
+    assert with_policy(Settings(strength=2.0), off).engram is True   # the user's own strength steers
+    assert with_policy(Settings(), None) == Settings()                # uncalibrated: the hand-tuned path
+    assert with_policy(Settings(engram=False), pol) == Settings(engram=False)
+
+
+def _write(tmp_path, ident, **over):
+    prof = profile.Profile(Policy(steer=True, peak=2.0), ident, {"n": 1}, "test")
+    d = {**prof.to_json(), **over}
+    p = tmp_path / f"p{len(list(tmp_path.iterdir()))}.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+def test_profiles_are_refused_for_another_model_version_or_when_corrupt(tmp_path):
+    ident = identity(synth.cached_model("llama"))
+    other = identity(synth.cached_model("gemma3"))
+    assert profile.read(_write(tmp_path, ident), ident).policy.peak == 2.0
+    cases = [(_write(tmp_path, other), "another model"),
+             (_write(tmp_path, ident, policy_version=policy.POLICY_VERSION + 1), "policy version"),
+             (_write(tmp_path, ident, format="x"), "not an engram-llama profile"),
+             (_write(tmp_path, ident, policy={"steer": 1}), "corrupt")]
+    for path, why in cases:
+        with pytest.raises(profile.ProfileError, match=why):
+            profile.read(path, ident)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "engram-')
+    with pytest.raises(profile.ProfileError, match="corrupt"):
+        profile.read(bad, ident)
+
+
+def test_find_prefers_the_cache_folder_and_skips_a_broken_one_with_a_line(cache, tmp_path):
+    model = synth.cached_model("llama")
+    ident = identity(model)
+    assert profile.find(model) is None
+    target = cache / "profiles" / f"{profile.key(ident)}.json"
+    profile.write(profile.Profile(Policy(steer=True, peak=4.0), ident), target)
+    assert [p.name for p in target.parent.iterdir()] == [target.name]   # no temporary file left
+    assert profile.find(model).policy.peak == 4.0
+    target.write_text("{")
+    said = []
+    assert profile.find(model, warn=said.append) is None
+    assert len(said) == 1 and "corrupt" in said[0]
+
+
+def _rows(pairs: dict[str, list[tuple[str, bool]]]) -> list[dict]:
+    """Rows for the choice rule: per condition, a list of (slot, correct)."""
+    n = len(next(iter(pairs.values())))
+    rows = []
+    for i in range(n):
+        slot = pairs["vanilla"][i][0]
+        res = {name: {"verdict": "correct" if v[i][1] else "wrong"} for name, v in pairs.items()}
+        rows.append({"item": i // 3, "slot": slot, "results": res})
+    return rows
+
+
+def _conditions(vanilla, **hits):
+    names = [n for n, _ in calibrate._conditions()]
+    slots = [calibrate.tasks.SLOTS[i % 3] for i in range(len(vanilla))]
+    out = {n: list(zip(slots, hits.get(n.replace("+", "_").replace("-", "_"), vanilla))) for n in names}
+    return out
+
+
+def test_the_paired_rule_keeps_a_clear_winner_and_turns_off_otherwise():
+    vanilla = [False] * 30
+    win = [i % 3 == 1 or i < 6 for i in range(30)]            # 14 wins over vanilla, no loss
+    rows = _rows(_conditions(vanilla, chunk_4=win))
+    pol, chosen = calibrate.choose(rows)
+    assert (pol.steer, pol.peak, pol.focus, pol.reorder) == (True, 4.0, "chunk", False)
+    assert chosen["given_order"] == "chunk+4"
+    # 3 wins, 1 loss: p = 0.31, not enough
+    weak = list(vanilla)
+    weak[0] = weak[1] = weak[2] = True
+    van = list(vanilla)
+    van[3] = True
+    pol, _ = calibrate.choose(_rows(_conditions(van, chunk_2=[a or False for a in weak])))
+    assert not pol.steer and not pol.reorder
+    # a winner that gives more degenerate answers than vanilla does not qualify
+    rows = _rows(_conditions(vanilla, chunk_4=win))
+    for r in rows[:2]:
+        r["results"]["chunk+4"]["verdict"] = "degenerate"
+    rows[5]["results"]["chunk+4"]["verdict"] = "degenerate"
+    assert calibrate.qualifies(rows, "chunk+4")[0] is False
+    # reordering that wins and is not behind the given order's choice is kept for retrieved chunks
+    rows = _rows(_conditions(vanilla, chunk_2=win, reorder_1=win))
+    pol, chosen = calibrate.choose(rows)
+    assert (pol.steer, pol.peak, pol.reorder, pol.edges) == (True, 2.0, True, 1.0)
+
+
+def test_sign_test_against_the_binomial():
+    from math import comb
+
+    assert calibrate.sign_p(6, 1) == pytest.approx((comb(7, 6) + 1) / 128)
+    assert calibrate.sign_p(0, 0) == 1.0
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "engram_llama.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+@pytest.mark.parametrize("arch,chat", [("llama-smol", False), ("qwen35-chat", True)])
+def test_calibrate_end_to_end_on_a_generated_model(arch, chat, cache, tmp_path):
+    """The whole path on random weights (their choice means nothing): every placement logged,
+    the profile written and then found by `ask`; a second run resumes instead of starting over."""
+    model = synth.cached_model(arch)
+    prof, path = calibrate.run(str(model), n_ctx=2048, budget_minutes=0.4, chat=chat, progress=False,
+                               log=lambda m: None)
+    rows = [json.loads(l) for l in calibrate.log_path(identity(model), 2048).read_text().splitlines()[1:]]
+    assert len(rows) >= 3 and len(rows) % 1 == 0
+    assert {r["slot"] for r in rows} == set(calibrate.tasks.SLOTS)
+    t = prof.measured["table"]
+    assert set(t) == {n for n, _ in calibrate._conditions()}
+    assert all(t[n]["n"] == len(rows) for n in t)
+    assert path.exists() and profile.read(path, identity(model)).policy == prof.policy
+    said = []
+    prof2, _ = calibrate.run(str(model), n_ctx=2048, budget_minutes=0.4, chat=chat, progress=False, log=said.append)
+    assert said and said[0].startswith("resuming")
+    rows2 = calibrate.log_path(identity(model), 2048).read_text().splitlines()[1:]
+    assert len(rows2) <= len(rows) + 3   # at most the item left unfinished is completed
+    from engram_llama.runtime import EngramLlama
+
+    eng = EngramLlama(str(model), n_ctx=2048, chat=chat)
+    try:
+        assert eng.profile is not None and eng.profile.policy == prof2.policy
+    finally:
+        eng.close()
+
+
+def one_line_error(res, text):
+    assert res.returncode != 0, res.stdout
+    err = res.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and text in err, err
+
+
+def test_calibrate_bad_input_is_one_line(cache, tmp_path):
+    model = str(synth.cached_model("llama-smol"))
+    env = {"ENGRAM_LLAMA_CACHE": str(cache)}
+    one_line_error(_cli("calibrate", str(tmp_path / "none.gguf"), env=env), "not found")
+    junk = tmp_path / "j.gguf"
+    junk.write_bytes(b"NOPE" * 100)
+    one_line_error(_cli("calibrate", str(junk), env=env), "not a GGUF")
+    cut = tmp_path / "t.gguf"
+    cut.write_bytes(Path(model).read_bytes()[:200000])
+    one_line_error(_cli("calibrate", str(cut), env=env), "truncated")
+    one_line_error(_cli("calibrate", model, "-c", "256", env=env), "too small")
+    one_line_error(_cli("calibrate", model, "--budget", "0", env=env), "--budget")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if not os.access(ro, os.W_OK):  # root writes anywhere: the check cannot be made then
+        one_line_error(_cli("calibrate", model, env={"ENGRAM_LLAMA_CACHE": str(ro / "c")}), "cannot write")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    one_line_error(_cli("calibrate", model, env={"ENGRAM_LLAMA_CACHE": str(blocker)}), "cannot write")
+    one_line_error(_cli("calibrate", model, "--no-chat", "-c", "2048", "--budget", "0.0001", env=env),
+                   "too small for even one item")
+    assert not list((cache / "profiles").glob("*.json")) if (cache / "profiles").exists() else True
+    other = tmp_path / "other.json"
+    prof = profile.Profile(Policy(steer=True, peak=2.0), identity(synth.cached_model("gemma3")))
+    profile.write(prof, other)
+    docs = ROOT / "python" / "engram_llama" / "samples" / "docs"
+    one_line_error(_cli("run", model, "q?", "--chunks", str(docs), "--no-chat", "--profile", str(other), env=env),
+                   "another model")
