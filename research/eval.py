@@ -60,14 +60,19 @@ def load_rows(path):
     return rows
 
 
-def report(path, against="vanilla"):
-    """Accuracy per condition and slot, paired against one condition (McNemar)."""
-    rows = [r for r in load_rows(path) if r["slot"] != "gold-only"]
+def report(path, against="vanilla", answerable=False):
+    """Accuracy per condition and slot, paired against one condition (McNemar); answerable: only
+    the items the model answered from the gold passage alone (their gold-only rows)."""
+    rows = load_rows(path)
+    ok = {r["id"] for r in rows if r["slot"] == "gold-only" and r["judge"] == "correct"}
+    rows = [r for r in rows if r["slot"] != "gold-only" and (not answerable or r["id"] in ok)]
     res = {}
     for r in rows:
-        res.setdefault((r["condition"], r["slot"]), {})[r["id"]] = r["judge"]
+        # a loop, stutter or recited chunk fails even when it holds the answer (rows since issue 27)
+        v = "degenerate" if r.get("degenerate") else r["judge"]
+        res.setdefault((r["condition"], r["slot"]), {})[r["id"]] = v
         # every slot pooled, paired by (item, slot): the overall comparison with more power
-        res.setdefault((r["condition"], "all"), {})[(r["id"], r["slot"])] = r["judge"]
+        res.setdefault((r["condition"], "all"), {})[(r["id"], r["slot"])] = v
     conds = list(dict.fromkeys(r["condition"] for r in rows))
     slots = [s for s in ("first", "middle", "last", "all") if any(k[1] == s for k in res)]
     if not rows:
@@ -76,8 +81,8 @@ def report(path, against="vanilla"):
     print(f"{path}: {len({r['id'] for r in rows})} items, prompts {n_tok[0]}-{n_tok[-1]} tokens\n")
     print("(all: the slots pooled, paired by item and slot; reordering's prompt is the same at every slot, so two\n"
           " reordering conditions are compared on one slot)\n")
-    print(f"| condition | slot | n | correct | 95% CI | wrong | refusal | vs {against} (+/-) | McNemar p |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| condition | slot | n | correct | 95% CI | wrong | refusal | degenerate | vs {against} (+/-) | McNemar p |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in conds:
         for s in slots:
             d = res.get((c, s), {})
@@ -86,6 +91,7 @@ def report(path, against="vanilla"):
             lo, hi = wilson(k, n)
             wr = sum(v == "wrong" for v in d.values())
             rf = sum(v == "refusal" for v in d.values())
+            dg = sum(v == "degenerate" for v in d.values())
             base = res.get((against, s), {})
             both = [i for i in d if i in base]
             b = sum(d[i] == "correct" and base[i] != "correct" for i in both)
@@ -93,7 +99,7 @@ def report(path, against="vanilla"):
             same_prompt = s == "all" and one_prompt(c, against)
             vs = f"+{b}/-{cc}" if c != against and base and not same_prompt else ""
             p = fmt_p(mcnemar(b, cc)) if c != against and base and not same_prompt else ""
-            print(f"| {c} | {s} | {n} | {100 * k / max(n, 1):.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {wr} | {rf} | {vs} | {p} |")
+            print(f"| {c} | {s} | {n} | {100 * k / max(n, 1):.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {wr} | {rf} | {dg} | {vs} | {p} |")
 
 
 def misses(path):
@@ -185,7 +191,7 @@ def main(argv=None):
     r.add_argument("--conditions", default=None, help="condition names, comma-separated (instead of --preset)")
     r.add_argument("--dataset", choices=list(DATASETS), default="nq")
     r.add_argument("--data", default=None, help="the data file (default: ../shared/data's for the data set)")
-    r.add_argument("--n", type=int, default=40)
+    r.add_argument("--n", type=int, default=40, help="items (with --sealed: as many of the split's, in its seeded order)")
     r.add_argument("--passages", type=int, default=15)
     r.add_argument("--slots", default="first,middle,last", help="gold slots, comma-separated")
     r.add_argument("--ids", default=None, help="only these item ids, comma-separated")
@@ -199,10 +205,11 @@ def main(argv=None):
     r.add_argument("--restate-key", action="store_true", help="KV: the answer starts by restating the record's key")
     r.add_argument("--profile", default=None, help="a calibrated profile for the conditions marked \"profile\"")
     r.add_argument("--sealed", action="store_true", help="the sealed split's items (research/sealed.json): run it "
-                   "once, choose nothing on it")
+                   "once, choose nothing on it; with --no-filter the gold-only answers are still recorded")
     p = sub.add_parser("report", help="accuracy per condition and slot, paired against one condition")
     p.add_argument("path")
     p.add_argument("--against", default="vanilla")
+    p.add_argument("--answerable", action="store_true", help="only the items answered from the gold passage alone")
     m = sub.add_parser("misses", help="the wrong answers by kind (echo, near, other)")
     m.add_argument("path")
     po = sub.add_parser("pooled", help="one condition against another over several files")
@@ -226,6 +233,8 @@ def main(argv=None):
         data = args.data or DATASETS[args.dataset]
         only = set(args.ids.split(",")) if args.ids else None
         if args.sealed:
+            if args.ids or args.skip:
+                sys.exit("research: --sealed runs the sealed split's own items: no --ids or --skip with it")
             sealed = json.loads(SEALED.read_text())
             if args.dataset in ("nq", "kv"):
                 only = set(sealed[args.dataset])
@@ -238,13 +247,13 @@ def main(argv=None):
                 n_passages=args.passages, slots=tuple(args.slots.split(",")), data=str(data) if data else None,
                 n_ctx=args.ctx_size, answerable_only=not args.no_filter, seed=args.seed, chat=not args.no_chat,
                 dataset=args.dataset, restate_key=args.restate_key, n_threads=args.threads, skip=args.skip,
-                only=only, profile=args.profile)
+                only=only, profile=args.profile, record_gold=args.sealed)
         except (ValueError, OSError) as e:
             sys.exit(f"research: {e}")
         except Exception as e:  # the CLI's UsageError (no default model), a model llama.cpp refuses
             sys.exit(f"research: {type(e).__name__}: {e}".splitlines()[0])
     elif args.cmd == "report":
-        report(args.path, args.against)
+        report(args.path, args.against, args.answerable)
     elif args.cmd == "misses":
         misses(args.path)
     elif args.cmd == "pooled":

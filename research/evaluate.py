@@ -16,6 +16,7 @@ import numpy as np
 
 from engram_llama.chunks import Chunk, split
 from engram_llama.plan import Settings
+from engram_llama.quality import degenerate
 
 from .datasets import normalize
 
@@ -89,7 +90,7 @@ def load_presets(path: str | Path = PRESETS) -> tuple[dict[str, dict], dict[str,
     data = json.loads(Path(path).read_text())
     conds, presets = data["conditions"], data["presets"]
     for over in conds.values():
-        settings_of(over, None)  # a bad field or value fails here, not mid-run
+        Settings(**{k: v for k, v in over.items() if k != "profile"})  # a bad field or value fails here, not mid-run
     for p, names in presets.items():
         missing = [n for n in names if n not in conds]
         if missing:
@@ -117,13 +118,15 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
         slots=("first", "middle", "last"), data: str = "../shared/data/nq-open-dev.jsonl.gz", n_ctx: int | None = None,
         answerable_only: bool = True, seed: int = 0, chat: bool = True, log=print, dataset: str = "nq",
         max_new: int | None = None, restate_key: bool = False, only: set[str] | None = None,
-        skip: int = 0, n_threads: int | None = None, profile: str | None = None) -> None:
+        skip: int = 0, n_threads: int | None = None, profile: str | None = None, record_gold: bool = False) -> None:
     """Resumable: rows already in out_path are not run again. answerable_only: only items the model
     answers from the gold passage alone (the closed-book filter, itself a vanilla `ask`).
     restate_key: KV answers start with the record's key (datasets.kv). only: these item ids.
     skip: the first `skip` items of the seeded order are left out (a split declared apart).
     n_ctx None: the model's trained context up to the CLI's --max-ctx default, so that a prompt
     the CLI would fit whole is not cut here (rows record the chunks left out, if any).
+    record_gold: without the filter, still record each item's gold-only answer (a report's subset of
+    the items answerable from the gold alone: the sealed split).
     profile: a calibrated profile of this model for the conditions marked {"profile": true}; every
     other condition runs the hand-tuned defaults (the engine has no profile of its own)."""
     from engram_llama.cli import DEFAULT_MAX_CTX
@@ -172,15 +175,15 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
             if used >= n_items:
                 break
             it = items[idx]
-            if (only is not None and it.id not in only) or it.id in unanswerable:
+            if (only is not None and it.id not in only) or (answerable_only and it.id in unanswerable):
                 continue
-            if answerable_only and (it.id, "gold-only", "vanilla") not in done:
+            if (answerable_only or record_gold) and (it.id, "gold-only", "vanilla") not in done:
                 a = eng.ask(it.question, split([tuple(it.gold)]), n_new, answer_prefix=it.answer_prefix,
                             settings=Settings(engram=False, order="keep"))
                 verdict = judge(a.text, it.answers)
                 write({"id": it.id, "slot": "gold-only", "condition": "vanilla", "answer": a.text,
                        "judge": verdict, "answers": it.answers, **tag})
-                if verdict != "correct":
+                if verdict != "correct" and answerable_only:
                     continue
             used += 1
             for slot in slots:
@@ -189,6 +192,7 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
                     continue
                 passages, k = documents(it, slot, n_passages)
                 chunks, gold_ids = chunked(passages, k)
+                docs_text = "\n".join(c.text for c in chunks)
                 for c in todo:
                     t0 = time.perf_counter()
                     a = eng.ask(it.question, chunks, n_new, answer_prefix=it.answer_prefix,
@@ -197,6 +201,7 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
                     pos = next((p for p, cid in enumerate(a.chunk_order) if cid in gold_ids), -1)
                     write({"id": it.id, "slot": slot, "condition": c, "question": it.question, "answer": a.text,
                            "judge": judge(a.text, it.answers), "answers": it.answers, "gold_rank": rank,
+                           "degenerate": degenerate(a.text, docs_text, it.answers, it.question),
                            "gold_pos": pos, "n_passages": len(passages), "n_tokens": a.n_prompt_tokens,
                            "dropped": [c.id for c in a.dropped],
                            "plan": {key: v for key, v in a.plan.to_json().items() if key != "spans"},

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     from . import datasets
 
     items = datasets.nq(args.data, 15)[:20]
-    eng = EngramLlama(default_model(), n_ctx=4096, table=_open_table(None))
+    eng = EngramLlama(default_model(), n_ctx=4096, table=_open_table(None), profile=None)
     old = {}
     if args.against:
         old = {r["id"]: r for r in map(json.loads, Path(args.against).read_text().splitlines())}

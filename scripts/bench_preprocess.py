@@ -82,7 +82,7 @@ def main():
     items = datasets.nq(ROOT.parent / "shared" / "data" / "nq-open-dev.jsonl.gz", args.passages)
     it, it2 = items[0], items[1]
     chunks = [Chunk(i, t, x) for i, (t, x) in enumerate([it.gold] + it.distractors)]
-    eng = EngramLlama(args.model or default_model(), n_ctx=args.ctx_size, table=table)
+    eng = EngramLlama(args.model or default_model(), n_ctx=args.ctx_size, table=table, profile=None)
     # make it fit: drop passages from the end until the prompt leaves room to answer
     while True:
         _, prompt = stages(eng, Extractor(table=table, quiet=True), it.question, chunks)

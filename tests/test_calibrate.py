@@ -64,6 +64,14 @@ def test_a_profile_applies_the_settings_its_candidate_was_measured_with():
     assert with_policy(Settings(strength=2.0), off).engram is True   # the user's own strength steers
     assert with_policy(Settings(), None) == Settings()                # uncalibrated: the hand-tuned path
     assert with_policy(Settings(engram=False), pol) == Settings(engram=False)
+    # reordering asked for where the profile did not choose it: the hand-tuned reordering (+1)
+    assert with_policy(Settings(order="edges"), Policy(steer=True, peak=4.0)) == Settings(order="edges")
+    # applied twice (prepare, then plan) it gives the same settings
+    for pol in (Policy(steer=True, peak=4.0, focus="sentences", reorder=True, edges=1.0), Policy(steer=True, peak=2.0),
+                Policy(), Policy(reorder=True)):
+        for s in (Settings(), Settings(order="keep"), Settings(strength=3.0), Settings(order="move")):
+            once = with_policy(s, pol)
+            assert with_policy(once, pol) == once, (pol, s)
 
 
 def _write(tmp_path, ident, **over):
@@ -123,7 +131,7 @@ def _conditions(vanilla, **hits):
     return out
 
 
-def test_the_paired_rule_keeps_a_clear_winner_and_turns_off_otherwise():
+def test_the_paired_rule_keeps_a_clear_winner_and_turns_off_otherwise(monkeypatch):
     vanilla = [False] * 30
     win = [i % 3 == 1 or i < 6 for i in range(30)]            # 14 wins over vanilla, no loss
     rows = _rows(_conditions(vanilla, chunk_4=win))
@@ -147,6 +155,30 @@ def test_the_paired_rule_keeps_a_clear_winner_and_turns_off_otherwise():
     rows = _rows(_conditions(vanilla, chunk_2=win, reorder_1=win))
     pol, chosen = calibrate.choose(rows)
     assert (pol.steer, pol.peak, pol.reorder, pol.edges) == (True, 2.0, True, 1.0)
+    # ... and dropped when it is behind it (paired by item)
+    less = [w and i % 2 == 0 for i, w in enumerate(win)]
+    pol, _ = calibrate.choose(_rows(_conditions(vanilla, chunk_2=win, reorder_1=less)))
+    assert (pol.steer, pol.reorder) == (True, False)
+    # a tie goes to the milder strength, whatever the candidates' order
+    pol, _ = calibrate.choose(_rows(_conditions(vanilla, chunk_4=win, sentences_2=win)))
+    assert (pol.peak, pol.focus) == (2.0, "sentences")
+    # the items, not the placements, are the pairs: 3 wins at the slots of one item are one win
+    one = [i < 3 for i in range(30)]
+    assert calibrate._paired(_rows(_conditions(vanilla, chunk_2=one)), "chunk+2", "vanilla")[:2] == (1, 0)
+
+
+def test_a_cut_line_in_the_log_is_dropped_and_later_rows_stand_alone(tmp_path):
+    head = {"model": "m", "n_ctx": 2048}
+    log = tmp_path / "log.jsonl"
+    row = {"item": 0, "slot": "first", "seconds": 1.0, "results": {}}
+    log.write_text(json.dumps(head) + "\n" + json.dumps(row) + "\n" + '{"item": 0, "slot": "mid')  # killed mid-write
+    assert calibrate._read_log(log, head) == [row]
+    with open(log, "a") as f:  # the next run appends its rows
+        f.write(json.dumps({**row, "slot": "middle"}) + "\n")
+    assert [r["slot"] for r in calibrate._read_log(log, head)] == ["first", "middle"]
+    # another setup's log is set aside, not mixed in
+    assert calibrate._read_log(log, {**head, "n_ctx": 4096}) == [] and not log.exists()
+    assert len(list(tmp_path.glob("log.old-*.jsonl"))) == 1
 
 
 def test_sign_test_against_the_binomial():
@@ -162,14 +194,15 @@ def _cli(*args, env=None):
 
 
 @pytest.mark.parametrize("arch,chat", [("llama-smol", False), ("qwen35-chat", True)])
-def test_calibrate_end_to_end_on_a_generated_model(arch, chat, cache, tmp_path):
+def test_calibrate_end_to_end_on_a_generated_model(arch, chat, cache, tmp_path, monkeypatch):
     """The whole path on random weights (their choice means nothing): every placement logged,
     the profile written and then found by `ask`; a second run resumes instead of starting over."""
+    monkeypatch.setattr(calibrate, "MIN_ITEMS", 2)  # a short budget on tiny models
     model = synth.cached_model(arch)
     prof, path = calibrate.run(str(model), n_ctx=2048, budget_minutes=0.4, chat=chat, progress=False,
                                log=lambda m: None)
-    rows = [json.loads(l) for l in calibrate.log_path(identity(model), 2048).read_text().splitlines()[1:]]
-    assert len(rows) >= 3 and len(rows) % 1 == 0
+    rows = [json.loads(l) for l in calibrate.log_path(identity(model), 2048, chat).read_text().splitlines()[1:]]
+    assert len(rows) >= 3 * calibrate.MIN_ITEMS and len(rows) % 3 == 0
     assert {r["slot"] for r in rows} == set(calibrate.tasks.SLOTS)
     t = prof.measured["table"]
     assert set(t) == {n for n, _ in calibrate._conditions()}
@@ -178,7 +211,7 @@ def test_calibrate_end_to_end_on_a_generated_model(arch, chat, cache, tmp_path):
     said = []
     prof2, _ = calibrate.run(str(model), n_ctx=2048, budget_minutes=0.4, chat=chat, progress=False, log=said.append)
     assert said and said[0].startswith("resuming")
-    rows2 = calibrate.log_path(identity(model), 2048).read_text().splitlines()[1:]
+    rows2 = calibrate.log_path(identity(model), 2048, chat).read_text().splitlines()[1:]
     assert len(rows2) <= len(rows) + 3   # at most the item left unfinished is completed
     from engram_llama.runtime import EngramLlama
 
@@ -216,7 +249,7 @@ def test_calibrate_bad_input_is_one_line(cache, tmp_path):
     blocker.write_text("")
     one_line_error(_cli("calibrate", model, env={"ENGRAM_LLAMA_CACHE": str(blocker)}), "cannot write")
     one_line_error(_cli("calibrate", model, "--no-chat", "-c", "2048", "--budget", "0.0001", env=env),
-                   "too small for even one item")
+                   "too small: a profile needs")
     assert not list((cache / "profiles").glob("*.json")) if (cache / "profiles").exists() else True
     other = tmp_path / "other.json"
     prof = profile.Profile(Policy(steer=True, peak=2.0), identity(synth.cached_model("gemma3")))
@@ -224,3 +257,19 @@ def test_calibrate_bad_input_is_one_line(cache, tmp_path):
     docs = ROOT / "python" / "engram_llama" / "samples" / "docs"
     one_line_error(_cli("run", model, "q?", "--chunks", str(docs), "--no-chat", "--profile", str(other), env=env),
                    "another model")
+
+
+def test_the_sealed_evaluation_runs_a_profile_as_run_applies_it():
+    """research's "calibrated" condition is with_policy on the engine without a profile: what
+    `run` does with that profile found."""
+    from research.evaluate import load_presets, settings_of
+
+    conds, presets = load_presets()
+    assert presets["sealed"] == ["vanilla", "reorder", "engram", "calibrated"]
+    pol = Policy(steer=True, peak=4.0, focus="sentences", reorder=True, edges=1.0)
+    assert settings_of(conds["calibrated"], pol) == with_policy(Settings(), pol)
+    assert settings_of(conds["engram"], pol) == Settings()   # the hand-tuned defaults stay themselves
+    with pytest.raises(ValueError, match="--profile"):
+        settings_of(conds["calibrated"], None)
+    sealed = json.loads((ROOT / "research" / "sealed.json").read_text())
+    assert len(sealed["nq"]) >= 100 and len(sealed["kv"]) >= 100 and sealed["bulletin_seed"] != calibrate.SEED

@@ -198,38 +198,48 @@ def test_near_lowers_the_bias_of_chunks_next_to_the_question(chunks):
 
 
 def test_rerank_reads_each_chunk_once_per_question(chunks):
-    """prepare reranks the best chunks by the question's likelihood, as many of the best RERANK_K
-    as fit in RERANK_SHARE of the documents' text (at least 2); the same chunks in another order
-    are not reread, and rerank=0 keeps the BM25 + entity order."""
+    """By default prepare reranks nothing where BM25 + entities lead by more than RERANK_LEAD, else
+    as many of the best RERANK_K as fit in RERANK_SHARE of the documents' text (at least 2);
+    --rerank K reads the best K; the same chunks in another order are not reread, and rerank=0
+    keeps the BM25 + entity order."""
     from engram_llama import relevance
 
-    q = "How much money does a farmer family get each year under PM-KISAN?"
     eng = EngramLlama(default_model(), n_ctx=4096, n_threads=2)
     calls = []
     try:
+        # the default's count, by hand from the plain order
+        for q in ("How much money does a farmer family get each year under PM-KISAN?",
+                  "Which bank account receives the money?"):
+            _, _, plain, _ = eng.prepare(q, chunks, 12, settings=Settings(rerank=0))
+            assert all(s.lm is None for s in plain)
+            total, used, want = sum(len(c.text) for c in chunks), 0, 0
+            for s in plain[:relevance.RERANK_K]:
+                used += len(s.chunk.text)
+                if want >= 2 and used > total / 6:
+                    break
+                want += 1
+            if plain[0].score - plain[1].score > 0.5:
+                want = 0
+            _, _, scored, _ = eng.prepare(q, chunks, 12)
+            assert sum(s.lm is not None for s in scored) == want, q
+            assert {s.chunk.id for s in scored[:want]} == {s.chunk.id for s in plain[:want]}
+        assert (relevance.RERANK_SHARE, relevance.RERANK_LEAD) == (1 / 6, 0.5)
+        # --rerank 4: the best 4 read once; the same chunks in another order reuse the scores
+        q = "How much money does a farmer family get each year under PM-KISAN?"
+        k = 4
+        eng.settings.rerank = k
         _, _, scored, _ = eng.prepare(q, chunks, 12)
         lk = eng.retriever._likelihood
         real = lk.__call__
         eng.retriever._likelihood = type("Spy", (), {"__call__": lambda self, qq, cs: calls.append(len(cs)) or real(qq, cs),
                                                      "n_seq": lk.n_seq, "close": lambda self: None})()
         _, _, again, _ = eng.prepare(q, chunks[::-1], 12)
-        k = sum(s.lm is not None for s in scored)
         assert calls == []  # every score came from the first call
         assert [s.lm for s in scored[:k]] == [s.lm for s in again[:k]] and all(s.lm is not None for s in scored[:k])
         assert all(s.lm is None for s in scored[k:])
         # the order is the fused one: score before rerank + LM_WEIGHT * lm, recomputed here
         eng.settings.rerank = 0
         _, _, plain, _ = eng.prepare(q, chunks, 12)
-        assert all(s.lm is None for s in plain)
-        # the count by hand: the best chunks while their text stays within a sixth of all of it
-        total, used, want = sum(len(c.text) for c in chunks), 0, 0
-        for s in plain[:relevance.RERANK_K]:
-            used += len(s.chunk.text)
-            if want >= 2 and used > total / 6:
-                break
-            want += 1
-        assert relevance.RERANK_SHARE == 1 / 6 and k == want and 2 <= k < relevance.RERANK_K
-        assert {s.chunk.id for s in scored[:k]} == {s.chunk.id for s in plain[:k]}
         lm = {s.chunk.id: s.lm for s in scored[:k]}
         fused = {s.chunk.id: s.score + relevance.LM_WEIGHT * lm[s.chunk.id] for s in plain[:k]}
         assert [s.chunk.id for s in scored[:k]] == sorted(fused, key=lambda i: -fused[i])

@@ -160,6 +160,11 @@ VERDICTS = [
     ("State Bank of India, State Bank of India, State Bank of India", ["State Bank of India"], "degenerate", "loop"),
     ("Grievances may be raised at the block office within 30 days.", ["State Bank of India"], "degenerate", "recital"),
     ("  ... ", ["x"], "degenerate", "empty"),
+    # a currency sign against the number leaves it a whole word; a copied run without the
+    # answer is a recital
+    ("₹6,000 a year", ["6,000"], "correct", None),
+    ("₹60,000", ["6,000"], "wrong", None),
+    ("Payments were made through State Bank of India in Ernakulam", ["Canara Bank"], "degenerate", "recital"),
 ]
 
 
@@ -167,6 +172,15 @@ VERDICTS = [
 def test_judge(answer, answers, verdict, reason):
     assert degenerate(answer, DOC, answers) == reason
     assert judge(answer, answers, DOC) == verdict
+
+
+def test_restating_the_question_is_not_a_recital():
+    q = "How much money was released under PM-KISAN in Ernakulam district in 2022-23 by the state?"
+    ans = "The money released under PM-KISAN in Ernakulam district in 2022-23 by the state was Rs"
+    docs = ("Funds released under PM-KISAN in Ernakulam district in 2022-23 by the state government were "
+            "audited. Rs 412.7 crore was released.")
+    assert degenerate(ans, docs, ["412.7"], q) is None and judge(ans, ["412.7"], docs, q) == "wrong"
+    assert degenerate(ans, docs, ["412.7"]) == "recital"  # without the question it looks like one
 
 
 def test_quality_details():

@@ -155,16 +155,17 @@ def build(prompt: Prompt, selected: list[tuple[Scored, float]], strength: float,
             c2b = c2b or char_to_byte(prompt.text)
             base = prompt.chunk_chars[cid][0]
             a, b = prompt.chunk_tokens[cid]
-            vals = np.full(b - a, value * REST, dtype=np.float32)
+            best = np.zeros(b - a, dtype=bool)
             for x, y in best_sentences(s.chunk.text, question, pm, cid, lines=True) or []:
                 ta, tb = token_span(prompt.offsets, prompt.n_prefix, c2b[base + x], c2b[base + y])
-                vals[max(ta, a) - a:max(min(tb, b), a) - a] = value
-            vals[echoes(prompt, a, b, echo_run)] = 0.0
-            cuts = np.flatnonzero(np.diff(vals)) + 1
+                best[max(ta, a) - a:max(min(tb, b), a) - a] = True
+            kind = np.where(best, 2, 1)          # 2: a best sentence, 1: the rest, 0: an echo
+            kind[echoes(prompt, a, b, echo_run)] = 0
+            cuts = np.flatnonzero(np.diff(kind)) + 1
             for x, y in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [b - a]))):
-                if vals[x] > 0:
-                    spans.append(BiasSpan(cid, (a + int(x), a + int(y)), float(vals[x]),
-                                          "sentence" if vals[x] == value else "rest"))
+                if kind[x]:
+                    spans.append(BiasSpan(cid, (a + int(x), a + int(y)), value if kind[x] == 2 else value * REST,
+                                          "sentence" if kind[x] == 2 else "rest"))
         elif granularity == "sentence":
             c2b = c2b or char_to_byte(prompt.text)
             base = prompt.chunk_chars[cid][0]

@@ -324,6 +324,11 @@ def cmd_serve(args) -> int:
             sock.bind((args.host, args.port))
     except OSError as e:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    prof = _profile(model, args.profile)  # a wrong profile is one line before the model loads
+    if prof == "auto":
+        from .profile import find
+
+        prof = find(model, warn=lambda m: print(f"engram-llama: note: {m}", file=sys.stderr))
     n_train = trained_context(model)
     n_ctx = args.ctx_size or (min(n_train, DEFAULT_MAX_CTX) if n_train > 0 else DEFAULT_MAX_CTX)
     table = _open_table(args.table)
@@ -332,11 +337,6 @@ def cmd_serve(args) -> int:
     try:  # one context, a sequence per slot (a KV stream of -c tokens each)
         shared = SharedContext(model, n_ctx * args.parallel, args.parallel, n_threads=args.threads,
                                n_gpu_layers=args.n_gpu_layers)
-        prof = _profile(model, args.profile)
-        if prof == "auto":
-            from .profile import find
-
-            prof = find(model, warn=lambda m: print(f"engram-llama: note: {m}", file=sys.stderr))
         engines = [EngramLlama(model, table=table, cache_mib=args.cache_ram, llm=shared.sequence(i), hook=shared.hook,
                                profile=prof) for i in range(args.parallel)]
     except (ValueError, RuntimeError) as e:

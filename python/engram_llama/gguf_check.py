@@ -84,16 +84,25 @@ def read_header(path: str | os.PathLike) -> Header:
         tensors = []
         for _ in range(n_tensors):
             name = string()
-            shape = tuple(take("Q") for _ in range(take("I")))
+            n_dims = take("I")
+            if n_dims > 8:  # GGML_MAX_DIMS is 4
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
+            shape = tuple(take("Q") for _ in range(n_dims))
             tensors.append((name, shape, take("I"), take("Q")))
-        align = int(meta.get("general.alignment", 32))
+        align = meta.get("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise ValueError(f"general.alignment {align!r} is not a power of two")
         return Header(version, meta, tensors, -(-pos // align) * align)
 
 
 def _n_bytes(shape: tuple, ggml_type: int) -> int:
+    """The tensor's bytes; 0 for a type this gguf-py does not know (llama.cpp will judge it)."""
     import gguf
 
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    try:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        return 0
     n = 1
     for d in shape:
         n *= d
@@ -144,8 +153,12 @@ def identity(path: str | os.PathLike) -> dict:
     SHA-256 of its header (metadata and every tensor's name, shape and type), so another
     quantisation or fine-tune of the same architecture is another model; cheap on a 2 GB file."""
     h = header(path)
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read(h.data_offset)).hexdigest()
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read(h.data_offset)).hexdigest()
+    except OSError as e:
+        raise ModelFileError(f"cannot read model file {path}: {e.strerror}") from None
     arch = str(h.metadata.get("general.architecture", "unknown"))
-    return {"architecture": arch, "n_layer": int(h.metadata.get(f"{arch}.block_count", 0)),
+    n_layer = h.metadata.get(f"{arch}.block_count", 0)
+    return {"architecture": arch, "n_layer": n_layer if isinstance(n_layer, int) else 0,
             "size": Path(path).stat().st_size, "header_sha256": digest}

@@ -131,6 +131,8 @@ def with_policy(s: Settings, pol: Policy | None) -> Settings:
     if pol is None or not s.engram:
         return s
     order = ("edges" if pol.reorder else "keep") if s.order == "auto" else s.order
+    if order == "edges" and not pol.reorder:  # reordering asked for, not measured better: the hand-tuned one
+        return s
     if order == "edges":
         base = candidate_settings(Candidate("", "edges", pol.edges))
     elif order == "keep":

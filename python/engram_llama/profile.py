@@ -2,8 +2,9 @@
 file's identity.
 
 A profile is a small JSON file keyed by the GGUF file's identity (gguf_check.identity: its
-architecture, size and the SHA-256 of its header), so another quantisation or fine-tune never
-inherits one. `engram-llama calibrate` writes it to the cache folder; `run`, `serve` and the API
+architecture, size and the SHA-256 of its header, which holds every tensor's name, shape and type
+and the metadata), so another quantisation, or a fine-tune whose header or size differs, does not
+inherit one. `engram-llama calibrate` writes it to the cache folder; `run`, `serve` and the API
 find it there, else among the built-in profiles shipped with the package, else fall back to the
 hand-tuned family defaults ("uncalibrated"). A profile for another model, of another policy
 version, or that does not parse is refused with one line, never applied.
@@ -86,14 +87,21 @@ def find(model_path: str | os.PathLike, warn=None) -> Profile | None:
     """The model's profile: the cache folder's, else a built-in one, else None (uncalibrated).
     One that is found but unusable is skipped with a line to `warn`."""
     ident = identity(model_path)
-    for folder in (cache_dir() / "profiles", BUILTIN):
+    try:
+        folders = [cache_dir() / "profiles", BUILTIN]
+    except RuntimeError as e:  # no home folder
+        folders = [BUILTIN]
+        if warn:
+            warn(f"no cache folder ({e}); set ENGRAM_LLAMA_CACHE")
+    for folder in folders:
         p = folder / f"{key(ident)}.json"
-        if p.exists():
-            try:
-                return read(p, ident)
-            except ProfileError as e:
-                if warn:
-                    warn(f"{e}; ignored")
+        try:
+            if not p.exists():
+                continue
+            return read(p, ident)
+        except (ProfileError, OSError) as e:
+            if warn:
+                warn(f"{e if isinstance(e, ProfileError) else f'cannot read {p}: {e.strerror or e}'}; ignored")
     return None
 
 

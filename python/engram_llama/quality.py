@@ -60,12 +60,22 @@ def _stutter(answer: str, gold_answers: list[str]) -> bool:
     return False
 
 
-def _recital(answer: str, documents: str, gold_answers: list[str]) -> bool:
+def _holds(text: str, answer: str) -> bool:
+    """The normalised answer in the normalised text as whole words: not inside a longer word or
+    number ("10" in "100"), but next to a symbol ("6,000" in "₹6,000")."""
+    return bool(answer) and re.search(rf"(?<![^\W_]){re.escape(answer)}(?![^\W_])", text) is not None
+
+
+def _recital(answer: str, documents: str, gold_answers: list[str], question: str = "") -> bool:
     """A run of >= 8 consecutive (normalised) words copied from the documents that holds no gold
-    answer: the chunk read out instead of answered. Copying the answering sentence is fine."""
-    a, d = normalize(answer).split(), normalize(documents).split()
+    answer: the chunk read out instead of answered. Copying the answering sentence is fine, and
+    so is restating the question (its words are no recital even where a chunk has them too)."""
+    a, d, q = normalize(answer).split(), normalize(documents).split(), normalize(question).split()
     k = _RECITAL_WORDS
     grams = {tuple(d[i:i + k]) for i in range(len(d) - k + 1)}
+    words_q = set(q)
+    # a window is the question restated when most of its words are the question's
+    grams = {g for g in grams if sum(w in words_q for w in g) * 2 <= k}
     covered = [False] * len(a)
     for i in range(len(a) - k + 1):
         if tuple(a[i:i + k]) in grams:
@@ -79,14 +89,14 @@ def _recital(answer: str, documents: str, gold_answers: list[str]) -> bool:
         j = i
         while j < len(a) and covered[j]:
             j += 1
-        run = " " + " ".join(a[i:j]) + " "
-        if not any(f" {g} " in run for g in golds):
+        if not any(_holds(" ".join(a[i:j]), g) for g in golds):
             return True
         i = j
     return False
 
 
-def degenerate(answer: str, documents: str | None = None, gold_answers: Sequence[str] = ()) -> str | None:
+def degenerate(answer: str, documents: str | None = None, gold_answers: Sequence[str] = (),
+               question: str = "") -> str | None:
     """None for a sound answer, else why not: "empty", "loop", "stutter" or "recital" (checked in
     that order; a word loop also repeats characters, and is named for the words)."""
     gold_answers = list(gold_answers)
@@ -96,17 +106,17 @@ def degenerate(answer: str, documents: str | None = None, gold_answers: Sequence
         return "loop"
     if _stutter(answer, gold_answers):
         return "stutter"
-    if documents and _recital(answer, documents, gold_answers):
+    if documents and _recital(answer, documents, gold_answers, question):
         return "recital"
     return None
 
 
-def judge(answer: str, answers: list[str], documents: str | None = None) -> str:
+def judge(answer: str, answers: list[str], documents: str | None = None, question: str = "") -> str:
     """"correct" | "degenerate" | "wrong": correct when a normalised answer appears as whole words in
     the normalised output ("10" is not found in "100"), unless the output is degenerate."""
-    if degenerate(answer, documents, answers):
+    if degenerate(answer, documents, answers, question):
         return "degenerate"
-    out = f" {normalize(answer)} "
-    if any(n and f" {n} " in out for n in (normalize(a) for a in answers)):
+    out = normalize(answer)
+    if any(_holds(out, normalize(a)) for a in answers):
         return "correct"
     return "wrong"
