@@ -1,8 +1,8 @@
 """Settings in, one resolved plan out: which layers, which chunk, how strong, in which order.
 
-Every default of the steering policy is declared here, with the measurement behind it in
-docs/EVAL.md; `resolve` is the one place that turns settings, the model's layer kinds and a
-prompt into what `ask` does, and the `Plan` it returns is what `--explain` prints and `--json`
+The policy's defaults live in policy.py (the hand-tuned family defaults, and a calibrated
+profile's Policy, which `with_policy` turns into Settings); `resolve` is the one place that turns
+settings, the model's layer kinds and a prompt into what `ask` does, and the `Plan` it returns is what `--explain` prints and `--json`
 writes. The option schema (OPTIONS) gives the CLI its flags and help and docs/PIPELINE.md its
 defaults table, so the three cannot drift apart.
 """
@@ -19,8 +19,8 @@ from .pointer_map import PointerMap
 
 # --- the steering policy (policy.py: the calibrated one and the hand-tuned family defaults) ---
 
-from .policy import (EDGES_STRENGTH, EDGES_TOP_K, MID, MOVE_FROM, MOVE_STRENGTH, NEAR, NEAR_WINDOWED,  # noqa: E402
-                     NEAR_SHARE, ORDER_AUTO, TOP_K, Candidate, Policy, auto_strength)
+from .policy import (EDGES_STRENGTH, EDGES_TOP_K, MID, MOVE_FROM, MOVE_STRENGTH, NEAR, NEAR_WINDOWED, NEAR_SHARE,
+                     ORDER_AUTO, TOP_K, Candidate, Policy, auto_strength)
 
 # whole-sequence document checkpoints kept for questions on earlier document sets (MiB; --cache-ram;
 # llama-server's own default is 8192, this one is for a laptop)
