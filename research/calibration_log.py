@@ -10,9 +10,9 @@ import argparse
 import json
 from pathlib import Path
 
-from engram_llama import __version__, calibrate, tasks
+from engram_llama import calibrate
 from engram_llama.gguf_check import identity
-from engram_llama.profile import Profile, key, write
+from engram_llama.profile import key, write
 
 
 def main() -> None:
@@ -26,21 +26,8 @@ def main() -> None:
     ident = identity(a.model)
     if head["model"] != key(ident):
         raise SystemExit(f"{a.log} was measured on {head['model']}, not {key(ident)}")
-    n_ctx = head["n_ctx"]
-    per_kind = calibrate.MAX_ITEMS // len(tasks.KINDS) + 1
-    pool = {k: tasks.generate(k, per_kind, head["seed"], n_distractors=max(80, n_ctx // 40)) for k in tasks.KINDS}
-    items = [pool[tasks.KINDS[i % len(tasks.KINDS)]][i // len(tasks.KINDS)] for i in range(calibrate.MAX_ITEMS)]
-    rows = calibrate._rejudge(rows, items)
-    pol, chosen = calibrate.choose(rows)
-    measured = {
-        "n_ctx": n_ctx, "prompt_tokens": [min(r["prompt_tokens"] for r in rows), max(r["prompt_tokens"] for r in rows)],
-        "kinds": sorted({r["kind"] for r in rows}), "items": len({r["item"] for r in rows}), "placements": len(rows),
-        "slots": list(tasks.SLOTS), "max_tokens": head["max_tokens"], "chat": head["chat"],
-        "minutes": round(sum(r["seconds"] for r in rows) / 60, 1), "seed": head["seed"],
-        "rule": "items' sign test vs vanilla (research.calibration_log, judged again)",
-        "table": calibrate.table(rows), "chosen": chosen, "log": Path(a.log).name,
-    }
-    prof = Profile(pol, ident, measured, __version__)
+    prof = calibrate.decide(rows, calibrate.task_items(head["n_ctx"], head["seed"]), ident, head)
+    prof.measured["log"] = Path(a.log).name
     prof.path = write(prof, a.out)
     print(calibrate.report(prof))
     print(f"profile: {prof.path}")

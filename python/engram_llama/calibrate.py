@@ -21,6 +21,7 @@ qualifying, the profile turns steering off and `run` says so.
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -62,8 +63,9 @@ class Outcome:
     degenerate: int = 0
 
 
-def _conditions() -> list[tuple[str, Settings | None]]:
-    """(name, settings) in the order they run for one placement; None: the hand-tuned defaults."""
+def _conditions() -> list[tuple[str, Settings]]:
+    """(name, settings) in the order they run for one placement (Settings(): the hand-tuned
+    defaults, on the engine without a profile)."""
     keep = [(c.name, candidate_settings(c)) for c in CANDIDATES if c.order == "keep"]
     edges = [(c.name, candidate_settings(c)) for c in CANDIDATES if c.order == "edges"]
     return [(VANILLA.name, candidate_settings(VANILLA)), (HAND, Settings())] + keep + edges
@@ -209,6 +211,31 @@ def choose(rows: list[dict]) -> tuple[Policy, dict]:
                  "why": why}
 
 
+def task_items(n_ctx: int, seed: int = SEED) -> list[tasks.Task]:
+    """The calibration's items in the order it runs them: the kinds in turn, enough distractors
+    to fill n_ctx."""
+    per_kind = MAX_ITEMS // len(tasks.KINDS) + 1
+    pool = {k: tasks.generate(k, per_kind, seed, n_distractors=max(80, n_ctx // 40)) for k in tasks.KINDS}
+    return [pool[tasks.KINDS[i % len(tasks.KINDS)]][i // len(tasks.KINDS)] for i in range(MAX_ITEMS)]
+
+
+def decide(rows: list[dict], items: list[tasks.Task], ident: dict, head: dict) -> Profile:
+    """The profile from a log's rows: every answer judged again by this version's judge, the
+    paired rule, and how it was measured."""
+    rows = _rejudge(rows, items)
+    pol, chosen = choose(rows)
+    measured = {
+        "n_ctx": head["n_ctx"], "prompt_tokens": [min(r["prompt_tokens"] for r in rows), max(r["prompt_tokens"] for r in rows)],
+        "kinds": sorted({r["kind"] for r in rows}), "items": len({r["item"] for r in rows}), "placements": len(rows),
+        "slots": list(tasks.SLOTS), "max_tokens": head["max_tokens"], "chat": head["chat"],
+        "minutes": round(sum(r["seconds"] for r in rows) / 60, 1), "seed": head["seed"],
+        "rule": f"items' sign test vs vanilla, one-sided p <= {ALPHA}; no slot {SLOT_LOSS}+ answers "
+                "behind; no more degenerate answers than vanilla; ties: the milder",
+        "table": table(rows), "chosen": chosen, "date": time.strftime("%Y-%m-%d"),
+    }
+    return Profile(pol, ident, measured, __version__)
+
+
 def _rejudge(rows: list[dict], items: list[tasks.Task]) -> list[dict]:
     """The rows with every answer judged again on its documents (rebuilt from the seeded task, the
     slot and the chunk count the row records)."""
@@ -273,9 +300,7 @@ def run(model_path: str, n_ctx: int = 4096, budget_minutes: float = BUDGET_MINUT
 
 def _run(eng, ident, n_ctx, budget_minutes, chat, progress, logf, say):
     room = n_ctx - max(MAX_TOKENS.values()) - 16
-    per_kind = MAX_ITEMS // len(tasks.KINDS) + 1
-    pool = {k: tasks.generate(k, per_kind, SEED, n_distractors=max(80, n_ctx // 40)) for k in tasks.KINDS}
-    items = [pool[tasks.KINDS[i % len(tasks.KINDS)]][i // len(tasks.KINDS)] for i in range(MAX_ITEMS)]
+    items = task_items(n_ctx)
     head = {"model": key(ident), "n_ctx": n_ctx, "chat": chat, "seed": SEED, "max_tokens": MAX_TOKENS,
             "conditions": [n for n, _ in _conditions()], "policy_version": POLICY_VERSION}
     rows = _read_log(logf, head)
@@ -302,7 +327,8 @@ def _run(eng, ident, n_ctx, budget_minutes, chat, progress, logf, say):
         per_item = (spent / max(len({r['item'] for r in rows}), 1)) if rows else est
         bar = tqdm(total=max(1, min(MAX_ITEMS, int(budget / max(per_item, 1e-6)))) * len(tasks.SLOTS),
                    initial=len(rows), unit="placement", desc="calibrate", file=sys.stderr)
-    n_items_done = len({r["item"] for r in rows if sum(1 for x in rows if x["item"] == r["item"]) == len(tasks.SLOTS)})
+    per = collections.Counter(r["item"] for r in rows)
+    n_items_done = sum(n == len(tasks.SLOTS) for n in per.values())
     try:
         for i, task in enumerate(items):
             if all((i, s) in done for s in tasks.SLOTS):
@@ -344,17 +370,7 @@ def _run(eng, ident, n_ctx, budget_minutes, chat, progress, logf, say):
     if n_done < MIN_ITEMS:
         raise CalibrationError(f"the budget allowed {n_done} items; a profile needs {MIN_ITEMS}: raise --budget "
                                f"(what is done is kept; no profile written)")
-    rows = _rejudge(rows, items)  # the verdicts by this version's judge, whatever wrote the log
-    pol, chosen = choose(rows)
-    measured = {
-        "n_ctx": n_ctx, "prompt_tokens": [min(r["prompt_tokens"] for r in rows), max(r["prompt_tokens"] for r in rows)],
-        "kinds": sorted({r["kind"] for r in rows}), "items": len({r["item"] for r in rows}), "placements": len(rows),
-        "slots": list(tasks.SLOTS), "max_tokens": MAX_TOKENS, "chat": chat, "minutes": round(spent / 60, 1),
-        "seed": SEED, "rule": f"items' sign test vs vanilla, one-sided p <= {ALPHA}; no slot {SLOT_LOSS}+ answers "
-                              "behind; no more degenerate answers than vanilla; ties: the milder",
-        "table": table(rows), "chosen": chosen, "date": time.strftime("%Y-%m-%d"),
-    }
-    prof = Profile(pol, ident, measured, __version__)
+    prof = decide(rows, items, ident, head)
     path = write(prof, cache_dir() / "profiles" / f"{key(ident)}.json")
     prof.path = path
     return prof, path
