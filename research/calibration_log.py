@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from engram_llama import calibrate
+from engram_llama import calibrate, tasks
 from engram_llama.gguf_check import identity
 from engram_llama.profile import key, write
 
@@ -26,6 +26,8 @@ def main() -> None:
     ident = identity(a.model)
     if head["model"] != key(ident):
         raise SystemExit(f"{a.log} was measured on {head['model']}, not {key(ident)}")
+    if head.get("tasks_version", 1) != tasks.VERSION:  # logs before the field were version 1
+        raise SystemExit(f"{a.log} was measured on tasks version {head.get('tasks_version', 1)}, not {tasks.VERSION}")
     prof = calibrate.decide(rows, calibrate.task_items(head["n_ctx"], head["seed"]), ident, head)
     prof.measured["log"] = Path(a.log).name
     prof.path = write(prof, a.out)

@@ -3,6 +3,7 @@ that left the user CLI, and the generated models.
 
     python -m research run --preset main --n 40 --passages 30 --out results/nq-smollm2-30p.jsonl
     python -m research report results/nq-smollm2-30p.jsonl
+    python -m research targets results/sealed-nq-gemma3-270m-30p.jsonl       # issue 27's targets
     python -m research misses results/nq-smollm2-30p.jsonl
     python -m research pooled A.jsonl B.jsonl --condition engram --against vanilla --slot all
     python -m research ask MODEL.gguf --chunks DOCS "question" --reread first   # every setting
@@ -60,9 +61,9 @@ def load_rows(path):
     return rows
 
 
-def report(path, against="vanilla", answerable=False):
-    """Accuracy per condition and slot, paired against one condition (McNemar); answerable: only
-    the items the model answered from the gold passage alone (their gold-only rows)."""
+def verdicts(path, answerable=False):
+    """(rows, {(condition, slot): {item: verdict}}), "all" pooling the slots by (item, slot);
+    answerable: only the items the model answered from the gold passage alone (their gold-only rows)."""
     rows = load_rows(path)
     ok = {r["id"] for r in rows if r["slot"] == "gold-only" and r["judge"] == "correct"}
     rows = [r for r in rows if r["slot"] != "gold-only" and (not answerable or r["id"] in ok)]
@@ -73,6 +74,57 @@ def report(path, against="vanilla", answerable=False):
         res.setdefault((r["condition"], r["slot"]), {})[r["id"]] = v
         # every slot pooled, paired by (item, slot): the overall comparison with more power
         res.setdefault((r["condition"], "all"), {})[(r["id"], r["slot"])] = v
+    return rows, res
+
+
+def paired(res, a, b, slot):
+    """(wins, losses) of condition a against b at one slot, over the items both answered."""
+    x, y = res.get((a, slot), {}), res.get((b, slot), {})
+    both = [i for i in x if i in y]
+    return (sum(x[i] == "correct" and y[i] != "correct" for i in both),
+            sum(x[i] != "correct" and y[i] == "correct" for i in both))
+
+
+def _acc(res, c, s):
+    d = res.get((c, s), {})
+    return 100 * sum(v == "correct" for v in d.values()) / max(len(d), 1)
+
+
+SLOTS = ("first", "middle", "last")
+
+
+def targets(path, answerable=False, cond="calibrated"):
+    """Issue 27's five targets for one sealed-split file, as docs/EVAL.md section 2 defines them;
+    returns the number missed."""
+    _, res = verdicts(path, answerable)
+    acc = {(c, s): _acc(res, c, s) for (c, s) in res}
+    checks = []
+    worst_loss = max(SLOTS, key=lambda s: (lambda w, l: l - w)(*paired(res, cond, "engram", s)))
+    w, l = paired(res, cond, "engram", worst_loss)
+    checks.append(("no significant loss to the hand-tuned defaults at any slot",
+                   not (l > w and mcnemar(w, l) < 0.05), f"worst slot {worst_loss}: +{w}/-{l}, p {fmt_p(mcnemar(w, l))}"))
+    gain = acc[(cond, "middle")] - acc[("vanilla", "middle")]
+    checks.append(("middle slot >= vanilla's + 15 points", gain >= 15,
+                   f"{acc[(cond, 'middle')]:.0f}% vs {acc[('vanilla', 'middle')]:.0f}% ({gain:+.0f})"))
+    worst, best = min(acc[(cond, s)] for s in SLOTS), max(acc[("vanilla", s)] for s in SLOTS)
+    checks.append(("worst slot >= vanilla's best slot", worst >= best, f"{worst:.0f}% vs {best:.0f}%"))
+    w, l = paired(res, cond, "reorder", "all")
+    checks.append(("ahead of reordering, paired by item and slot", w > l, f"+{w}/-{l}, p {fmt_p(mcnemar(w, l))}"))
+    deg = {c: sum(v == "degenerate" for v in res.get((c, "all"), {}).values()) for c in (cond, "vanilla")}
+    checks.append(("no more degenerate answers than vanilla", deg[cond] <= deg["vanilla"],
+                   f"{deg[cond]} vs {deg['vanilla']}"))
+    n = len({i for i in res.get((cond, "first"), {})})
+    print(f"{path}{' (answerable)' if answerable else ''}: {n} items, {cond}\n")
+    print("| target | met | measured |\n|---|---|---|")
+    for name, met, how in checks:
+        print(f"| {name} | {'yes' if met else 'NO'} | {how} |")
+    return sum(not met for _, met, _ in checks)
+
+
+def report(path, against="vanilla", answerable=False):
+    """Accuracy per condition and slot, paired against one condition (McNemar); answerable: only
+    the items the model answered from the gold passage alone (their gold-only rows)."""
+    rows, res = verdicts(path, answerable)
     conds = list(dict.fromkeys(r["condition"] for r in rows))
     slots = [s for s in ("first", "middle", "last", "all") if any(k[1] == s for k in res)]
     if not rows:
@@ -93,9 +145,7 @@ def report(path, against="vanilla", answerable=False):
             rf = sum(v == "refusal" for v in d.values())
             dg = sum(v == "degenerate" for v in d.values())
             base = res.get((against, s), {})
-            both = [i for i in d if i in base]
-            b = sum(d[i] == "correct" and base[i] != "correct" for i in both)
-            cc = sum(d[i] != "correct" and base[i] == "correct" for i in both)
+            b, cc = paired(res, c, against, s)
             same_prompt = s == "all" and one_prompt(c, against)
             vs = f"+{b}/-{cc}" if c != against and base and not same_prompt else ""
             p = fmt_p(mcnemar(b, cc)) if c != against and base and not same_prompt else ""
@@ -210,6 +260,9 @@ def main(argv=None):
     p.add_argument("path")
     p.add_argument("--against", default="vanilla")
     p.add_argument("--answerable", action="store_true", help="only the items answered from the gold passage alone")
+    t = sub.add_parser("targets", help="issue 27's targets on a sealed-split file (docs/EVAL.md section 2)")
+    t.add_argument("path")
+    t.add_argument("--answerable", action="store_true", help="only the items answered from the gold passage alone")
     m = sub.add_parser("misses", help="the wrong answers by kind (echo, near, other)")
     m.add_argument("path")
     po = sub.add_parser("pooled", help="one condition against another over several files")
@@ -254,6 +307,8 @@ def main(argv=None):
             sys.exit(f"research: {type(e).__name__}: {e}".splitlines()[0])
     elif args.cmd == "report":
         report(args.path, args.against, args.answerable)
+    elif args.cmd == "targets":
+        return 1 if targets(args.path, args.answerable) else 0
     elif args.cmd == "misses":
         misses(args.path)
     elif args.cmd == "pooled":

@@ -197,22 +197,25 @@ def _cli(*args, env=None):
 def test_calibrate_end_to_end_on_a_generated_model(arch, chat, cache, tmp_path, monkeypatch):
     """The whole path on random weights (their choice means nothing): every placement logged,
     the profile written and then found by `ask`; a second run resumes instead of starting over."""
-    monkeypatch.setattr(calibrate, "MIN_ITEMS", 2)  # a short budget on tiny models
+    monkeypatch.setattr(calibrate, "MIN_ITEMS", 2)
+    monkeypatch.setattr(calibrate, "MAX_ITEMS", 2)  # ends the run by its count, not by the clock
     model = synth.cached_model(arch)
-    prof, path = calibrate.run(str(model), n_ctx=2048, budget_minutes=0.4, chat=chat, progress=False,
+    prof, path = calibrate.run(str(model), n_ctx=2048, budget_minutes=30, chat=chat, progress=False,
                                log=lambda m: None)
-    rows = [json.loads(l) for l in calibrate.log_path(identity(model), 2048, chat).read_text().splitlines()[1:]]
-    assert len(rows) >= 3 * calibrate.MIN_ITEMS and len(rows) % 3 == 0
+    head, *rows = [json.loads(l) for l in calibrate.log_path(identity(model), 2048, chat).read_text().splitlines()]
+    # a change to the tasks (or the conditions, or the policy's meaning) gives another head: set aside
+    assert head["tasks_version"] == calibrate.tasks.VERSION and head["policy_version"] == calibrate.POLICY_VERSION
+    assert len(rows) == 3 * calibrate.MAX_ITEMS
     assert {r["slot"] for r in rows} == set(calibrate.tasks.SLOTS)
     t = prof.measured["table"]
     assert set(t) == {n for n, _ in calibrate._conditions()}
     assert all(t[n]["n"] == len(rows) for n in t)
     assert path.exists() and profile.read(path, identity(model)).policy == prof.policy
     said = []
-    prof2, _ = calibrate.run(str(model), n_ctx=2048, budget_minutes=0.4, chat=chat, progress=False, log=said.append)
+    prof2, _ = calibrate.run(str(model), n_ctx=2048, budget_minutes=30, chat=chat, progress=False, log=said.append)
     assert said and said[0].startswith("resuming")
     rows2 = calibrate.log_path(identity(model), 2048, chat).read_text().splitlines()[1:]
-    assert len(rows2) <= len(rows) + 3   # at most the item left unfinished is completed
+    assert len(rows2) == len(rows)   # nothing measured twice
     from engram_llama.runtime import EngramLlama
 
     eng = EngramLlama(str(model), n_ctx=2048, chat=chat)

@@ -302,7 +302,8 @@ def _run(eng, ident, n_ctx, budget_minutes, chat, progress, logf, say):
     room = n_ctx - max(MAX_TOKENS.values()) - 16
     items = task_items(n_ctx)
     head = {"model": key(ident), "n_ctx": n_ctx, "chat": chat, "seed": SEED, "max_tokens": MAX_TOKENS,
-            "conditions": [n for n, _ in _conditions()], "policy_version": POLICY_VERSION}
+            "conditions": [n for n, _ in _conditions()], "policy_version": POLICY_VERSION,
+            "tasks_version": tasks.VERSION}
     rows = _read_log(logf, head)
     if not rows:
         logf.write_text(json.dumps(head) + "\n", encoding="utf-8")

@@ -26,6 +26,7 @@ from .chunks import Chunk
 from .quality import normalize
 
 KINDS = ("kv", "bulletin", "prose")
+VERSION = 1             # raise on any change to what a seed generates: calibrate's logs of another version start afresh
 SLOTS = ("first", "middle", "last")
 SAMPLES = Path(__file__).parent / "samples" / "docs"
 

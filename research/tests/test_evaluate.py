@@ -238,3 +238,38 @@ def test_an_eval_row_is_what_the_cli_answers(tmp_path):
         assert got["prompt_tokens"] == r["n_tokens"]
     # the conditions differ where they should: the bias is on only in "engram"
     assert {r["condition"] for r in rows if r["plan"]["steered"]} == {"engram"}
+
+
+def test_targets_on_a_hand_built_sealed_file(tmp_path, capsys):
+    """Issue 27's five targets, each worked out by hand from the rows written: 10 items, the
+    hand-tuned defaults far ahead at the middle (+0/-6, p = 0.031) and one degenerate calibrated
+    answer miss two; on the 5 items answerable from the gold alone only reordering is ahead."""
+    correct = {  # condition -> slot -> the items answered correctly
+        "vanilla": {"first": range(3), "middle": range(1), "last": range(4)},
+        "reorder": {s: range(5) for s in ("first", "middle", "last")},  # one prompt at every slot
+        "engram": {"first": range(5), "middle": range(10), "last": range(7)},
+        "calibrated": {"first": range(5), "middle": range(4), "last": range(7)},
+    }
+    path = tmp_path / "sealed.jsonl"
+    with open(path, "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"id": f"q{i}", "slot": "gold-only", "condition": "vanilla",
+                                "answer": "x" if i < 5 else "y", "answers": ["x"]}) + "\n")
+            for cond, by_slot in correct.items():
+                for slot, ok in by_slot.items():
+                    row = {"id": f"q{i}", "slot": slot, "condition": cond, "answer": "x" if i in ok else "y",
+                           "answers": ["x"], "n_tokens": 100}
+                    if cond == "calibrated" and slot == "first" and i == 9:
+                        row["degenerate"] = "loop"
+                    f.write(json.dumps(row) + "\n")
+    assert ev.targets(str(path)) == 2
+    out = capsys.readouterr().out
+    assert "| no significant loss to the hand-tuned defaults at any slot | NO | worst slot middle: +0/-6, p 0.031 |" in out
+    assert "| middle slot >= vanilla's + 15 points | yes | 40% vs 10% (+30) |" in out
+    assert "| worst slot >= vanilla's best slot | yes | 40% vs 40% |" in out
+    assert "| ahead of reordering, paired by item and slot | yes | +2/-1, p 1.000 |" in out
+    assert "| no more degenerate answers than vanilla | NO | 1 vs 0 |" in out
+    assert ev.targets(str(path), answerable=True) == 1
+    out = capsys.readouterr().out
+    assert "| ahead of reordering, paired by item and slot | NO | +0/-1, p 1.000 |" in out
+    assert "| middle slot >= vanilla's + 15 points | yes | 80% vs 20% (+60) |" in out
