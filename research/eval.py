@@ -96,7 +96,7 @@ SLOTS = ("first", "middle", "last")
 def targets(path, answerable=False, cond="calibrated"):
     """Issue 27's five targets for one sealed-split file, as docs/EVAL.md section 2 defines them;
     returns the number missed."""
-    _, res = verdicts(path, answerable)
+    rows, res = verdicts(path, answerable)
     acc = {(c, s): _acc(res, c, s) for (c, s) in res}
     checks = []
     worst_loss = max(SLOTS, key=lambda s: (lambda w, l: l - w)(*paired(res, cond, "engram", s)))
@@ -118,6 +118,14 @@ def targets(path, answerable=False, cond="calibrated"):
     print("| target | met | measured |\n|---|---|---|")
     for name, met, how in checks:
         print(f"| {name} | {'yes' if met else 'NO'} | {how} |")
+    # relevance bounds steering: the bias goes to the best-ranked chunk
+    ranked = [r for r in rows if r["condition"] == cond and "gold_rank" in r]
+    if ranked:
+        top = [r for r in ranked if r["gold_rank"] == 0]
+        hit = lambda rs: 100 * sum(res[(cond, r["slot"])][r["id"]] == "correct" for r in rs) / max(len(rs), 1)
+        print(f"\ngold chunk ranked first in {100 * len(top) / len(ranked):.0f}% of {len(ranked)} prompts; "
+              f"{cond} correct on {hit(top):.0f}% of those, {hit([r for r in ranked if r['gold_rank'] != 0]):.0f}% "
+              "of the rest")
     return sum(not met for _, met, _ in checks)
 
 

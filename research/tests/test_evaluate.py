@@ -258,7 +258,7 @@ def test_targets_on_a_hand_built_sealed_file(tmp_path, capsys):
             for cond, by_slot in correct.items():
                 for slot, ok in by_slot.items():
                     row = {"id": f"q{i}", "slot": slot, "condition": cond, "answer": "x" if i in ok else "y",
-                           "answers": ["x"], "n_tokens": 100}
+                           "answers": ["x"], "n_tokens": 100, "gold_rank": 0 if i < 8 else 3}
                     if cond == "calibrated" and slot == "first" and i == 9:
                         row["degenerate"] = "loop"
                     f.write(json.dumps(row) + "\n")
@@ -269,6 +269,8 @@ def test_targets_on_a_hand_built_sealed_file(tmp_path, capsys):
     assert "| worst slot >= vanilla's best slot | yes | 40% vs 40% |" in out
     assert "| ahead of reordering, paired by item and slot | yes | +2/-1, p 1.000 |" in out
     assert "| no more degenerate answers than vanilla | NO | 1 vs 0 |" in out
+    # calibrated answers 16 of the 24 prompts ranked right (items 0-7), none of items 8-9's 6
+    assert "gold chunk ranked first in 80% of 30 prompts; calibrated correct on 67% of those, 0% of the rest" in out
     assert ev.targets(str(path), answerable=True) == 1
     out = capsys.readouterr().out
     assert "| ahead of reordering, paired by item and slot | NO | +0/-1, p 1.000 |" in out
