@@ -15,6 +15,7 @@ Runs are resumable: rows already written are not run again.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import sys
@@ -111,8 +112,11 @@ def targets(path, answerable=False, cond="calibrated"):
     w, l = paired(res, cond, "reorder", "all")
     checks.append(("ahead of reordering, paired by item and slot", w > l, f"+{w}/-{l}, p {fmt_p(mcnemar(w, l))}"))
     deg = {c: sum(v == "degenerate" for v in res.get((c, "all"), {}).values()) for c in (cond, "vanilla")}
+    why = {c: collections.Counter(r["degenerate"] for r in rows if r["condition"] == c and r.get("degenerate"))
+           for c in (cond, "vanilla")}
+    kinds = ", ".join(f"{k} {why[cond][k]}/{why['vanilla'][k]}" for k in sorted(set(why[cond]) | set(why["vanilla"])))
     checks.append(("no more degenerate answers than vanilla", deg[cond] <= deg["vanilla"],
-                   f"{deg[cond]} vs {deg['vanilla']}"))
+                   f"{deg[cond]} vs {deg['vanilla']}" + (f" ({kinds})" if kinds else "")))
     n = len({i for i in res.get((cond, "first"), {})})
     print(f"{path}{' (answerable)' if answerable else ''}: {n} items, {cond}\n")
     print("| target | met | measured |\n|---|---|---|")

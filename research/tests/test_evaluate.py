@@ -268,7 +268,7 @@ def test_targets_on_a_hand_built_sealed_file(tmp_path, capsys):
     assert "| middle slot >= vanilla's + 15 points | yes | 40% vs 10% (+30) |" in out
     assert "| worst slot >= vanilla's best slot | yes | 40% vs 40% |" in out
     assert "| ahead of reordering, paired by item and slot | yes | +2/-1, p 1.000 |" in out
-    assert "| no more degenerate answers than vanilla | NO | 1 vs 0 |" in out
+    assert "| no more degenerate answers than vanilla | NO | 1 vs 0 (loop 1/0) |" in out
     # calibrated answers 16 of the 24 prompts ranked right (items 0-7), none of items 8-9's 6
     assert "gold chunk ranked first in 80% of 30 prompts; calibrated correct on 67% of those, 0% of the rest" in out
     assert ev.targets(str(path), answerable=True) == 1
