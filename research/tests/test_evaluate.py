@@ -275,3 +275,21 @@ def test_targets_on_a_hand_built_sealed_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| ahead of reordering, paired by item and slot | NO | +0/-1, p 1.000 |" in out
     assert "| middle slot >= vanilla's + 15 points | yes | 80% vs 20% (+60) |" in out
+
+
+def test_targets_find_a_significant_loss_at_any_slot(tmp_path, capsys):
+    """A significant loss (+0/-6, p = 0.031) at one slot misses the first target even where another
+    slot loses more answers net without significance (+3/-10, p = 0.092)."""
+    path = tmp_path / "sealed.jsonl"
+    hand = {"first": range(6), "middle": range(13), "last": range(0)}
+    cal = {"first": range(0), "middle": range(10, 16), "last": range(0)}   # middle: wins 13-15, loses 0-9
+    with open(path, "w") as f:
+        for i in range(20):
+            for cond, by_slot in (("vanilla", {}), ("reorder", {}), ("engram", hand), ("calibrated", cal)):
+                for slot in ("first", "middle", "last"):
+                    ok = i in by_slot.get(slot, ())
+                    f.write(json.dumps({"id": f"q{i}", "slot": slot, "condition": cond, "answer": "x" if ok else "y",
+                                        "answers": ["x"], "n_tokens": 100}) + "\n")
+    ev.targets(str(path))
+    assert ("| no significant loss to the hand-tuned defaults at any slot | NO | worst slot first: +0/-6, p 0.031 |"
+            in capsys.readouterr().out)
