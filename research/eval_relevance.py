@@ -11,7 +11,7 @@ title the model reads in "Document [k] (TITLE)"), stemmed or not, and the weight
 likelihood under that model (likelihood.py), against r3 paired per prompt.
 
 The gold is put at a random slot (ties are broken by chunk order, so a fixed slot would flatter
-or punish it). Results: docs/EVAL.md, "Relevance".
+or punish it). Results: docs/RELEVANCE.md.
 """
 import argparse
 

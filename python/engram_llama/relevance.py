@@ -36,7 +36,7 @@ def bm25_scores(question: str, chunks: list[Chunk], with_source: bool = True, st
     distractors that ranks the gold first in 84-86% of prompts against 71-77% for the text alone.
     stem: Snowball-stemmed words, so "walked" finds "walk" and "towers" "tower": 84% -> 91-92%
     on the items the accuracy runs use, +1 point on 500 others (+34/-20 prompts over both
-    lengths; docs/EVAL.md, "Relevance")."""
+    lengths; docs/RELEVANCE.md)."""
     import bm25s
 
     stemmer = _stemmer() if stem else None
@@ -56,7 +56,7 @@ def bm25_scores(question: str, chunks: list[Chunk], with_source: bool = True, st
 # (rerank, RERANK_K); "r3" = stemmed BM25 over source + text, entity weight 0.25 (rows without
 # the field: r2, the same unstemmed; files without "-r2": r1, docs/EVAL.md)
 RANKING = "r4"
-# ranked first with r3 (docs/EVAL.md, "Stemming"): NQ 0 in 88%, 0.25 in 86-87%, 0.5 in 78%; the
+# ranked first with r3 (docs/RELEVANCE.md): NQ 0 in 88%, 0.25 in 86-87%, 0.5 in 78%; the
 # domain set's near-ties need the entities: 0 in 98%, 0.25 in 100%
 ENTITY_WEIGHT = 0.25
 
@@ -75,13 +75,13 @@ def score(question: str, chunks: list[Chunk], pm: PointerMap, entity_weight: flo
 
 
 # how many of the best chunks the model rereads for their question likelihood, and the weight of
-# that mean log-probability per token against the [0, 1] score (docs/EVAL.md, "Reranking")
+# that mean log-probability per token against the [0, 1] score (docs/RELEVANCE.md)
 RERANK_K = 8
 LM_WEIGHT = 2.0
 # by default the rerank reads at most this share of the documents' text (at least 2 chunks): the
 # rereading costs about what a prefill of those tokens costs, which was 50% of a ~2K-token prompt's
 # prefill at K = 8 (docs/PERFORMANCE.md); on NQ at 15 passages 2 chunks rank the gold first in 91%
-# against 94% for 8 (r3: 85%); at ~8K the share still allows all 8 (docs/EVAL.md, "Reranking")
+# against 94% for 8 (r3: 85%); at ~8K the share still allows all 8 (docs/RELEVANCE.md)
 RERANK_SHARE = 1 / 6
 # by default no rerank where BM25 + entities already lead clearly: the best chunk's score ([0, 1])
 # above the second's by more than this. NQ items 500-649: at 15 passages 61% of prompts reranked,
