@@ -48,7 +48,8 @@ ORDER_AUTO, MOVE_FROM = "move", 6144   # "auto": move from 6144 prompt tokens wh
 # --- the calibrated policy ---------------------------------------------------------------------
 
 # the strength next to the question, as a share of the peak: small models read the last chunk
-# anyway (recency), and a full bias there costs the last slot (docs/EVAL.md, "Strength")
+# anyway (recency), and a full bias there costs the last slot (docs/EVAL.md, "The strength next
+# to the question on sliding-window models (+3 or +2)")
 NEAR_SHARE = 0.5
 # focus "sentences": the rest of the chunk, around its sentences that match the question best,
 # at bias.REST (0.5) of their strength
