@@ -422,3 +422,46 @@ def test_reread_first_reads_again_only_the_documents_first_chunk(chunks, monkeyp
         assert "moved to the documents' end in the cache" in _explain(b, len(chunks))
     finally:
         eng.close()
+
+
+def _greedy(eng, prep, p, n_biased, n_tokens):
+    """The reference: prefill under the plan's bias, then greedy tokens one eval at a time through
+    the adapter, the bias cleared once n_biased answer tokens were decoded (None: never)."""
+    toks = prep.prompt.tokens
+    eng.hook.set_layers(p.layers, 1.0)
+    eng.hook.set_bias(p.bias, seq_id=eng.seq, gate=p.gate)
+    out = []
+    try:
+        eng.cache.prefill(toks, docs=prep.prompt.question_token)
+        eng.llm.eval(toks[-1:])
+        while len(out) < n_tokens:
+            if len(out) == n_biased:
+                eng.hook.clear(eng.seq)
+            t = int(np.argmax(eng.llm.logits()))
+            if t == eng.llm.eos_id:
+                break
+            out.append(t)
+            eng.llm.eval([t])
+    finally:
+        eng.hook.clear(eng.seq)
+    return eng.llm.detokenize(out).split("\n\n")[0].strip()
+
+
+def test_answer_bias_ends_the_bias_after_the_answers_first_tokens(chunks):
+    """Settings.answer_bias (research): the queries of the answer's first N tokens keep the bias,
+    the rest are decoded unbiased; the answer equals a token-by-token greedy decode that clears the
+    hook at that point, and differs from the answer biased to its end."""
+    q = "Which district has its headquarters at Kakkanad?"
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
+    prep = eng.prepare(q, chunks, 12)
+    answers = {}
+    for nb in (None, 0, 2):
+        p = eng.plan(prep, q, Settings(strength=8.0, answer_bias=nb))
+        assert p.steered and p.answer_bias == nb and p.to_json()["answer_bias"] == nb
+        answers[nb] = eng.answer(prep, p, 12).text
+        assert answers[nb] == _greedy(eng, prep, p, nb, 12), nb
+        assert not eng.hook.active
+    eng.close()
+    assert answers[None] != answers[0]
+    with pytest.raises(ValueError, match="answer_bias"):
+        Settings(answer_bias=-1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -135,11 +135,22 @@ class LlamaAdapter:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     def complete(self, tokens: Sequence[int], max_tokens: int, temperature: float,
-                 stop: list[str]) -> Iterator[str]:
-        """Text pieces of a completion of tokens; the cached prefix is reused by llama-cpp-python."""
+                 stop: list[str], before_sample: Callable[[int], None] | None = None) -> Iterator[str]:
+        """Text pieces of a completion of tokens; the cached prefix is reused by llama-cpp-python.
+        before_sample(k): called with the count of answer tokens decoded so far (0: the prompt's
+        last) each time new logits are ready, before the next token is drawn from them."""
         self.finish_reason = None
+        procs = None
+        if before_sample:
+            calls = iter(range(1 << 30))
+
+            def _seen(input_ids, scores):
+                before_sample(next(calls))
+                return scores
+            procs = llama_cpp.LogitsProcessorList([_seen])
         for part in self._llm.create_completion(prompt=list(tokens), max_tokens=max_tokens, temperature=temperature,
-                                                top_k=1 if temperature == 0 else 40, stream=True, stop=stop):
+                                                top_k=1 if temperature == 0 else 40, stream=True, stop=stop,
+                                                logits_processor=procs):
             choice = part["choices"][0]
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]  # "stop" or "length"

@@ -44,13 +44,16 @@ class AfterThinking:
 
 
 def generate(llm, tokens: Sequence[int], max_tokens: int, temperature: float, stop: list[str],
-             on_token: Callable[[str], None] | None = None) -> Iterator[str]:
+             on_token: Callable[[str], None] | None = None,
+             before_sample: Callable[[int], None] | None = None) -> Iterator[str]:
     """The answer's pieces up to a stop. A stop made of whitespace ("\n", "\n\n") ends the answer
     only once it has begun: a base model that opens with a newline after "Answer:" (Gemma 3 does,
     on about a tenth of NQ questions) would otherwise answer nothing. Leading whitespace is dropped;
     trailing whitespace waits for the next piece, which shows whether it began a stop."""
     blank = [s for s in stop if s and not s.strip()]
-    pieces = llm.complete(tokens, max_tokens, temperature, [s for s in stop if s not in blank])
+    kept = [s for s in stop if s not in blank]
+    pieces = (llm.complete(tokens, max_tokens, temperature, kept, before_sample=before_sample) if before_sample
+              else llm.complete(tokens, max_tokens, temperature, kept))
     if not blank:
         for piece in pieces:
             if on_token:

@@ -75,6 +75,8 @@ OPTIONS = [
            "shifting its cells", False, str, move.REREAD, default_doc="never"),
     Option("repeat", "--repeat", "the best chunk's text once more after the documents, right before the question "
            "(valid on every memory, recurrent ones too; the bias goes on the copy)", False, default_doc="off"),
+    Option("answer_bias", "--answer-bias", "the bias ends after the answer's first N tokens (0: the question's "
+           "queries alone are biased)", False, int, metavar="N", default_doc="the whole answer"),
 ]
 
 
@@ -93,6 +95,7 @@ class Settings:
     engram: bool = True               # False: vanilla, the same prompt without bias
     rerank: int | None = None         # None: RERANK_K within RERANK_SHARE of the text, 0: off
     repeat: bool = False              # the best chunk once more before the question
+    answer_bias: int | None = None    # the answer's tokens whose queries keep the bias; None: all
 
     def __post_init__(self):
         move.check_reread(self.reread)
@@ -106,6 +109,8 @@ class Settings:
                 raise ValueError(f"invalid {name} {v}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"invalid top_k {self.top_k}: at least 1")
+        if self.answer_bias is not None and self.answer_bias < 0:
+            raise ValueError(f"invalid answer_bias {self.answer_bias}: 0 or more")
         if self.rerank is not None and not 0 <= self.rerank <= 64:
             raise ValueError(f"invalid rerank {self.rerank}: 0 (off) to 64")
         if self.order == "move" and not self.gate:
@@ -292,13 +297,14 @@ class Plan:
     reread: bool = False                  # order "move": read again there, not shifted
     bias: np.ndarray | None = field(default=None, repr=False)
     repeat: bool = False                  # the best chunk's copy before the question (Settings.repeat)
+    answer_bias: int | None = None        # the answer's tokens biased (Settings.answer_bias); None: all
 
     def to_json(self) -> dict:
         return {"steered": self.steered, "order": self.order, "layers": self.layers,
                 "strength": round(self.strength, 4), "near": self.near, "mid": self.mid, "top_k": self.top_k,
                 "granularity": self.granularity, "gate_token": self.gate, "rerank": self.rerank,
                 "moved_tokens": list(self.moved) if self.moved else None, "reread": self.reread,
-                "repeat": self.repeat,
+                "repeat": self.repeat, "answer_bias": self.answer_bias,
                 "spans": [{"chunk": s.chunk_id, "tokens": list(s.tokens), "value": round(s.value, 4), "what": s.what}
                           for s in self.spans]}
 
@@ -332,7 +338,7 @@ def resolve(s: Settings, kinds, can_shift: bool, prompt: Prompt, scored: list[re
     b, spans = bias_mod.build(at, selected, strength, s.granularity, pm, question, near=near, mid=mid)
     gate = prompt.question_token if s.gate else 0
     return Plan(True, order, layers, strength, near, mid, top_k, s.granularity, gate, rerank,
-                selected, spans, moved, again, b, s.repeat)
+                selected, spans, moved, again, b, s.repeat, s.answer_bias)
 
 
 def markdown_table() -> str:

@@ -151,13 +151,18 @@ class EngramLlama:
         stop = stops(self.llm, bool(self.template), self.think)
         if self.think:
             on_token = AfterThinking(on_token)
+        ends = None
+        if p.steered and p.answer_bias is not None:
+            def ends(k: int, n=p.answer_bias) -> None:  # the answer's first n tokens decoded: unbiased on
+                if k == n:
+                    self.hook.clear(self.seq)
         try:
             if p.moved:
                 with self.cache.moved(prompt.tokens, prompt.question_token, *p.moved, reread=p.reread) as tokens:
-                    text = "".join(generate(self.llm, tokens, max_tokens, temperature, stop, on_token))
+                    text = "".join(generate(self.llm, tokens, max_tokens, temperature, stop, on_token, ends))
             else:
                 self.cache.prefill(prompt.tokens, docs=prompt.question_token)
-                text = "".join(generate(self.llm, prompt.tokens, max_tokens, temperature, stop, on_token))
+                text = "".join(generate(self.llm, prompt.tokens, max_tokens, temperature, stop, on_token, ends))
         finally:
             self.hook.clear(self.seq)
         thinking = None
