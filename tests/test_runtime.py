@@ -71,7 +71,8 @@ def test_default_layers_per_family():
 
 
 def test_auto_strength_follows_the_measured_points():
-    # measured: 2 best at ~2K tokens, 4 at ~4K (docs/EVAL.md); log2 interpolation, clamped
+    # measured: 2 best at ~2K tokens, 4 at ~4K (docs/PIPELINE.md, "The evidence behind the
+    # defaults"); log2 interpolation, clamped
     assert [auto_strength(n) for n in (100, 2048, 4096, 8192)] == [2.0, 2.0, 4.0, 4.0]
     assert auto_strength(2896) == pytest.approx(3.0, abs=1e-3)
 
@@ -87,7 +88,7 @@ def test_mid_strength_rises_from_1_5k_to_3k_tokens():
 
 
 def test_the_middle_default_is_for_dense_models():
-    # measured: +14/-4 against the flat ramp on SmolLM2 (dense), +9/-14 on Gemma-3-270M (docs/EVAL.md)
+    # measured: +14/-4 against the flat ramp on SmolLM2 (dense), +9/-14 on Gemma-3-270M (docs/ABLATIONS.md)
     F, S, N = LayerKind.FULL, LayerKind.SWA, LayerKind.NONE
     assert is_dense([F] * 30) and not is_dense([S] * 5 + [F]) and not is_dense([N, N, N, F] * 2) and not is_dense([])
     assert chunk_choice(Settings(), 4096, dense=False) == (4.0, 1, 3.0, None)

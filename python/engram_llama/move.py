@@ -84,7 +84,7 @@ def rereads(mode: str, prompt: Prompt, cid: int) -> bool:
     """Whether moving chunk `cid` reads it again (reread_to_end) rather than shifting its cells.
     "first": only the documents' first chunk, whose cells were computed with no other chunk before
     them; read again it answered where its shifted cells did not, while a chunk from further in
-    lost by it (docs/EVAL.md, "Reading the moved chunk again (`--reread first`: not the
+    lost by it (docs/ABLATIONS.md, "Reading the moved chunk again (`--reread first`: not the
     default)")."""
     check_reread(mode)
     return mode == "always" or (mode == "first" and prompt.chunk_order.index(cid) == 0)

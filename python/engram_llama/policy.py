@@ -25,7 +25,7 @@ def by_length(n_tokens: int, lo: float, hi: float, at_lo: float, at_hi: float) -
 def auto_strength(n_tokens: int) -> float:
     """The strength at the prompt's start: a passage's share of attention falls as the keys it
     competes with grow, so the bias grows with the context. SmolLM2: +2 best at ~2K tokens (+3/+4
-    lose the last slot), +4 at ~4K (docs/EVAL.md)."""
+    lose the last slot), +4 at ~4K (docs/PIPELINE.md, "The evidence behind the defaults")."""
     return by_length(n_tokens, 2048, 4096, 2.0, 4.0)
 
 
@@ -48,7 +48,7 @@ ORDER_AUTO, MOVE_FROM = "move", 6144   # "auto": move from 6144 prompt tokens wh
 # --- the calibrated policy ---------------------------------------------------------------------
 
 # the strength next to the question, as a share of the peak: small models read the last chunk
-# anyway (recency), and a full bias there costs the last slot (docs/EVAL.md, "The strength next
+# anyway (recency), and a full bias there costs the last slot (docs/ABLATIONS.md, "The strength next
 # to the question on sliding-window models (+3 or +2)")
 NEAR_SHARE = 0.5
 # focus "sentences": the rest of the chunk, around its sentences that match the question best,
