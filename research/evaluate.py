@@ -74,9 +74,13 @@ PRESETS = Path(__file__).resolve().parent / "presets.json"
 
 def settings_of(over: dict, policy) -> Settings:
     """A condition's Settings; {"profile": true} applies the run's calibrated policy (--profile) as
-    `run` does with that profile found (plan.with_policy), on the engine without a profile of its own."""
-    from engram_llama.plan import with_policy
+    `run` does with that profile found (plan.with_policy), on the engine without a profile of its own;
+    {"candidate": NAME} is one of calibrate's candidates (policy.CANDIDATES) as calibrate runs it."""
+    from engram_llama.plan import candidate_settings, with_policy
+    from engram_llama.policy import CANDIDATES
 
+    if "candidate" in over:
+        return candidate_settings(next(c for c in CANDIDATES if c.name == over["candidate"]))
     rest = {k: v for k, v in over.items() if k != "profile"}
     if over.get("profile"):
         if policy is None:
@@ -89,8 +93,14 @@ def load_presets(path: str | Path = PRESETS) -> tuple[dict[str, dict], dict[str,
     """(conditions: name -> Settings overrides, presets: name -> condition names), checked."""
     data = json.loads(Path(path).read_text())
     conds, presets = data["conditions"], data["presets"]
-    for over in conds.values():
-        Settings(**{k: v for k, v in over.items() if k != "profile"})  # a bad field or value fails here, not mid-run
+    from engram_llama.policy import CANDIDATES
+
+    for over in conds.values():  # a bad field or value fails here, not mid-run
+        if "candidate" in over:
+            if set(over) != {"candidate"} or over["candidate"] not in {c.name for c in CANDIDATES}:
+                raise ValueError(f"{over}: a candidate condition names one of calibrate's candidates alone")
+            continue
+        Settings(**{k: v for k, v in over.items() if k != "profile"})
     for p, names in presets.items():
         missing = [n for n in names if n not in conds]
         if missing:

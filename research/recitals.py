@@ -10,12 +10,10 @@ import collections
 import json
 import statistics
 
-from engram_llama.quality import normalize
+from engram_llama.quality import _RECITAL_WORDS as K, normalize
 
 from .datasets import load_nq
 from .eval import DATASETS
-
-K = 8  # the judge's recital run (quality._RECITAL_WORDS)
 
 
 def main(argv=None):

@@ -8,6 +8,7 @@ goes through this facade, so a change of llama-cpp-python's private layout is me
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from typing import Callable, Iterator, Sequence
 
@@ -142,7 +143,7 @@ class LlamaAdapter:
         self.finish_reason = None
         procs = None
         if before_sample:
-            calls = iter(range(1 << 30))
+            calls = itertools.count()
 
             def _seen(input_ids, scores):
                 before_sample(next(calls))
