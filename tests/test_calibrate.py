@@ -145,12 +145,19 @@ def test_the_paired_rule_keeps_a_clear_winner_and_turns_off_otherwise(monkeypatc
     van[3] = True
     pol, _ = calibrate.choose(_rows(_conditions(van, chunk_2=[a or False for a in weak])))
     assert not pol.steer and not pol.reorder
-    # a winner that gives more degenerate answers than vanilla does not qualify
+    # a winner with significantly more degenerate answers than vanilla does not qualify: 4 against
+    # 0 placements is p = 1/16 <= 0.10; 3 against 0 (p = 1/8) is not evidence of harm
     rows = _rows(_conditions(vanilla, chunk_4=win))
-    for r in rows[:2]:
-        r["results"]["chunk+4"]["verdict"] = "degenerate"
-    rows[5]["results"]["chunk+4"]["verdict"] = "degenerate"
-    assert calibrate.qualifies(rows, "chunk+4")[0] is False
+    for i in (0, 1, 5):
+        rows[i]["results"]["chunk+4"]["verdict"] = "degenerate"
+    assert calibrate.qualifies(rows, "chunk+4")[0] is True
+    rows[8]["results"]["chunk+4"]["verdict"] = "degenerate"
+    ok, why = calibrate.qualifies(rows, "chunk+4")
+    assert ok is False and "placements +4/-0, p = 0.06" in why
+    # the pairs are placements: vanilla's own degenerate answers at the same placements offset them
+    for i in (0, 1):
+        rows[i]["results"]["vanilla"]["verdict"] = "degenerate"
+    assert calibrate._degenerate_pairs(rows, "chunk+4", "vanilla") == (2, 0)
     # reordering that wins and is not behind the given order's choice is kept for retrieved chunks
     rows = _rows(_conditions(vanilla, chunk_2=win, reorder_1=win))
     pol, chosen = calibrate.choose(rows)

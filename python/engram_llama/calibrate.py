@@ -12,8 +12,10 @@ every run of that log.
 
 The choice (docs/CALIBRATE.md): a candidate qualifies if, paired per item against vanilla (an
 item's net over its three placements), it wins more items than it loses with a one-sided sign
-test at ALPHA, is not SLOT_LOSS or more answers net behind at any slot, and gives no more
-degenerate answers than vanilla. In the
+test at ALPHA, is not SLOT_LOSS or more answers net behind at any slot, and does not give
+significantly more degenerate answers than vanilla (the sign test at ALPHA on the placements where
+one of the two is degenerate; a raw count refused a candidate for 3 degenerate answers against 0
+in 90). In the
 given order the qualifying candidate with the most correct answers is kept (ties: the earlier,
 milder one), none: no bias. Reordering is kept for retrieved chunks if a reordered candidate
 qualifies and is not behind the given order's choice (paired). Do no harm: with nothing
@@ -154,6 +156,18 @@ def _paired(rows: list[dict], a: str, b: str) -> tuple[int, int, dict[str, int]]
     return wins, losses, net
 
 
+def _degenerate_pairs(rows: list[dict], a: str, b: str) -> tuple[int, int]:
+    """Placements where a's answer is degenerate and b's is not, and the reverse. Paired by
+    placement, not item: a test of harm errs towards finding it (the gain's test, by items, errs
+    against finding a gain)."""
+    more = fewer = 0
+    for r in rows:
+        x, y = r["results"][a]["verdict"] == "degenerate", r["results"][b]["verdict"] == "degenerate"
+        more += x and not y
+        fewer += y and not x
+    return more, fewer
+
+
 def table(rows: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for name, _ in _conditions():
@@ -177,8 +191,10 @@ def qualifies(rows: list[dict], name: str, ref: str = VANILLA.name) -> tuple[boo
         return False, f"items +{w}/-{l} vs {ref}, p = {p:.2f}"
     if min(net.values()) <= -SLOT_LOSS:
         return False, f"loses {-min(net.values())} net at a slot"
-    if tab[name]["degenerate"] > tab[ref]["degenerate"]:
-        return False, f"{tab[name]['degenerate']} degenerate answers vs {tab[ref]['degenerate']}"
+    more, fewer = _degenerate_pairs(rows, name, ref)
+    if more > fewer and sign_p(more, fewer) <= ALPHA:
+        return False, (f"{tab[name]['degenerate']} degenerate answers vs {tab[ref]['degenerate']} "
+                       f"(placements +{more}/-{fewer}, p = {sign_p(more, fewer):.2f})")
     return True, f"items +{w}/-{l} vs {ref}, p = {p:.3f}"
 
 
@@ -230,7 +246,8 @@ def decide(rows: list[dict], items: list[tasks.Task], ident: dict, head: dict) -
         "slots": list(tasks.SLOTS), "max_tokens": head["max_tokens"], "chat": head["chat"],
         "minutes": round(sum(r["seconds"] for r in rows) / 60, 1), "seed": head["seed"],
         "rule": f"items' sign test vs vanilla, one-sided p <= {ALPHA}; no slot {SLOT_LOSS}+ answers "
-                "behind; no more degenerate answers than vanilla; ties: the milder",
+                "behind; not significantly more degenerate answers than vanilla (placements' sign test, "
+                f"p <= {ALPHA}); ties: the milder",
         "table": table(rows), "chosen": chosen, "date": time.strftime("%Y-%m-%d"),
     }
     return Profile(pol, ident, measured, __version__)
