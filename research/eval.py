@@ -279,6 +279,7 @@ def main(argv=None):
     t = sub.add_parser("targets", help="issue 27's targets on a sealed-split file (docs/EVAL.md section 2)")
     t.add_argument("path")
     t.add_argument("--answerable", action="store_true", help="only the items answered from the gold passage alone")
+    t.add_argument("--condition", default="calibrated", help="the condition held to the targets")
     m = sub.add_parser("misses", help="the wrong answers by kind (echo, near, other)")
     m.add_argument("path")
     po = sub.add_parser("pooled", help="one condition against another over several files")
@@ -324,7 +325,7 @@ def main(argv=None):
     elif args.cmd == "report":
         report(args.path, args.against, args.answerable)
     elif args.cmd == "targets":
-        return 1 if targets(args.path, args.answerable) else 0
+        return 1 if targets(args.path, args.answerable, args.condition) else 0
     elif args.cmd == "misses":
         misses(args.path)
     elif args.cmd == "pooled":
