@@ -154,7 +154,7 @@ def test_the_paired_rule_keeps_a_clear_winner_and_turns_off_otherwise(monkeypatc
     rows[8]["results"]["chunk+4"]["verdict"] = "degenerate"
     ok, why = calibrate.qualifies(rows, "chunk+4")
     assert ok is False and "placements +4/-0, p = 0.06" in why
-    # the pairs are placements: vanilla's own degenerate answers at the same placements offset them
+    # the pairs are placements: where vanilla is degenerate too, the placement drops out
     for i in (0, 1):
         rows[i]["results"]["vanilla"]["verdict"] = "degenerate"
     assert calibrate._degenerate_pairs(rows, "chunk+4", "vanilla") == (2, 0)

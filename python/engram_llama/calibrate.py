@@ -14,8 +14,7 @@ The choice (docs/CALIBRATE.md): a candidate qualifies if, paired per item agains
 item's net over its three placements), it wins more items than it loses with a one-sided sign
 test at ALPHA, is not SLOT_LOSS or more answers net behind at any slot, and does not give
 significantly more degenerate answers than vanilla (the sign test at ALPHA on the placements where
-one of the two is degenerate; a raw count refused a candidate for 3 degenerate answers against 0
-in 90). In the
+one of the two is degenerate: counts of 0-3 are noise). In the
 given order the qualifying candidate with the most correct answers is kept (ties: the earlier,
 milder one), none: no bias. Reordering is kept for retrieved chunks if a reordered candidate
 qualifies and is not behind the given order's choice (paired). Do no harm: with nothing
