@@ -237,3 +237,14 @@ def test_topology_changes_re_plan_the_context_once(models):
     finally:
         lowlevel._quiet_cb = None
         lowlevel.quiet_logs()
+
+
+@pytest.mark.skipif(not (os.path.exists("/proc/cpuinfo") and " amx_int8" in open("/proc/cpuinfo").read()),
+                    reason="the CPU has no AMX")
+def test_build_leaves_out_ggml_amx_on_an_amx_cpu():
+    """ggml's AMX matmul segfaults at the first decode (CMakeLists.txt, ENGRAM_AMX); -march=native
+    would compile it in on this CPU."""
+    import ctypes
+    import engram_llama
+    cpu = ctypes.CDLL(os.path.join(os.path.dirname(engram_llama.lib_path()), "libggml-cpu.so"))
+    assert cpu.ggml_cpu_has_avx512() == 1 and cpu.ggml_cpu_has_amx_int8() == 0
