@@ -30,22 +30,27 @@ sys.path.insert(0, str(ROOT))  # research/ (the generated models)
 VARIANTS = ["unpatched", "cleared", "active2", "active_all"]
 
 
-def unpatched_lib() -> Path:
-    """libllama built from the unpatched tree (cached by the tree's path)."""
+def local_libs() -> tuple[Path, Path]:
+    """(patched, unpatched) libllama folders built here by the project's CMakeLists with
+    ENGRAM_UNPATCHED_SOURCE, as scripts/device_check.sh does: both link the same ggml libraries
+    (built with the same flags as the product's, AMX left out), so only the patch differs.
+    Cached beside the unpatched tree; the first build takes a few minutes."""
     src = subprocess.run([sys.executable, str(ROOT / "scripts" / "llama_source.py"), "--unpatched"],
                          check=True, capture_output=True, text=True).stdout.strip()
-    build = Path(src).parent.parent / "build-unpatched"
-    lib = build / "bin" / "libllama.so"
-    if not lib.exists():
+    build = Path(src).parent.parent / "build-bench"
+    bin_, unp = build / "bin", build / "bin-unpatched"
+    if not (unp / "libllama.so").exists():
         ninja = Path(sys.executable).parent / "ninja"
-        subprocess.run(["cmake", "-S", src, "-B", str(build), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
-                        "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_COMMON=OFF",
-                        "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                        "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"],
-                       check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build), "--target", "llama", "-j", str(os.cpu_count())], check=True,
+        subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
+                        "-DCMAKE_BUILD_TYPE=Release", f"-DPython3_EXECUTABLE={sys.executable}",
+                        f"-DENGRAM_UNPATCHED_SOURCE={src}"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count())], check=True,
                        stdout=subprocess.DEVNULL)
-    return lib.parent
+    for f in bin_.glob("libggml*.so*"):  # the unpatched libllama beside the same ggml libraries
+        link = unp / f.name
+        if not link.exists():
+            link.symlink_to(f)
+    return bin_, unp
 
 
 CHILD = r'''
@@ -111,7 +116,8 @@ def main():
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers offloaded to the GPU (99: all)")
     ap.add_argument("--inner", type=int, default=1, help="timed runs per process, best kept")
     ap.add_argument("--unpatched-lib", default=None,
-                    help="directory of an unpatched libllama of the same commit (default: built here from the sdist)")
+                    help="directory of an unpatched libllama of the same commit, beside the same ggml as the installed "
+                         "patched one (default: both built here, sharing one ggml)")
     args = ap.parse_args()
     import engram_llama
     from engram_llama.cli import default_model
@@ -120,8 +126,11 @@ def main():
         from research import synth
         _, name, *quant = model.split(":")
         model = str(synth.cached_model(name, quant=quant[0] if quant else None))
-    libs = {"unpatched": Path(args.unpatched_lib) if args.unpatched_lib else unpatched_lib(),
-            "patched": engram_llama.lib_path().parent}
+    if args.unpatched_lib:
+        libs = {"unpatched": Path(args.unpatched_lib), "patched": engram_llama.lib_path().parent}
+    else:
+        patched, unpatched = local_libs()
+        libs = {"unpatched": unpatched, "patched": patched}
     n_prompt = args.ctx - args.gen - 8
     if args.callgrind:
         return callgrind(model, libs, args, n_prompt)
