@@ -1,0 +1,71 @@
+"""What does a base model write after it echoes "Answer:"? On a plain prompt (`--no-chat`) Gemma-3
+often answers a bare "Answer:" on a line of its own, and the answer ends at that line (docs/EVAL.md
+section 4). Here the answer runs on to a blank line instead, through the product's own `ask`, so the
+line after the echo can be read: is the answer there? Development items only (calibration's
+bulletins, seed 0; NQ from the start of the development order).
+
+    .venv/bin/python -m research.answer_echo --model GEMMA.gguf --dataset bulletin --n 30 --slot last
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+
+import numpy as np
+
+from engram_llama import runtime
+from engram_llama.plan import Settings
+from engram_llama.runtime import EngramLlama
+
+from . import datasets
+from .evaluate import chunked, default_table, documents, judge
+
+ECHO = "answer:"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dataset", default="bulletin", choices=["bulletin", "nq"])
+    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--passages", type=int, default=36)
+    ap.add_argument("--slot", default="last", choices=["first", "middle", "last"])
+    ap.add_argument("-c", "--ctx", type=int, default=4096)
+    ap.add_argument("--out", default=None, help="rows as JSON lines")
+    args = ap.parse_args(argv)
+
+    blank_only = runtime.stops
+    runtime.stops = lambda llm, chat, think=False: [s for s in blank_only(llm, chat, think) if s != "\n"]
+    items = datasets.load(args.dataset, args.passages, "../shared/data/nq-open-dev.jsonl.gz", n_items=args.n)
+    order = np.random.default_rng(0).permutation(len(items))[:args.n]
+    eng = EngramLlama(args.model, n_ctx=args.ctx, chat=False, table=default_table(), profile=None)
+    conditions = {"vanilla": Settings(engram=False, order="keep"), "engram": Settings()}
+    tally = collections.Counter()
+    out = open(args.out, "w") if args.out else None
+    for idx in order:
+        it = items[idx]
+        chunks, _ = chunked(*documents(it, args.slot, args.passages))
+        for name, st in conditions.items():
+            a = eng.ask(it.question, chunks, 48, answer_prefix=it.answer_prefix, settings=st)
+            lines = [l.strip() for l in a.text.split("\n") if l.strip()]
+            first = lines[0] if lines else ""
+            echo = first.lower().rstrip() == ECHO
+            after = lines[1] if echo and len(lines) > 1 else ""
+            tally[name, "n"] += 1
+            tally[name, "first line correct"] += judge(first, it.answers) == "correct"
+            if echo:
+                tally[name, "echo"] += 1
+                tally[name, "echo, next line correct"] += judge(after, it.answers) == "correct"
+            if out:
+                out.write(json.dumps({"id": it.id, "condition": name, "text": a.text, "answers": it.answers},
+                                     ensure_ascii=False) + "\n")
+    eng.close()
+    for name in conditions:
+        print(f"{name}: {tally[name, 'n']} answers; first line correct {tally[name, 'first line correct']}; "
+              f"a bare 'Answer:' first {tally[name, 'echo']}, the line after it correct "
+              f"{tally[name, 'echo, next line correct']}")
+
+
+if __name__ == "__main__":
+    main()
