@@ -1,8 +1,9 @@
 """What does a base model write after it echoes "Answer:"? On a plain prompt (`--no-chat`) Gemma-3
 often answers a bare "Answer:" on a line of its own, and the answer ends at that line (docs/EVAL.md
 section 4). Here the answer runs on to a blank line instead, through the product's own `ask`, so the
-line after the echo can be read: is the answer there? Development items only (calibration's
-bulletins, seed 0; NQ from the start of the development order).
+line after the echo can be read: is the answer there? Development items only (bulletins generated
+as calibration's are, seed 0, not the sealed seed; NQ from the start of the development order).
+Conditions: vanilla, the hand-tuned defaults, and calibrate's `chunk+4` (Gemma's rule-2 profile).
 
     .venv/bin/python -m research.answer_echo --model GEMMA.gguf --dataset bulletin --n 30 --slot last
 """
@@ -19,7 +20,7 @@ from engram_llama.plan import Settings
 from engram_llama.runtime import EngramLlama
 
 from . import datasets
-from .evaluate import chunked, default_table, documents, judge
+from .evaluate import chunked, default_table, documents, judge, settings_of
 
 ECHO = "answer:"
 
@@ -29,18 +30,20 @@ def main(argv=None) -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--dataset", default="bulletin", choices=["bulletin", "nq"])
     ap.add_argument("--n", type=int, default=30)
-    ap.add_argument("--passages", type=int, default=36)
+    ap.add_argument("--passages", type=int, default=None, help="default: 36 bulletins, 30 NQ passages")
     ap.add_argument("--slot", default="last", choices=["first", "middle", "last"])
     ap.add_argument("-c", "--ctx", type=int, default=4096)
     ap.add_argument("--out", default=None, help="rows as JSON lines")
     args = ap.parse_args(argv)
+    args.passages = args.passages or (36 if args.dataset == "bulletin" else 30)
 
     blank_only = runtime.stops
     runtime.stops = lambda llm, chat, think=False: [s for s in blank_only(llm, chat, think) if s != "\n"]
     items = datasets.load(args.dataset, args.passages, "../shared/data/nq-open-dev.jsonl.gz", n_items=args.n)
     order = np.random.default_rng(0).permutation(len(items))[:args.n]
     eng = EngramLlama(args.model, n_ctx=args.ctx, chat=False, table=default_table(), profile=None)
-    conditions = {"vanilla": Settings(engram=False, order="keep"), "engram": Settings()}
+    conditions = {"vanilla": Settings(engram=False, order="keep"), "engram": Settings(),
+                  "chunk+4": settings_of({"candidate": "chunk+4"}, None)}
     tally = collections.Counter()
     out = open(args.out, "w") if args.out else None
     for idx in order:
@@ -61,6 +64,8 @@ def main(argv=None) -> None:
                 out.write(json.dumps({"id": it.id, "condition": name, "text": a.text, "answers": it.answers},
                                      ensure_ascii=False) + "\n")
     eng.close()
+    if out:
+        out.close()
     for name in conditions:
         print(f"{name}: {tally[name, 'n']} answers; first line correct {tally[name, 'first line correct']}; "
               f"a bare 'Answer:' first {tally[name, 'echo']}, the line after it correct "

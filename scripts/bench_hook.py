@@ -34,22 +34,24 @@ def local_libs() -> tuple[Path, Path]:
     """(patched, unpatched) libllama folders built here by the project's CMakeLists with
     ENGRAM_UNPATCHED_SOURCE, as scripts/device_check.sh does: both link the same ggml libraries
     (built with the same flags as the product's, AMX left out), so only the patch differs.
-    Cached beside the unpatched tree; the first build takes a few minutes."""
-    src = subprocess.run([sys.executable, str(ROOT / "scripts" / "llama_source.py"), "--unpatched"],
-                         check=True, capture_output=True, text=True).stdout.strip()
-    build = Path(src).parent.parent / "build-bench"
+    Cached per patched tree; the first build takes a few minutes."""
+    def tree(*flag):
+        return subprocess.run([sys.executable, str(ROOT / "scripts" / "llama_source.py"), *flag],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    src, patched = tree("--unpatched"), tree()
+    build = Path(src).parent.parent / f"build-bench-{Path(patched).name}"  # a patch change: a new tree, a new build
     bin_, unp = build / "bin", build / "bin-unpatched"
-    if not (unp / "libllama.so").exists():
+    if not (build / "build.ninja").exists():
         ninja = Path(sys.executable).parent / "ninja"
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
                         "-DCMAKE_BUILD_TYPE=Release", f"-DPython3_EXECUTABLE={sys.executable}",
-                        f"-DENGRAM_UNPATCHED_SOURCE={src}"], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count())], check=True,
-                       stdout=subprocess.DEVNULL)
+                        f"-DENGRAM_LLAMA_SOURCE={patched}", f"-DENGRAM_UNPATCHED_SOURCE={src}"], check=True, stdout=subprocess.DEVNULL)
+    # every time: a no-op when nothing changed, a rebuild after csrc/ or patches/ did
+    subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count())], check=True, stdout=subprocess.DEVNULL)
     for f in bin_.glob("libggml*.so*"):  # the unpatched libllama beside the same ggml libraries
         link = unp / f.name
-        if not link.exists():
-            link.symlink_to(f)
+        link.unlink(missing_ok=True)
+        link.symlink_to(f)
     return bin_, unp
 
 
