@@ -272,6 +272,8 @@ def main(argv=None):
     r.add_argument("--profile", default=None, help="a calibrated profile for the conditions marked \"profile\"")
     r.add_argument("--sealed", action="store_true", help="the sealed split's items (research/sealed.json): run it "
                    "once, choose nothing on it; with --no-filter the gold-only answers are still recorded")
+    r.add_argument("--split", default=None, metavar="FILE[:KEY]", help="another declared split, as --sealed: "
+                   "FILE's list KEY (default: the data set's name) of item ids, or its bulletin_seed")
     p = sub.add_parser("report", help="accuracy per condition and slot, paired against one condition")
     p.add_argument("path")
     p.add_argument("--against", default="vanilla")
@@ -302,22 +304,29 @@ def main(argv=None):
             sys.exit(f"research: unknown conditions {unknown}; known: {', '.join(conds)}")
         data = args.data or DATASETS[args.dataset]
         only = set(args.ids.split(",")) if args.ids else None
-        if args.sealed:
+        if args.sealed and args.split:
+            sys.exit("research: --sealed or --split, not both")
+        if args.sealed or args.split:
             if args.ids or args.skip:
-                sys.exit("research: --sealed runs the sealed split's own items: no --ids or --skip with it")
-            sealed = json.loads(SEALED.read_text())
-            if args.dataset in ("nq", "kv"):
-                only = set(sealed[args.dataset])
-            elif args.dataset == "bulletin":
-                args.seed = sealed["bulletin_seed"]
+                sys.exit("research: a split runs its own items: no --ids or --skip with it")
+            path, _, key = (args.split or str(SEALED)).partition(":")
+            try:
+                split = json.loads(Path(path).read_text())
+            except (OSError, ValueError) as e:
+                sys.exit(f"research: cannot read the split {path}: {e}")
+            key = key or args.dataset
+            if args.dataset in ("nq", "kv") and isinstance(split.get(key), list):
+                only = set(split[key])
+            elif args.dataset == "bulletin" and "bulletin_seed" in split:
+                args.seed = split["bulletin_seed"]
             else:
-                sys.exit("research: the sealed split has nq, kv and bulletin items")
+                sys.exit(f"research: the split {path} has no {key} items")
         try:
             run(args.model or default_model(), args.out, {n: conds[n] for n in names}, n_items=args.n,
                 n_passages=args.passages, slots=tuple(args.slots.split(",")), data=str(data) if data else None,
                 n_ctx=args.ctx_size, answerable_only=not args.no_filter, seed=args.seed, chat=not args.no_chat,
                 dataset=args.dataset, restate_key=args.restate_key, n_threads=args.threads, skip=args.skip,
-                only=only, profile=args.profile, record_gold=args.sealed)
+                only=only, profile=args.profile, record_gold=bool(args.sealed or args.split))
         except (ValueError, OSError) as e:
             sys.exit(f"research: {e}")
         except Exception as e:  # the CLI's UsageError (no default model), a model llama.cpp refuses

@@ -75,12 +75,15 @@ PRESETS = Path(__file__).resolve().parent / "presets.json"
 def settings_of(over: dict, policy) -> Settings:
     """A condition's Settings; {"profile": true} applies the run's calibrated policy (--profile) as
     `run` does with that profile found (plan.with_policy), on the engine without a profile of its own;
-    {"candidate": NAME} is one of calibrate's candidates (policy.CANDIDATES) as calibrate runs it."""
+    {"candidate": NAME[, "near": SHARE]} is one of calibrate's candidates (policy.CANDIDATES) as
+    calibrate runs it, SHARE of its strength next to the question (without: 0.5, as before the share
+    was the family's)."""
     from engram_llama.plan import candidate_settings, with_policy
-    from engram_llama.policy import CANDIDATES
+    from engram_llama.policy import CANDIDATES, NEAR_SHARE_V1
 
     if "candidate" in over:
-        return candidate_settings(next(c for c in CANDIDATES if c.name == over["candidate"]))
+        c = next(c for c in CANDIDATES if c.name == over["candidate"])
+        return candidate_settings(c, over.get("near", NEAR_SHARE_V1))
     rest = {k: v for k, v in over.items() if k != "profile"}
     if over.get("profile"):
         if policy is None:
@@ -97,8 +100,8 @@ def load_presets(path: str | Path = PRESETS) -> tuple[dict[str, dict], dict[str,
 
     for over in conds.values():  # a bad field or value fails here, not mid-run
         if "candidate" in over:
-            if set(over) != {"candidate"} or over["candidate"] not in {c.name for c in CANDIDATES}:
-                raise ValueError(f"{over}: a candidate condition names one of calibrate's candidates alone")
+            if set(over) - {"near"} != {"candidate"} or over["candidate"] not in {c.name for c in CANDIDATES}:
+                raise ValueError(f"{over}: a candidate condition names one of calibrate's candidates (and a near share)")
             continue
         Settings(**{k: v for k, v in over.items() if k != "profile"})
     for p, names in presets.items():

@@ -39,10 +39,14 @@ def test_identity_hashes_the_header_gguf_py_reads():
 
 
 def test_policy_json_round_trip_and_refusals():
-    p = Policy(steer=True, peak=4.0, focus="sentences", reorder=True, edges=1.0)
+    p = Policy(steer=True, peak=4.0, focus="sentences", reorder=True, edges=1.0, near=0.75)
     assert Policy.from_json(json.loads(json.dumps(p.to_json()))) == p
+    # a profile written before the share was recorded was measured at half the peak
+    old = {k: v for k, v in p.to_json().items() if k != "near"}
+    assert Policy.from_json(old).near == 0.5
     for bad in ({"steer": True}, {**p.to_json(), "peak": -1}, {**p.to_json(), "focus": "word"},
-                {**p.to_json(), "steer": "yes"}, {**p.to_json(), "extra": 1}, [1]):
+                {**p.to_json(), "steer": "yes"}, {**p.to_json(), "extra": 1}, [1],
+                {**p.to_json(), "near": 1.5}, {**p.to_json(), "near": True}):
         with pytest.raises(ValueError):
             Policy.from_json(bad)
 
@@ -50,14 +54,18 @@ def test_policy_json_round_trip_and_refusals():
 def test_a_profile_applies_the_settings_its_candidate_was_measured_with():
     """with_policy turns a profile into exactly the Settings calibrate ran for the chosen candidate;
     the user's own options win; a profile that turned steering off leaves the prompt unbiased."""
-    for c in CANDIDATES:
-        if c.order == "keep":
-            pol = Policy(steer=True, peak=c.strength, focus=c.focus)
-        else:
-            pol = Policy(steer=False, reorder=True, edges=c.strength)
-        assert with_policy(Settings(), pol) == candidate_settings(c), c
+    for near in (0.5, 0.75):
+        for c in CANDIDATES:
+            if c.order == "keep":
+                pol = Policy(steer=True, peak=c.strength, focus=c.focus, near=near)
+            else:
+                pol = Policy(steer=False, reorder=True, edges=c.strength, near=near)
+            assert with_policy(Settings(), pol) == candidate_settings(c, near), c
     pol = Policy(steer=True, peak=4.0, focus="sentences", reorder=True, edges=1.0)
-    assert with_policy(Settings(order="keep"), pol) == candidate_settings(Candidate("", "keep", 4.0, "sentences"))
+    assert with_policy(Settings(order="keep"), pol) == candidate_settings(Candidate("", "keep", 4.0, "sentences"), 0.5)
+    # next to the question: the family's hand-tuned ratio at ~4K (+2 of +4 dense, +3 of +4 windowed)
+    assert with_policy(Settings(), Policy(steer=True, peak=4.0, near=policy.near_share(False))).near == policy.NEAR_WINDOWED
+    assert with_policy(Settings(), Policy(steer=True, peak=4.0, near=policy.near_share(True))).near == policy.NEAR
     assert with_policy(Settings(strength=3.0), pol).strength == 3.0
     off = Policy()
     assert with_policy(Settings(), off).engram is False
@@ -212,6 +220,8 @@ def test_calibrate_end_to_end_on_a_generated_model(arch, chat, cache, tmp_path, 
     head, *rows = [json.loads(l) for l in calibrate.log_path(identity(model), 2048, chat).read_text().splitlines()]
     # a change to the tasks (or the conditions, or the policy's meaning) gives another head: set aside
     assert head["tasks_version"] == calibrate.tasks.VERSION and head["policy_version"] == calibrate.POLICY_VERSION
+    # the candidates ran with the family's share next to the question, and the profile records it
+    assert head["near_share"] == (0.5 if arch.startswith("llama") else 0.75) == prof.policy.near
     assert len(rows) == 3 * calibrate.MAX_ITEMS
     assert {r["slot"] for r in rows} == set(calibrate.tasks.SLOTS)
     t = prof.measured["table"]

@@ -33,8 +33,8 @@ from pathlib import Path
 
 from . import __version__, align, tasks
 from .gguf_check import identity
-from .plan import Settings, candidate_settings
-from .policy import CANDIDATES, POLICY_VERSION, VANILLA, Policy
+from .plan import Settings, candidate_settings, is_dense
+from .policy import CANDIDATES, NEAR_SHARE_V1, POLICY_VERSION, VANILLA, Policy, near_share
 from .profile import Profile, cache_dir, key, write
 from .quality import judge
 
@@ -64,12 +64,12 @@ class Outcome:
     degenerate: int = 0
 
 
-def _conditions() -> list[tuple[str, Settings]]:
+def _conditions(near: float = NEAR_SHARE_V1) -> list[tuple[str, Settings]]:
     """(name, settings) in the order they run for one placement (Settings(): the hand-tuned
-    defaults, on the engine without a profile)."""
-    keep = [(c.name, candidate_settings(c)) for c in CANDIDATES if c.order == "keep"]
-    edges = [(c.name, candidate_settings(c)) for c in CANDIDATES if c.order == "edges"]
-    return [(VANILLA.name, candidate_settings(VANILLA)), (HAND, Settings())] + keep + edges
+    defaults, on the engine without a profile); near: the model family's share (policy.near_share)."""
+    keep = [(c.name, candidate_settings(c, near)) for c in CANDIDATES if c.order == "keep"]
+    edges = [(c.name, candidate_settings(c, near)) for c in CANDIDATES if c.order == "edges"]
+    return [(VANILLA.name, candidate_settings(VANILLA, near)), (HAND, Settings())] + keep + edges
 
 
 def log_path(ident: dict, n_ctx: int, chat: bool = True) -> Path:
@@ -197,8 +197,9 @@ def qualifies(rows: list[dict], name: str, ref: str = VANILLA.name) -> tuple[boo
     return True, f"items +{w}/-{l} vs {ref}, p = {p:.3f}"
 
 
-def choose(rows: list[dict]) -> tuple[Policy, dict]:
-    """The profile's policy from the rows by the paired rule (module docstring), and the reasons."""
+def choose(rows: list[dict], near: float = NEAR_SHARE_V1) -> tuple[Policy, dict]:
+    """The profile's policy from the rows by the paired rule (module docstring), and the reasons;
+    near: the share the candidates ran with, recorded in the policy."""
     tab = table(rows)
     why = {}
     ok = {}
@@ -221,7 +222,7 @@ def choose(rows: list[dict]) -> tuple[Policy, dict]:
     kc = next((c for c in CANDIDATES if c.name == keep), None)
     ec = next((c for c in CANDIDATES if c.name == edges), None)
     pol = Policy(steer=kc is not None, peak=kc.strength if kc else 0.0, focus=kc.focus if kc else "chunk",
-                 reorder=reorder, edges=ec.strength if (ec and reorder) else 0.0)
+                 reorder=reorder, edges=ec.strength if (ec and reorder) else 0.0, near=near)
     return pol, {"given_order": keep or VANILLA.name, "retrieved": (edges if reorder else keep or VANILLA.name),
                  "why": why}
 
@@ -238,7 +239,7 @@ def decide(rows: list[dict], items: list[tasks.Task], ident: dict, head: dict) -
     """The profile from a log's rows: every answer judged again by this version's judge, the
     paired rule, and how it was measured."""
     rows = _rejudge(rows, items)
-    pol, chosen = choose(rows)
+    pol, chosen = choose(rows, head.get("near_share", NEAR_SHARE_V1))  # logs before the field: V1
     measured = {
         "n_ctx": head["n_ctx"], "prompt_tokens": [min(r["prompt_tokens"] for r in rows), max(r["prompt_tokens"] for r in rows)],
         "kinds": sorted({r["kind"] for r in rows}), "items": len({r["item"] for r in rows}), "placements": len(rows),
@@ -317,9 +318,10 @@ def run(model_path: str, n_ctx: int = 4096, budget_minutes: float = BUDGET_MINUT
 def _run(eng, ident, n_ctx, budget_minutes, chat, progress, logf, say):
     room = n_ctx - max(MAX_TOKENS.values()) - 16
     items = task_items(n_ctx)
+    near = near_share(is_dense(eng.hook.kinds))
     head = {"model": key(ident), "n_ctx": n_ctx, "chat": chat, "seed": SEED, "max_tokens": MAX_TOKENS,
             "conditions": [n for n, _ in _conditions()], "policy_version": POLICY_VERSION,
-            "tasks_version": tasks.VERSION}
+            "tasks_version": tasks.VERSION, "near_share": near}
     rows = _read_log(logf, head)
     if not rows:
         logf.write_text(json.dumps(head) + "\n", encoding="utf-8")
@@ -336,7 +338,7 @@ def _run(eng, ident, n_ctx, budget_minutes, chat, progress, logf, say):
                                f"~{est * MIN_ITEMS / 60:.1f} min at -c {n_ctx} on this machine")
     if rows:
         say(f"resuming {logf.name}: {len(rows)} placements done, {spent / 60:.1f} of {budget_minutes:g} min spent")
-    conditions = _conditions()
+    conditions = _conditions(near)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -19,7 +19,7 @@ from .pointer_map import PointerMap
 
 # --- the steering policy (policy.py: the calibrated one and the hand-tuned family defaults) ---
 
-from .policy import (EDGES_STRENGTH, EDGES_TOP_K, MID, MOVE_FROM, MOVE_STRENGTH, NEAR, NEAR_WINDOWED, NEAR_SHARE,
+from .policy import (EDGES_STRENGTH, EDGES_TOP_K, MID, MOVE_FROM, MOVE_STRENGTH, NEAR, NEAR_WINDOWED,
                      ORDER_AUTO, TOP_K, Candidate, Policy, auto_strength)
 
 # whole-sequence document checkpoints kept for questions on earlier document sets (MiB; --cache-ram;
@@ -119,13 +119,14 @@ class Settings:
             raise ValueError("order 'move' biases the moved chunk by its tokens: granularity must be 'chunk' or 'novel'")
 
 
-def candidate_settings(c: Candidate) -> Settings:
-    """The settings that carry out one calibration candidate (and a profile that chose it)."""
+def candidate_settings(c: Candidate, near: float) -> Settings:
+    """The settings that carry out one calibration candidate (and a profile that chose it); near:
+    the strength next to the question as a share of the peak (policy.near_share)."""
     if c.order == "edges":
         return Settings(order="edges", strength=c.strength, engram=c.strength > 0)
     if not c.strength:
         return Settings(order="keep", engram=False)
-    return Settings(order="keep", strength=c.strength, near=c.strength * NEAR_SHARE, mid=0.0,
+    return Settings(order="keep", strength=c.strength, near=c.strength * near, mid=0.0,
                     granularity="novel" if c.focus == "chunk" else "focus")
 
 
@@ -139,9 +140,9 @@ def with_policy(s: Settings, pol: Policy | None) -> Settings:
     if order == "edges" and not pol.reorder:  # reordering asked for, not measured better: the hand-tuned one
         return s
     if order == "edges":
-        base = candidate_settings(Candidate("", "edges", pol.edges))
+        base = candidate_settings(Candidate("", "edges", pol.edges), pol.near)
     elif order == "keep":
-        base = candidate_settings(Candidate("", "keep", pol.peak if pol.steer else 0.0, pol.focus))
+        base = candidate_settings(Candidate("", "keep", pol.peak if pol.steer else 0.0, pol.focus), pol.near)
     else:  # move: the hand-tuned move
         return s
     own = {f.name: getattr(s, f.name) for f in fields(Settings)

@@ -47,10 +47,19 @@ ORDER_AUTO, MOVE_FROM = "move", 6144   # "auto": move from 6144 prompt tokens wh
 
 # --- the calibrated policy ---------------------------------------------------------------------
 
-# the strength next to the question, as a share of the peak: small models read the last chunk
-# anyway (recency), and a full bias there costs the last slot (docs/ABLATIONS.md, "The strength next
-# to the question on sliding-window models (+3 or +2)")
-NEAR_SHARE = 0.5
+# the strength next to the question, as a share of the peak: the hand-tuned defaults' ratio at ~4K,
+# +2 of +4 on dense models and +3 of +4 on sliding-window and recurrent ones. Small models read the
+# last chunk anyway (recency): on dense ones a full bias there costs the last slot; on windowed ones
+# +3 beat +2 there (docs/ABLATIONS.md, "The strength next to the question on sliding-window models"),
+# and a calibrated +2 lost that slot to the defaults' +3 (docs/EVAL.md section 4, Gemma's bulletins)
+NEAR_SHARE_V1 = 0.5       # every family, in profiles written before the share was recorded
+
+
+def near_share(dense: bool) -> float:
+    """The calibrated policy's strength next to the question, as a share of its peak."""
+    return (NEAR if dense else NEAR_WINDOWED) / auto_strength(4096)
+
+
 # focus "sentences": the rest of the chunk, around its sentences that match the question best,
 # at bias.REST (0.5) of their strength
 FOCI = ("chunk", "sentences")
@@ -64,8 +73,9 @@ class Policy:
 
     In the given order (a document read in order, chat history, or retrieved chunks when reordering
     did not win): steer False leaves them unbiased (calibration found nothing that beat vanilla);
-    else the best chunk gets `peak` from a quarter of the prompt before the question on, NEAR_SHARE
-    of it next to the question (linear between), over `focus`: "chunk" (the chunk less its echoes
+    else the best chunk gets `peak` from a quarter of the prompt before the question on, `near` (a
+    share) of it next to the question (linear between; the share is the model family's, near_share,
+    recorded as measured), over `focus`: "chunk" (the chunk less its echoes
     of the question) or "sentences" (the sentences or lines that match the question most, the rest
     of the chunk at half of that, bias.REST).
     For chunks whose order means nothing (retrieved ones; the order "auto"): reorder True puts the
@@ -75,6 +85,7 @@ class Policy:
     focus: str = "chunk"
     reorder: bool = False
     edges: float = 0.0
+    near: float = NEAR_SHARE_V1
 
     def __post_init__(self):
         if not isinstance(self.steer, bool) or not isinstance(self.reorder, bool):
@@ -85,10 +96,13 @@ class Policy:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 16:
                 raise ValueError(f"{name} {v!r}: a number from 0 to 16")
+        if isinstance(self.near, bool) or not isinstance(self.near, (int, float)) or not 0 <= self.near <= 1:
+            raise ValueError(f"near {self.near!r}: a share of the peak, from 0 to 1")
 
     @property
     def label(self) -> str:
-        given = f"+{self.peak:g} on the best chunk ({self.focus})" if self.steer else "no bias"
+        given = (f"+{self.peak:g} on the best chunk ({self.focus}), +{self.peak * self.near:g} next to the question"
+                 if self.steer else "no bias")
         if not self.reorder:
             return f"given order: {given}; retrieved chunks: the same"
         return f"given order: {given}; retrieved chunks: reordered, best last" + (f", +{self.edges:g} on it" if self.edges else "")
@@ -98,7 +112,8 @@ class Policy:
 
     @classmethod
     def from_json(cls, d) -> "Policy":
-        if not isinstance(d, dict) or set(d) != {"steer", "peak", "focus", "reorder", "edges"}:
+        # without "near": a profile written before the share was recorded, measured at NEAR_SHARE_V1
+        if not isinstance(d, dict) or set(d) - {"near"} != {"steer", "peak", "focus", "reorder", "edges"}:
             raise ValueError("not a policy")
         return cls(**d)
 

@@ -9,6 +9,8 @@ from research import eval as ev
 from research.datasets import hard_distractors, normalize
 from research.evaluate import judge
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def test_normalize_like_lost_in_the_middle():
     assert normalize("The  Wilhelm Conrad Röntgen!") == "wilhelm conrad röntgen"
@@ -185,6 +187,46 @@ def test_presets_are_settings_overrides():
     assert presets["main"] == ["vanilla", "engram", "reorder"]
     assert Settings(**conds["engram"]) == Settings()
     assert Settings(**conds["reorder"]) == Settings(engram=False, order="edges")
+
+
+def test_a_candidate_condition_runs_with_the_share_it_names():
+    """{"candidate": NAME} is calibrate's candidate at the old half share (the rows measured so);
+    "near" gives another share; a field besides those is refused."""
+    from engram_llama.plan import candidate_settings
+    from engram_llama.policy import CANDIDATES
+    from research.evaluate import settings_of
+
+    c4 = next(c for c in CANDIDATES if c.name == "chunk+4")
+    assert settings_of({"candidate": "chunk+4"}, None) == candidate_settings(c4, 0.5)
+    assert settings_of({"candidate": "chunk+4"}, None).near == 2.0
+    assert settings_of({"candidate": "chunk+4", "near": 0.75}, None).near == 3.0
+
+
+def test_the_declared_splits_are_disjoint_and_fresh():
+    """The second held-out split's NQ items are in no sealed list and no development row, its two
+    NQ lists do not overlap, and its bulletin seed is used by no other split or by calibration."""
+    import glob
+    import json
+
+    from engram_llama import calibrate
+
+    near = json.loads((ROOT / "research" / "heldout-near.json").read_text())
+    sealed = json.loads((ROOT / "research" / "sealed.json").read_text())
+    assert len(near["nq"]) == 100 and len(near["nq8k"]) == 40 and not set(near["nq"]) & set(near["nq8k"])
+    assert not (set(near["nq"]) | set(near["nq8k"])) & set(sealed["nq"])
+    assert near["bulletin_seed"] not in (sealed["bulletin_seed"], calibrate.SEED)
+    rows = set()
+    for f in glob.glob(str(ROOT / "docs" / "results" / "*.jsonl")):
+        if Path(f).name.startswith("near-"):
+            continue  # the split's own rows
+        for line in open(f, encoding="utf-8"):
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and "id" in r:
+                rows.add(str(r["id"]))
+    assert not (set(near["nq"]) | set(near["nq8k"])) & rows
 
 
 def test_documents_split_as_the_cli_splits_them():
