@@ -314,10 +314,14 @@ def main(argv=None):
                 split = json.loads(Path(path).read_text())
             except (OSError, ValueError) as e:
                 sys.exit(f"research: cannot read the split {path}: {e}")
+            if not isinstance(split, dict):
+                sys.exit(f"research: the split {path} is not a JSON object")
+            if args.dataset == "bulletin" and key:
+                sys.exit("research: a split's bulletins are its bulletin_seed: no :KEY with them")
             key = key or args.dataset
-            if args.dataset in ("nq", "kv") and isinstance(split.get(key), list):
+            if args.dataset in ("nq", "kv") and isinstance(split.get(key), list) and split[key]:
                 only = set(split[key])
-            elif args.dataset == "bulletin" and "bulletin_seed" in split:
+            elif args.dataset == "bulletin" and isinstance(split.get("bulletin_seed"), int):
                 args.seed = split["bulletin_seed"]
             else:
                 sys.exit(f"research: the split {path} has no {key} items")

@@ -196,6 +196,26 @@ def test_a_cut_line_in_the_log_is_dropped_and_later_rows_stand_alone(tmp_path):
     assert len(list(tmp_path.glob("log.old-*.jsonl"))) == 1
 
 
+def test_the_candidates_run_and_the_profile_records_the_share_the_log_names():
+    """Each given-order candidate runs with its strength times the share next to the question; a log
+    written before the share was recorded (no near_share in its head) was measured at half."""
+    conds = dict(calibrate._conditions(0.75))
+    assert conds["chunk+4"].near == 3.0 and conds["chunk+2"].near == 1.5 and conds["sentences+4"].near == 3.0
+    assert dict(calibrate._conditions(0.5))["chunk+4"].near == 2.0
+    items = calibrate.task_items(2048)
+    rows = []
+    for i in range(6):
+        for slot in calibrate.tasks.SLOTS:
+            res = {n: {"answer": items[i].answers[0] if n == "chunk+4" else "no idea"} for n, _ in calibrate._conditions()}
+            rows.append({"item": i, "kind": items[i].kind, "slot": slot, "n_chunks": 6, "prompt_tokens": 1900,
+                         "seconds": 1.0, "results": res})
+    head = {"n_ctx": 2048, "max_tokens": calibrate.MAX_TOKENS, "chat": True, "seed": calibrate.SEED}
+    ident = identity(synth.cached_model("llama"))
+    old = calibrate.decide(rows, items, ident, head)
+    assert old.policy.steer and old.policy.peak == 4.0 and old.policy.near == 0.5
+    assert calibrate.decide(rows, items, ident, {**head, "near_share": 0.75}).policy.near == 0.75
+
+
 def test_sign_test_against_the_binomial():
     from math import comb
 

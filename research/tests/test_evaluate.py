@@ -189,17 +189,22 @@ def test_presets_are_settings_overrides():
     assert Settings(**conds["reorder"]) == Settings(engram=False, order="edges")
 
 
-def test_a_candidate_condition_runs_with_the_share_it_names():
+def test_a_candidate_condition_runs_with_the_share_it_names(tmp_path):
     """{"candidate": NAME} is calibrate's candidate at the old half share (the rows measured so);
     "near" gives another share; a field besides those is refused."""
     from engram_llama.plan import candidate_settings
     from engram_llama.policy import CANDIDATES
-    from research.evaluate import settings_of
+    from research.evaluate import load_presets, settings_of
 
     c4 = next(c for c in CANDIDATES if c.name == "chunk+4")
     assert settings_of({"candidate": "chunk+4"}, None) == candidate_settings(c4, 0.5)
     assert settings_of({"candidate": "chunk+4"}, None).near == 2.0
     assert settings_of({"candidate": "chunk+4", "near": 0.75}, None).near == 3.0
+    for bad in ({"candidate": "chunk+4", "x": 1}, {"candidate": "chunk+4", "near": 5}, {"candidate": "chunk+9"}):
+        f = tmp_path / "p.json"
+        f.write_text(json.dumps({"conditions": {"c": bad}, "presets": {}}))
+        with pytest.raises(ValueError):
+            load_presets(f)
 
 
 def test_the_declared_splits_are_disjoint_and_fresh():
@@ -227,6 +232,12 @@ def test_the_declared_splits_are_disjoint_and_fresh():
             if isinstance(r, dict) and "id" in r:
                 rows.add(str(r["id"]))
     assert not (set(near["nq"]) | set(near["nq8k"])) & rows
+    data = ROOT.parent / "shared" / "data" / "nq-open-dev.jsonl.gz"
+    if data.exists():  # the file positions the declaration names (500-999)
+        from research.datasets import load_nq
+
+        window = {it["id"] for it in load_nq(data)[500:1000]}
+        assert set(near["nq"]) | set(near["nq8k"]) <= window
 
 
 def test_documents_split_as_the_cli_splits_them():
