@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The second held-out split (docs/EVAL.md section 2, "The near-question share"), for Gemma-3-270M's
-# profile recalibrated with the family's share next to the question; run it once. Resumable.
+# The second held-out split (docs/EVAL.md section 2, "A second held-out split (the near-question
+# share)"), for Gemma-3-270M's profile recalibrated with the family's share next to the question;
+# run it once. Resumable.
 #   [CELLS="bulletin nq kv nq8k"] [SLOTS=last] research/run_heldout_near.sh GEMMA.gguf PROFILE.json
 # bulletin, nq, nq8k: the fresh items of research/heldout-near.json; kv: the sealed KV items (no
 # fresh ones exist), not held out.
