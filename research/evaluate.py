@@ -96,13 +96,13 @@ def load_presets(path: str | Path = PRESETS) -> tuple[dict[str, dict], dict[str,
     """(conditions: name -> Settings overrides, presets: name -> condition names), checked."""
     data = json.loads(Path(path).read_text())
     conds, presets = data["conditions"], data["presets"]
-    from engram_llama.policy import CANDIDATES
+    from engram_llama.policy import CANDIDATES, NEAR_SHARE_V1
 
     for over in conds.values():  # a bad field or value fails here, not mid-run
         if "candidate" in over:
             if set(over) - {"near"} != {"candidate"} or over["candidate"] not in {c.name for c in CANDIDATES}:
                 raise ValueError(f"{over}: a candidate condition names one of calibrate's candidates (and a near share)")
-            near = over.get("near", 0.5)
+            near = over.get("near", NEAR_SHARE_V1)
             if isinstance(near, bool) or not isinstance(near, (int, float)) or not 0 <= near <= 1:
                 raise ValueError(f"{over}: near is a share of the strength, from 0 to 1")
             continue
@@ -154,8 +154,8 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
         raise ValueError("restate_key is for the KV set only")
     items = datasets.load(dataset, n_passages, data, n_items=max(4 * (n_items + skip), 200), seed=seed,
                           restate_key=restate_key)
-    if only is not None and only - {it.id for it in items}:
-        missing = sorted(only - {it.id for it in items})
+    missing = sorted(only - {it.id for it in items}) if only is not None else []
+    if missing:
         raise ValueError(f"{len(missing)} of the ids asked for are not in the data ({', '.join(missing[:3])}...)")
     done, unanswerable = set(), set()
     out = Path(out_path)
