@@ -13,6 +13,7 @@ from engram_llama import calibrate, policy, profile
 from engram_llama.gguf_check import identity, read_header
 from engram_llama.plan import Settings, candidate_settings, with_policy
 from engram_llama.policy import CANDIDATES, Candidate, Policy
+from conftest import gemma3_path
 from research import synth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +120,34 @@ def test_find_prefers_the_cache_folder_and_skips_a_broken_one_with_a_line(cache,
     said = []
     assert profile.find(model, warn=said.append) is None
     assert len(said) == 1 and "corrupt" in said[0]
+
+
+def test_every_builtin_profile_is_named_by_its_model_and_reads():
+    """A built-in profile is found by its file name alone: a name that is not its model's key, or a
+    file of another policy version, would never be applied (or be refused at every run)."""
+    files = sorted(profile.BUILTIN.glob("*.json"))
+    assert files, "no built-in profile shipped"
+    for f in files:
+        prof = profile.read(f)
+        assert f.stem == profile.key(prof.model), f
+        assert prof.measured.get("items", 0) > 0 and prof.tool
+
+
+@pytest.mark.skipif(gemma3_path() is None, reason="Gemma-3-270M not installed (scripts/setup.sh)")
+def test_gemma_runs_its_builtin_profile_without_a_cache(cache):
+    """The file scripts/setup.sh installs finds the profile that ships for it (EVAL section 4: the
+    second held-out split): +4 over the chunk, the windowed family's +3 of +4 next to the question."""
+    from engram_llama.runtime import EngramLlama
+
+    found = profile.find(gemma3_path())
+    assert found is not None and found.path.parent == profile.BUILTIN
+    assert found.policy == Policy(steer=True, peak=4.0, focus="chunk", reorder=False, edges=0.0, near=0.75)
+    eng = EngramLlama(str(gemma3_path()), n_ctx=512, n_threads=2, chat=False)
+    try:
+        assert eng.profile is not None and eng.profile.path == found.path
+        assert profile.describe(eng.profile)["calibrated"] is True
+    finally:
+        eng.close()
 
 
 def _rows(pairs: dict[str, list[tuple[str, bool]]]) -> list[dict]:
