@@ -9,6 +9,7 @@ import argparse
 import collections
 import json
 import statistics
+import sys
 
 from engram_llama.quality import _RECITAL_WORDS as K, normalize
 
@@ -28,6 +29,8 @@ def main(argv=None):
         r = json.loads(line)
         if r["condition"] != a.condition or r.get("degenerate") != "recital":
             continue
+        if r["id"] not in raw:
+            sys.exit(f"research.recitals: {r['id']} is not an NQ item: this reads NQ results files only")
         it = raw[r["id"]]
         g, ans = normalize(it["gold"]["text"]).split(), normalize(r["answer"]).split()
         grams = {tuple(g[i:i + K]): i for i in range(len(g) - K + 1)}
