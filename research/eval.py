@@ -269,6 +269,7 @@ def main(argv=None):
     r.add_argument("-t", "--threads", type=int, default=None)
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
     r.add_argument("--restate-key", action="store_true", help="KV: the answer starts by restating the record's key")
+    r.add_argument("--max-new", type=int, default=None, help="answer tokens (default: evaluate.MAX_NEW for the set, else 16)")
     r.add_argument("--profile", default=None, help="a calibrated profile for the conditions marked \"profile\"")
     r.add_argument("--sealed", action="store_true", help="the sealed split's items (research/sealed.json): run it "
                    "once, choose nothing on it; with --no-filter the gold-only answers are still recorded")
@@ -306,6 +307,8 @@ def main(argv=None):
         only = set(args.ids.split(",")) if args.ids else None
         if args.sealed and args.split:
             sys.exit("research: --sealed or --split, not both")
+        if args.max_new is not None and args.max_new < 1:
+            sys.exit("research: --max-new must be at least 1")
         if args.sealed or args.split:
             if args.ids or args.skip:
                 sys.exit("research: a split runs its own items: no --ids or --skip with it")
@@ -330,7 +333,7 @@ def main(argv=None):
                 n_passages=args.passages, slots=tuple(args.slots.split(",")), data=str(data) if data else None,
                 n_ctx=args.ctx_size, answerable_only=not args.no_filter, seed=args.seed, chat=not args.no_chat,
                 dataset=args.dataset, restate_key=args.restate_key, n_threads=args.threads, skip=args.skip,
-                only=only, profile=args.profile, record_gold=bool(args.sealed or args.split))
+                only=only, profile=args.profile, record_gold=bool(args.sealed or args.split), max_new=args.max_new)
         except (ValueError, OSError) as e:
             sys.exit(f"research: {e}")
         except Exception as e:  # the CLI's UsageError (no default model), a model llama.cpp refuses

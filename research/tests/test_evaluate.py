@@ -346,3 +346,17 @@ def test_targets_find_a_significant_loss_at_any_slot(tmp_path, capsys):
     ev.targets(str(path))
     assert ("| no significant loss to the hand-tuned defaults at any slot | NO | worst slot first: +0/-6, p 0.031 |"
             in capsys.readouterr().out)
+
+
+def test_max_new_reaches_the_run_and_zero_is_refused(tmp_path, monkeypatch):
+    """--max-new sets the answer cap (a bulletin set without its own cap took NQ's 16 tokens);
+    below 1 it is one line, before any model loads."""
+    seen = {}
+    monkeypatch.setattr(ev, "run", lambda *a, **kw: seen.update(kw))
+    out = str(tmp_path / "o.jsonl")
+    ev.main(["run", "--model", "m.gguf", "--dataset", "bulletin", "--n", "1", "--out", out, "--max-new", "48"])
+    assert seen["max_new"] == 48 and seen["dataset"] == "bulletin"
+    ev.main(["run", "--model", "m.gguf", "--out", out])
+    assert seen["max_new"] is None
+    with pytest.raises(SystemExit, match="--max-new must be at least 1"):
+        ev.main(["run", "--model", "m.gguf", "--out", out, "--max-new", "0"])
