@@ -108,7 +108,7 @@ def test_explain_gives_the_profile_and_each_span(docs):
     assert r.returncode == 0, r.stderr
     # a ~60-token prompt: +2 everywhere (the length's strength, the middle's by length, near)
     assert "strength +2.00 next to the question, +2.00 in the middle, +2.00 at the start" in r.stdout
-    assert re.search(r"\+2\.00 on tokens \d+-\d+ \(chunk of chunk 0\)", r.stdout), r.stdout
+    assert re.search(r"\+2\.00 on tokens \d+-\d+ \(chunk 0: the whole chunk\)", r.stdout), r.stdout
     # (research) --strength 3 --mid 5 --near 1: the one chunk ends d = (q0 - end) / q0 before the
     # question, inside the near ramp (d < 1/4): 1 + (5 - 1) d / (1/4)
     r = research_ask(model, q, "--chunks", str(docs), "--explain", "-n", "2", "--strength", "3", "--mid", "5",

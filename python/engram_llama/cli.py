@@ -248,6 +248,11 @@ def cmd_run(args) -> int:
     return 0
 
 
+# --explain's words for a bias span (bias.BiasSpan.what); an entity's span shows its text
+_SPAN_WHAT = {"chunk": "the whole chunk", "novel": "words not in the question", "sentence": "a sentence that "
+              "matches the question", "rest": "the rest of the chunk"}
+
+
 def _profile(model: str, spec: str | None):
     """--profile: 'auto' (None), 'none' or a file; UsageError when the file is not this model's."""
     if spec is None:
@@ -397,7 +402,8 @@ def _explain(ans, n_chunks: int, n_ctx: int | None = None) -> str:
         mid = f", +{p.mid:.2f} in the middle" if p.mid is not None else ""
         lines.append(f"  strength +{near:.2f} next to the question{mid}, +{p.strength:.2f} at the start (times relevance)")
         for s in p.spans:
-            lines.append(f"    +{s.value:.2f} on tokens {s.tokens[0]}-{s.tokens[1] - 1} ({s.what} of chunk {s.chunk_id})")
+            what = _SPAN_WHAT.get(s.what, f'"{s.what}"')
+            lines.append(f"    +{s.value:.2f} on tokens {s.tokens[0]}-{s.tokens[1] - 1} (chunk {s.chunk_id}: {what})")
     else:
         lines.append("  no bias (vanilla)")
     return "\n".join(lines)
