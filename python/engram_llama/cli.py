@@ -356,6 +356,7 @@ def cmd_serve(args) -> int:
 def _answer_json(q, ans) -> dict:
     return {
         "question": q, "answer": ans.text,
+        "finish_reason": ans.finish_reason or "stop",  # "length": the answer stopped at -n tokens
         "citations": [{"source": c.chunk.source, "chunk": c.chunk.id, "position": c.position, "relevance": round(c.score, 4)}
                       for c in ans.citations],
         "plan": ans.plan.to_json(),

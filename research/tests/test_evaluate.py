@@ -288,7 +288,7 @@ def test_an_eval_row_is_what_the_cli_answers(tmp_path):
         got = json.loads(cli.stdout)
         assert got["answer"] == r["answer"], (r["id"], r["slot"], r["condition"])
         assert got["plan"]["order"] == r["plan"]["order"] and got["plan"]["steered"] == r["plan"]["steered"]
-        assert got["prompt_tokens"] == r["n_tokens"]
+        assert got["prompt_tokens"] == r["n_tokens"] and got["finish_reason"] == r["finish"]
     # the conditions differ where they should: the bias is on only in "engram"
     assert {r["condition"] for r in rows if r["plan"]["steered"]} == {"engram"}
 
@@ -360,3 +360,57 @@ def test_max_new_reaches_the_run_and_zero_is_refused(tmp_path, monkeypatch):
     assert seen["max_new"] is None
     with pytest.raises(SystemExit, match="--max-new must be at least 1"):
         ev.main(["run", "--model", "m.gguf", "--out", out, "--max-new", "0"])
+
+
+def test_capped_counts_the_answers_that_stopped_at_the_cap(tmp_path, capsys):
+    """research.capped: a row's "finish" where it has one, else the answer's tokens counted again
+    (here one token a word), at or above the cap; "of those wrong" by the judge."""
+    from research import capped
+
+    def row(cond, slot, answer, finish=None, gold="Deepak Joshi"):
+        r = {"id": "x", "condition": cond, "slot": slot, "answer": answer, "answers": [gold]}
+        return r if finish is None else {**r, "finish": finish}
+
+    rows = [row("vanilla", "gold-only", "The nodal officer was Deepak", "length"),      # cut, wrong
+            row("vanilla", "gold-only", "Deepak Joshi", "stop"),
+            row("vanilla", "first", "Deepak Joshi was the nodal officer", "length"),  # cut, right
+            row("vanilla", "first", "one two three four"),                             # 4 words: cut, wrong
+            row("engram", "first", "one two three")]                                   # 3 words: not cut
+    words = lambda t: len(t.split())
+    assert capped.capped(rows, 4, words) == {("vanilla", "gold-only"): [2, 1, 1], ("vanilla", "first"): [2, 2, 1],
+                                            ("engram", "first"): [1, 0, 0]}
+    with pytest.raises(ValueError, match="--model"):
+        capped.capped(rows, 4)
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    capped.main([str(f), "--max-new", "4"])
+    out = capsys.readouterr().out
+    assert "| vanilla | gold-only | 2 | 1 | 1 |" in out and "| vanilla | first | 1 | 1 | 0 |" in out
+    with pytest.raises(SystemExit, match="no such file"):
+        capped.main([str(tmp_path / "none.jsonl"), "--max-new", "4"])
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match="give --model"):
+        capped.main([str(f), "--max-new", "4"])
+
+
+def test_rerun_diff_counts_text_and_verdict_changes(tmp_path, capsys):
+    """research.rerun_diff: items matched by (condition, slot, id); a changed text that keeps its
+    verdict counts once, a changed verdict twice; a different prompt length is refused."""
+    from research import rerun_diff
+
+    def row(i, answer, cond="vanilla", n=100, degenerate=None):
+        return {"id": i, "condition": cond, "slot": "last", "answer": answer, "answers": ["42"],
+                "n_tokens": n, "degenerate": degenerate}
+
+    a = [row("1", "42"), row("2", "17"), row("3", "42"), row("4", "42", "engram")]
+    b = [row("1", "42"), row("2", "19"), row("3", "42 42 42", degenerate="loop"), row("5", "42", "engram")]
+    wa, wb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    wa.write_text("".join(json.dumps(r) + "\n" for r in a))
+    wb.write_text("".join(json.dumps(r) + "\n" for r in b))
+    rerun_diff.main([str(wa), str(wb)])
+    assert "| vanilla | last | 3 | 2 | 1 | 2 | 1 |" in capsys.readouterr().out
+    wb.write_text(json.dumps(row("1", "42", n=101)) + "\n")
+    with pytest.raises(SystemExit, match="not the same prompt"):
+        rerun_diff.main([str(wa), str(wb)])
+    with pytest.raises(SystemExit, match="share no"):
+        rerun_diff.main([str(wa), str(wb), "--conditions", "engram"])
