@@ -1,12 +1,15 @@
 """How many answers in a results file stopped at the answer cap, per condition and slot, and how many
-of those were judged wrong: an answer cut before it got to the point reads as wrong, whatever the
-steering did (a chat model that restates the question first needs more tokens than a name).
+of those failed (wrong, a refusal, or degenerate as the report counts it): an answer cut before it
+got to the point fails, whatever the steering did (a chat model that restates the question first
+needs more tokens than a name).
 
     python -m research.capped docs/results/sealed-bulletin-smollm2-36p.jsonl --model SMOLLM2.gguf --max-new 16
 
-Rows written since the "finish" field exist say whether they stopped at the cap ("length"); older rows
-are counted by tokenizing the answer again with the model's vocabulary, at or above the cap (a lower
-bound: the stored answer is stripped of spaces, which can hide one token).
+Rows written since the "finish" field exist say whether they stopped at the cap ("length"). Older
+rows are counted by tokenizing the stored answer again with the model's vocabulary, which only
+approximates what was generated (the answer was stripped of spaces and newlines, and a text can
+tokenize otherwise than it was generated): the table gives those at the cap or above and, beside
+them, those one token short, of which some were cut and some ended there.
 """
 from __future__ import annotations
 
@@ -20,20 +23,26 @@ from .evaluate import judge
 
 
 def capped(rows, max_new: int, count_tokens=None) -> dict:
-    """{(condition, slot): [answers, at the cap, at the cap and wrong]}; count_tokens(text) is
-    needed only for rows without a "finish" field."""
+    """{(condition, slot): [answers, at the cap, at the cap and failed, one short, one short and
+    failed]}; count_tokens(text) is needed only for rows without a "finish" field (a row with one
+    says exactly, and is never "one short")."""
     tally = {}
     for r in rows:
-        if "finish" in r and r["finish"] is not None:
-            at_cap = r["finish"] == "length"
+        if r.get("finish") is not None:
+            n = max_new if r["finish"] == "length" else 0
         elif count_tokens is None:
             raise ValueError("rows without a \"finish\" field: give --model to count their tokens")
         else:
-            at_cap = count_tokens(r["answer"]) >= max_new
-        t = tally.setdefault((r["condition"], r["slot"]), [0, 0, 0])
+            n = count_tokens(r["answer"])
+        failed = bool(r.get("degenerate")) or judge(r["answer"], r["answers"]) != "correct"
+        t = tally.setdefault((r["condition"], r["slot"]), [0, 0, 0, 0, 0])
         t[0] += 1
-        t[1] += at_cap
-        t[2] += at_cap and judge(r["answer"], r["answers"]) != "correct"
+        if n >= max_new:
+            t[1] += 1
+            t[2] += failed
+        elif n == max_new - 1:
+            t[3] += 1
+            t[4] += failed
     return tally
 
 
@@ -62,19 +71,20 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"research.capped: {e}")
     print(f"{a.path}: answers that stopped at {a.max_new} tokens\n")
-    print("| condition | slot | answers | at the cap | of those wrong |\n|---|---|---|---|---|")
+    print("| condition | slot | answers | at the cap | of those failed | one short | of those failed |")
+    print("|---|---|---|---|---|---|---|")
     order = {"gold-only": 0, "first": 1, "middle": 2, "last": 3}
     conds = list(dict.fromkeys(c for c, _ in tally))
     for c in conds:
         for s in sorted({s for c_, s in tally if c_ == c}, key=lambda s: order.get(s, 9)):
-            n, k, w = tally[(c, s)]
-            print(f"| {c} | {s} | {n} | {k} | {w} |")
+            print("| " + " | ".join([c, s, *map(str, tally[(c, s)])]) + " |")
     per = collections.Counter()
-    for (c, s), (n, k, w) in tally.items():
+    for (c, s), t in tally.items():
         if s != "gold-only":
-            per[c] += w
-    print("\nwrong at the cap, every slot: " + ", ".join(f"{c} {per[c]}" for c in conds if c in per))
-
+            per[(c, 0)] += t[2]
+            per[(c, 1)] += t[2] + t[4]
+    print("\nfailed at the cap over the slots (with those one short): "
+          + ", ".join(f"{c} {per[(c, 0)]} ({per[(c, 1)]})" for c in conds if (c, 0) in per))
 
 if __name__ == "__main__":
     main()

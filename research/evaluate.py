@@ -201,7 +201,7 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
                             settings=Settings(engram=False, order="keep"))
                 verdict = judge(a.text, it.answers)
                 write({"id": it.id, "slot": "gold-only", "condition": "vanilla", "answer": a.text,
-                       "finish": a.finish_reason, "judge": verdict, "answers": it.answers, **tag})
+                       "finish": a.finish_reason or "stop", "judge": verdict, "answers": it.answers, **tag})
                 if verdict != "correct" and answerable_only:
                     continue
             used += 1
@@ -219,7 +219,7 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
                     rank = next((r for r, s in enumerate(a.scored) if s.chunk.id in gold_ids), -1)
                     pos = next((p for p, cid in enumerate(a.chunk_order) if cid in gold_ids), -1)
                     write({"id": it.id, "slot": slot, "condition": c, "question": it.question, "answer": a.text,
-                           "finish": a.finish_reason, "judge": judge(a.text, it.answers), "answers": it.answers, "gold_rank": rank,
+                           "finish": a.finish_reason or "stop", "judge": judge(a.text, it.answers), "answers": it.answers, "gold_rank": rank,
                            "degenerate": degenerate(a.text, docs_text, it.answers, it.question),
                            "gold_pos": pos, "n_passages": len(passages), "n_tokens": a.n_prompt_tokens,
                            "dropped": [c.id for c in a.dropped],

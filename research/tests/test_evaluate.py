@@ -364,28 +364,33 @@ def test_max_new_reaches_the_run_and_zero_is_refused(tmp_path, monkeypatch):
 
 def test_capped_counts_the_answers_that_stopped_at_the_cap(tmp_path, capsys):
     """research.capped: a row's "finish" where it has one, else the answer's tokens counted again
-    (here one token a word), at or above the cap; "of those wrong" by the judge."""
+    (here one token a word): at or above the cap, or one short; failed = wrong, or degenerate even
+    where the answer string is in it."""
     from research import capped
 
-    def row(cond, slot, answer, finish=None, gold="Deepak Joshi"):
-        r = {"id": "x", "condition": cond, "slot": slot, "answer": answer, "answers": [gold]}
+    def row(cond, slot, answer, finish=None, degenerate=None):
+        r = {"id": "x", "condition": cond, "slot": slot, "answer": answer, "answers": ["Deepak Joshi"],
+             "degenerate": degenerate}
         return r if finish is None else {**r, "finish": finish}
 
-    rows = [row("vanilla", "gold-only", "The nodal officer was Deepak", "length"),      # cut, wrong
+    rows = [row("vanilla", "gold-only", "The nodal officer was Deepak", "length"),      # cut, failed
             row("vanilla", "gold-only", "Deepak Joshi", "stop"),
             row("vanilla", "first", "Deepak Joshi was the nodal officer", "length"),  # cut, right
-            row("vanilla", "first", "one two three four"),                             # 4 words: cut, wrong
-            row("engram", "first", "one two three")]                                   # 3 words: not cut
+            row("engram", "middle", "Deepak Joshi Deepak Joshi", "length", "loop"),   # cut, failed
+            row("vanilla", "first", "one two three four"),                             # 4 words: cut, failed
+            row("engram", "first", "one two three")]                                   # 3 words: one short
     words = lambda t: len(t.split())
-    assert capped.capped(rows, 4, words) == {("vanilla", "gold-only"): [2, 1, 1], ("vanilla", "first"): [2, 2, 1],
-                                            ("engram", "first"): [1, 0, 0]}
+    assert capped.capped(rows, 4, words) == {
+        ("vanilla", "gold-only"): [2, 1, 1, 0, 0], ("vanilla", "first"): [2, 2, 1, 0, 0],
+        ("engram", "middle"): [1, 1, 1, 0, 0], ("engram", "first"): [1, 0, 0, 1, 1]}
     with pytest.raises(ValueError, match="--model"):
         capped.capped(rows, 4)
     f = tmp_path / "rows.jsonl"
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     capped.main([str(f), "--max-new", "4"])
     out = capsys.readouterr().out
-    assert "| vanilla | gold-only | 2 | 1 | 1 |" in out and "| vanilla | first | 1 | 1 | 0 |" in out
+    assert "| vanilla | gold-only | 2 | 1 | 1 | 0 | 0 |" in out and "| vanilla | first | 1 | 1 | 0 | 0 | 0 |" in out
+    assert out.rstrip().endswith("vanilla 0 (0), engram 1 (1)")  # gold-only rows are not a slot
     with pytest.raises(SystemExit, match="no such file"):
         capped.main([str(tmp_path / "none.jsonl"), "--max-new", "4"])
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
