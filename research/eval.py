@@ -62,6 +62,11 @@ def load_rows(path):
     return rows
 
 
+def verdict(r) -> str:
+    """A row's verdict: a loop, stutter or recited chunk fails even when it holds the answer."""
+    return "degenerate" if r.get("degenerate") else r["judge"]
+
+
 def verdicts(path, answerable=False):
     """(rows, {(condition, slot): {item: verdict}}), "all" pooling the slots by (item, slot);
     answerable: only the items the model answered from the gold passage alone (their gold-only rows)."""
@@ -70,8 +75,7 @@ def verdicts(path, answerable=False):
     rows = [r for r in rows if r["slot"] != "gold-only" and (not answerable or r["id"] in ok)]
     res = {}
     for r in rows:
-        # a loop, stutter or recited chunk fails even when it holds the answer (rows since issue 27)
-        v = "degenerate" if r.get("degenerate") else r["judge"]
+        v = verdict(r)
         res.setdefault((r["condition"], r["slot"]), {})[r["id"]] = v
         # every slot pooled, paired by (item, slot): the overall comparison with more power
         res.setdefault((r["condition"], "all"), {})[(r["id"], r["slot"])] = v

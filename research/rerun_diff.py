@@ -13,11 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .eval import load_rows
-
-
-def verdict(r) -> str:
-    return "degenerate" if r.get("degenerate") else r["judge"]
+from .eval import load_rows, verdict
 
 
 def diff(a_rows, b_rows, conditions=None) -> dict:
