@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from pathlib import Path
 
-from .evaluate import judge
+from .eval import load_rows, verdict
 
 
 def capped(rows, max_new: int, count_tokens=None) -> dict:
     """{(condition, slot): [answers, at the cap, at the cap and failed, one short, one short and
-    failed]}; count_tokens(text) is needed only for rows without a "finish" field (a row with one
-    says exactly, and is never "one short")."""
+    failed]} over judged rows (eval.load_rows); count_tokens(text) is needed only for rows without a
+    "finish" field (a row with one says exactly, and is never "one short")."""
     tally = {}
     for r in rows:
         if r.get("finish") is not None:
@@ -34,7 +33,7 @@ def capped(rows, max_new: int, count_tokens=None) -> dict:
             raise ValueError("rows without a \"finish\" field: give --model to count their tokens")
         else:
             n = count_tokens(r["answer"])
-        failed = bool(r.get("degenerate")) or judge(r["answer"], r["answers"]) != "correct"
+        failed = verdict(r) != "correct"
         t = tally.setdefault((r["condition"], r["slot"]), [0, 0, 0, 0, 0])
         t[0] += 1
         if n >= max_new:
@@ -65,7 +64,7 @@ def main(argv=None):
         sys.exit(f"research.capped: no such file: {a.path}")
     if a.model and not Path(a.model).is_file():
         sys.exit(f"research.capped: no such model: {a.model}")
-    rows = [json.loads(l) for l in Path(a.path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    rows = load_rows(a.path)
     try:
         tally = capped(rows, a.max_new, _vocab_counter(a.model) if a.model else None)
     except ValueError as e:

@@ -367,6 +367,7 @@ def test_capped_counts_the_answers_that_stopped_at_the_cap(tmp_path, capsys):
     (here one token a word): at or above the cap, or one short; failed = wrong, or degenerate even
     where the answer string is in it."""
     from research import capped
+    from research.evaluate import judge
 
     def row(cond, slot, answer, finish=None, degenerate=None):
         r = {"id": "x", "condition": cond, "slot": slot, "answer": answer, "answers": ["Deepak Joshi"],
@@ -380,11 +381,12 @@ def test_capped_counts_the_answers_that_stopped_at_the_cap(tmp_path, capsys):
             row("vanilla", "first", "one two three four"),                             # 4 words: cut, failed
             row("engram", "first", "one two three")]                                   # 3 words: one short
     words = lambda t: len(t.split())
-    assert capped.capped(rows, 4, words) == {
+    judged = [{**r, "judge": judge(r["answer"], r["answers"])} for r in rows]
+    assert capped.capped(judged, 4, words) == {
         ("vanilla", "gold-only"): [2, 1, 1, 0, 0], ("vanilla", "first"): [2, 2, 1, 0, 0],
         ("engram", "middle"): [1, 1, 1, 0, 0], ("engram", "first"): [1, 0, 0, 1, 1]}
     with pytest.raises(ValueError, match="--model"):
-        capped.capped(rows, 4)
+        capped.capped(judged, 4)
     f = tmp_path / "rows.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     capped.main([str(f), "--max-new", "4"])
