@@ -56,7 +56,7 @@ def fmt_p(p):
 
 def load_rows(path):
     """Result rows, judged again with the current judge (so a fix to refusal detection applies)."""
-    rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
+    rows = [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
     for r in rows:
         r["judge"] = judge(r["answer"], r["answers"])
     return rows
