@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from engram_llama.quality import degenerate  # noqa: E402
 from .evaluate import judge, load_presets, miss_kind, run  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -55,10 +56,16 @@ def fmt_p(p):
 
 
 def load_rows(path):
-    """Result rows, judged again with the current judge (so a fix to refusal detection applies)."""
+    """Result rows, judged again with the current judge and degenerate-answer checks (so a fix to
+    either applies to rows already run). The recital check needs the documents, which rows do not
+    keep: a stored recital stands. Rows run before the checks existed (no "degenerate" key) are left
+    as they were reported."""
     rows = [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
     for r in rows:
         r["judge"] = judge(r["answer"], r["answers"])
+        if r["slot"] != "gold-only" and "degenerate" in r:
+            r["degenerate"] = (degenerate(r["answer"], None, r["answers"], r.get("question", ""))
+                               or (r.get("degenerate") if r.get("degenerate") == "recital" else None))
     return rows
 
 

@@ -155,6 +155,13 @@ VERDICTS = [
     ("100", ["10"], "wrong", None),
     ("PhilPhilPhil", ["Phil"], "degenerate", "stutter"),
     ("1800-1800-1800-", ["1800"], "degenerate", "stutter"),
+    # a value run into zeros is no number: 16 of one digit; 15, or a long formatted number, pass
+    ("The value is 1334580000000000000000000", ["133458"], "degenerate", "stutter"),
+    ("a1334580-0545-450f-a935-86a6eef716d4 is 100000000000000000000", ["a1334580-0545-450f-a935-86a6eef716d4"],
+     "degenerate", "stutter"),
+    ("It is 1000000000000000", ["1000000000000000"], "correct", None),
+    ("It is 1,000,000,000,000,000,000,000", ["1,000,000,000,000,000,000,000"], "correct", None),
+    ("Call 1212121212121212 now", ["x"], "degenerate", "stutter"),
     ("the the the the", ["the"], "degenerate", "loop"),
     ("is 4 is 4 is 4", ["4"], "degenerate", "loop"),
     ("State Bank of India, State Bank of India, State Bank of India", ["State Bank of India"], "degenerate", "loop"),

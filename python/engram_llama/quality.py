@@ -16,6 +16,8 @@ _LOOP_MAX_N, _REPEATS, _RECITAL_WORDS = 6, 3, 8
 # a unit of 2-8 characters (lazy: the shortest) repeated back to back, 3 times or more
 _STUTTER = re.compile(r"(.{2,8}?)\1{2,}", re.S)
 _NUMBER_FORMAT = re.compile(r"[\d.,]+")
+# digits repeated for this many characters are no number anyone writes: a value run into zeros
+_DIGIT_RUN = 16
 
 
 def normalize(s: str) -> str:
@@ -46,13 +48,16 @@ def _loop(words: list[str]) -> bool:
 
 def _stutter(answer: str, gold_answers: list[str]) -> bool:
     """A repeated unit with a letter or digit in it, that is not number formatting ("1,000,000,000",
-    "1,00,00,000") and not inside a gold answer's own text (a UUID may repeat "ab" three times)."""
+    "1,00,00,000") and not inside a gold answer's own text (a UUID may repeat "ab" three times).
+    Digits alone repeated over _DIGIT_RUN characters ("13345800000000000000...") are a stutter."""
     low = answer.lower()
     inside = [(m.start(), m.end()) for a in gold_answers if a
               for m in re.finditer(re.escape(a.lower()), low)]
     for m in _STUTTER.finditer(low):
         unit = m.group(1)
-        if not any(ch.isalnum() for ch in unit) or _NUMBER_FORMAT.fullmatch(unit):
+        if not any(ch.isalnum() for ch in unit):
+            continue
+        if _NUMBER_FORMAT.fullmatch(unit) and not (unit.isdigit() and m.end() - m.start() >= _DIGIT_RUN):
             continue
         if any(s <= m.start() and m.end() <= e for s, e in inside):
             continue

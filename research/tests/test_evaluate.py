@@ -313,7 +313,7 @@ def test_targets_on_a_hand_built_sealed_file(tmp_path, capsys):
                     row = {"id": f"q{i}", "slot": slot, "condition": cond, "answer": "x" if i in ok else "y",
                            "answers": ["x"], "n_tokens": 100, "gold_rank": 0 if i < 8 else 3}
                     if cond == "calibrated" and slot == "first" and i == 9:
-                        row["degenerate"] = "loop"
+                        row.update(answer="y y y y", degenerate="loop")
                     f.write(json.dumps(row) + "\n")
     assert ev.targets(str(path)) == 2
     out = capsys.readouterr().out
@@ -377,7 +377,7 @@ def test_capped_counts_the_answers_that_stopped_at_the_cap(tmp_path, capsys):
     rows = [row("vanilla", "gold-only", "The nodal officer was Deepak", "length"),      # cut, failed
             row("vanilla", "gold-only", "Deepak Joshi", "stop"),
             row("vanilla", "first", "Deepak Joshi was the nodal officer", "length"),  # cut, right
-            row("engram", "middle", "Deepak Joshi Deepak Joshi", "length", "loop"),   # cut, failed
+            row("engram", "middle", "Deepak Joshi Deepak Joshi Deepak Joshi", "length", "loop"),  # cut, failed
             row("vanilla", "first", "one two three four"),                             # 4 words: cut, failed
             row("engram", "first", "one two three")]                                   # 3 words: one short
     words = lambda t: len(t.split())
@@ -421,3 +421,24 @@ def test_rerun_diff_counts_text_and_verdict_changes(tmp_path, capsys):
         rerun_diff.main([str(wa), str(wb)])
     with pytest.raises(SystemExit, match="share no"):
         rerun_diff.main([str(wa), str(wb), "--conditions", "engram"])
+
+
+def test_load_rows_judges_stored_answers_again_for_degeneracy(tmp_path):
+    """Rows keep the answer's text, so a fix to the text-only checks (here a value run into zeros,
+    once passed as number formatting) reaches rows already run; a stored recital, which needs the
+    documents, stands; rows run before the checks existed are left as they were."""
+    uuid = "a1334580-0545-450f-a935-86a6eef716d4"
+    rows = [{"id": "1", "slot": "middle", "condition": "engram", "answer": f"{uuid} is 1" + "0" * 20,
+             "answers": [uuid], "degenerate": None},
+            {"id": "2", "slot": "middle", "condition": "engram", "answer": f"It is {uuid}.",
+             "answers": [uuid], "degenerate": None},
+            {"id": "3", "slot": "middle", "condition": "engram", "answer": "the helpline number is printed",
+             "answers": [uuid], "degenerate": "recital"},
+            {"id": "4", "slot": "middle", "condition": "engram", "answer": "1" + "0" * 20, "answers": [uuid]},
+            {"id": "5", "slot": "gold-only", "condition": "vanilla", "answer": f"{uuid} is 1" + "0" * 20,
+             "answers": [uuid]}]
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = ev.load_rows(f)
+    assert [r.get("degenerate") for r in got] == ["stutter", None, "recital", None, None]
+    assert [ev.verdict(r) for r in got] == ["degenerate", "correct", "degenerate", "wrong", "correct"]
