@@ -159,9 +159,11 @@ VERDICTS = [
     ("The value is 1334580000000000000000000", ["133458"], "degenerate", "stutter"),
     ("a1334580-0545-450f-a935-86a6eef716d4 is 100000000000000000000", ["a1334580-0545-450f-a935-86a6eef716d4"],
      "degenerate", "stutter"),
-    ("It is 1000000000000000", ["1000000000000000"], "correct", None),
-    ("It is 1,000,000,000,000,000,000,000", ["1,000,000,000,000,000,000,000"], "correct", None),
-    ("Call 1212121212121212 now", ["x"], "degenerate", "stutter"),
+    ("It is 1" + "0" * 16, ["x"], "degenerate", "stutter"),
+    ("It is 1" + "0" * 15, ["x"], "wrong", None),
+    ("It is 1" + "0" * 20, ["1" + "0" * 20], "correct", None),   # the gold's own digits
+    ("It is 1,000,000,000,000,000,000,000", ["x"], "wrong", None),
+    ("Call 1212121212121212 now", ["x"], "wrong", None),       # two digits in turn: not one digit
     ("the the the the", ["the"], "degenerate", "loop"),
     ("is 4 is 4 is 4", ["4"], "degenerate", "loop"),
     ("State Bank of India, State Bank of India, State Bank of India", ["State Bank of India"], "degenerate", "loop"),

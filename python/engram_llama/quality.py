@@ -49,7 +49,7 @@ def _loop(words: list[str]) -> bool:
 def _stutter(answer: str, gold_answers: list[str]) -> bool:
     """A repeated unit with a letter or digit in it, that is not number formatting ("1,000,000,000",
     "1,00,00,000") and not inside a gold answer's own text (a UUID may repeat "ab" three times).
-    Digits alone repeated over _DIGIT_RUN characters ("13345800000000000000...") are a stutter."""
+    One digit repeated for _DIGIT_RUN characters or more ("13345800000000000000...") is a stutter."""
     low = answer.lower()
     inside = [(m.start(), m.end()) for a in gold_answers if a
               for m in re.finditer(re.escape(a.lower()), low)]
@@ -57,7 +57,8 @@ def _stutter(answer: str, gold_answers: list[str]) -> bool:
         unit = m.group(1)
         if not any(ch.isalnum() for ch in unit):
             continue
-        if _NUMBER_FORMAT.fullmatch(unit) and not (unit.isdigit() and m.end() - m.start() >= _DIGIT_RUN):
+        one_digit_run = unit.isdigit() and len(set(unit)) == 1 and m.end() - m.start() >= _DIGIT_RUN
+        if _NUMBER_FORMAT.fullmatch(unit) and not one_digit_run:
             continue
         if any(s <= m.start() and m.end() <= e for s, e in inside):
             continue

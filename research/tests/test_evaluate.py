@@ -436,9 +436,11 @@ def test_load_rows_judges_stored_answers_again_for_degeneracy(tmp_path):
              "answers": [uuid], "degenerate": "recital"},
             {"id": "4", "slot": "middle", "condition": "engram", "answer": "1" + "0" * 20, "answers": [uuid]},
             {"id": "5", "slot": "gold-only", "condition": "vanilla", "answer": f"{uuid} is 1" + "0" * 20,
-             "answers": [uuid]}]
+             "answers": [uuid]},
+            {"id": "6", "slot": "middle", "condition": "engram", "answer": "It is 1800 1800.",   # no loop now
+             "answers": ["1800"], "degenerate": "loop"}]
     f = tmp_path / "rows.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = ev.load_rows(f)
-    assert [r.get("degenerate") for r in got] == ["stutter", None, "recital", None, None]
-    assert [ev.verdict(r) for r in got] == ["degenerate", "correct", "degenerate", "wrong", "correct"]
+    assert [r.get("degenerate") for r in got] == ["stutter", None, "recital", None, None, None]
+    assert [ev.verdict(r) for r in got] == ["degenerate", "correct", "degenerate", "wrong", "correct", "correct"]
