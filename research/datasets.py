@@ -83,19 +83,27 @@ def kv_text(key: str, value: str) -> str:
     return f'"{key}": "{value}"'
 
 
-def kv(path: str | Path, n_passages: int, restate_key: bool = False) -> list[Item]:
+def kv(path: str | Path, n_passages: int, restate_key: bool = False, records: int = 1) -> list[Item]:
     """Each record is one passage; the other records of the item are the distractors, in their
     given order, cut to n_passages - 1. restate_key: the answer starts by restating the record's
     key, 'Answer: "KEY": "', so the value is its continuation (Liu et al.'s KV prompt ends with
-    the key likewise)."""
+    the key likewise). records > 1: passages of that many records, as calibrate's KV task has
+    them, the gold record at a line drawn from the item's id among the next records of the item."""
     out = []
 
     for it in load_nq(path):
-        others = [(KV_TITLE, kv_text(k, v)) for k, v in it["ordered_kv_records"] if k != it["key"]]
+        others = [kv_text(k, v) for k, v in it["ordered_kv_records"] if k != it["key"]]
+        gold = kv_text(it["key"], it["value"])
+        if records > 1:
+            line = random.Random(it["id"]).randrange(records)
+            block = others[:records - 1]
+            gold = "\n".join(block[:line] + [gold] + block[line:])
+            rest = others[records - 1:]
+            others = ["\n".join(rest[i:i + records]) for i in range(0, len(rest) - records + 1, records)]
         q = f'What is the value of the key "{it["key"]}"?'
         prefix = f'Answer: {kv_text(it["key"], "")[:-1]}' if restate_key else None
-        out.append(Item(it["id"], q, [it["value"]], (KV_TITLE, kv_text(it["key"], it["value"])), others[:n_passages - 1],
-                        prefix))
+        out.append(Item(it["id"], q, [it["value"]], (KV_TITLE, gold),
+                        [(KV_TITLE, t) for t in others[:n_passages - 1]], prefix))
     return out
 
 
@@ -183,11 +191,11 @@ def domain(n_items: int, n_passages: int, seed: int = 0) -> list[Item]:
 
 
 def load(name: str, n_passages: int, path: str | Path | None = None, n_items: int = 400, seed: int = 0,
-         restate_key: bool = False) -> list[Item]:
+         restate_key: bool = False, kv_records: int = 1) -> list[Item]:
     if name == "nq":
         return nq(path, n_passages)
     if name == "kv":
-        return kv(path, n_passages, restate_key)
+        return kv(path, n_passages, restate_key, kv_records)
     if name == "domain":
         return domain(n_items, n_passages, seed)
     if name == "bulletin":

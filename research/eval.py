@@ -280,6 +280,8 @@ def main(argv=None):
     r.add_argument("-t", "--threads", type=int, default=None)
     r.add_argument("--no-chat", action="store_true", help="plain prompt with an answer prefix (base models)")
     r.add_argument("--restate-key", action="store_true", help="KV: the answer starts by restating the record's key")
+    r.add_argument("--kv-records", type=int, default=1, metavar="N",
+                   help="KV: N records to a passage (calibrate's task has 4; the sealed split 1)")
     r.add_argument("--max-new", type=int, default=None, help="answer tokens (default: evaluate.MAX_NEW for the set, else 16)")
     r.add_argument("--profile", default=None, help="a calibrated profile for the conditions marked \"profile\"")
     r.add_argument("--sealed", action="store_true", help="the sealed split's items (research/sealed.json): run it "
@@ -343,7 +345,7 @@ def main(argv=None):
             run(args.model or default_model(), args.out, {n: conds[n] for n in names}, n_items=args.n,
                 n_passages=args.passages, slots=tuple(args.slots.split(",")), data=str(data) if data else None,
                 n_ctx=args.ctx_size, answerable_only=not args.no_filter, seed=args.seed, chat=not args.no_chat,
-                dataset=args.dataset, restate_key=args.restate_key, n_threads=args.threads, skip=args.skip,
+                dataset=args.dataset, restate_key=args.restate_key, kv_records=args.kv_records, n_threads=args.threads, skip=args.skip,
                 only=only, profile=args.profile, record_gold=bool(args.sealed or args.split), max_new=args.max_new)
         except (ValueError, OSError) as e:
             sys.exit(f"research: {e}")

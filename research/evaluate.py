@@ -134,10 +134,12 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
         slots=("first", "middle", "last"), data: str = "../shared/data/nq-open-dev.jsonl.gz", n_ctx: int | None = None,
         answerable_only: bool = True, seed: int = 0, chat: bool = True, log=print, dataset: str = "nq",
         max_new: int | None = None, restate_key: bool = False, only: set[str] | None = None,
-        skip: int = 0, n_threads: int | None = None, profile: str | None = None, record_gold: bool = False) -> None:
+        skip: int = 0, n_threads: int | None = None, profile: str | None = None, record_gold: bool = False,
+        kv_records: int = 1) -> None:
     """Resumable: rows already in out_path are not run again. answerable_only: only items the model
     answers from the gold passage alone (the closed-book filter, itself a vanilla `ask`).
-    restate_key: KV answers start with the record's key (datasets.kv). only: these item ids.
+    restate_key: KV answers start with the record's key (datasets.kv). kv_records: KV records to a
+    passage (datasets.kv; calibrate's task has 4). only: these item ids.
     skip: the first `skip` items of the seeded order are left out (a split declared apart).
     n_ctx None: the model's trained context up to the CLI's --max-ctx default, so that a prompt
     the CLI would fit whole is not cut here (rows record the chunks left out, if any).
@@ -150,10 +152,12 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
 
     from . import datasets
 
-    if restate_key and dataset != "kv":
-        raise ValueError("restate_key is for the KV set only")
+    if (restate_key or kv_records != 1) and dataset != "kv":
+        raise ValueError("restate_key and kv_records are for the KV set only")
+    if kv_records < 1:
+        raise ValueError("kv_records must be at least 1")
     items = datasets.load(dataset, n_passages, data, n_items=max(4 * (n_items + skip), 200), seed=seed,
-                          restate_key=restate_key)
+                          restate_key=restate_key, kv_records=kv_records)
     missing = sorted(only - {it.id for it in items}) if only is not None else []
     if missing:
         raise ValueError(f"{len(missing)} of the ids asked for are not in the data ({', '.join(missing[:3])}...)")
@@ -161,12 +165,16 @@ def run(model: str, out_path: str, conditions: dict[str, dict], n_items: int = 4
     out = Path(out_path)
     prefix = "key" if restate_key else None
     tag = {"prefix": prefix} if prefix else {}  # in every row: one file, one prompt
+    if kv_records != 1:
+        tag["records"] = kv_records
     if out.exists():
         for l in out.read_text().splitlines():
             r = json.loads(l)
             if r.get("prefix") != prefix:
                 how = "with" if r.get("prefix") else "without"
                 raise ValueError(f"{out_path} holds rows {how} the key restated; resume it {how} restate_key")
+            if r.get("records", 1) != kv_records:
+                raise ValueError(f"{out_path} holds rows of {r.get('records', 1)} KV records to a passage, not {kv_records}")
             done.add((r["id"], r["slot"], r["condition"]))
             if r["slot"] == "gold-only" and r["judge"] != "correct":
                 unanswerable.add(r["id"])

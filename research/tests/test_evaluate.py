@@ -101,6 +101,15 @@ def test_kv_items(tmp_path):
     # restate_key: the answer starts as the gold record does, up to its value
     it = datasets.load("kv", 10, path, restate_key=True)[0]
     assert it.answer_prefix == 'Answer: "k05-aaaa": "' and it.gold[1].startswith(it.answer_prefix[len("Answer: "):])
+    # 4 records to a passage, as calibrate's task: the gold record among the next 3 of the item at a
+    # line drawn from the id, the rest in blocks of 4 in their order (8 left: two blocks), cut to n - 1
+    it = datasets.load("kv", 2, path, kv_records=4)[0]
+    rec = lambda i: f'"k{i:02d}-aaaa": "v{i:02d}-bbbb"'  # noqa: E731
+    gold = it.gold[1].split("\n")
+    assert sorted(gold) == sorted(rec(i) for i in (0, 1, 2, 5)) and [g for g in gold if g != rec(5)] == [rec(i) for i in (0, 1, 2)]
+    assert gold == datasets.kv(path, 2, records=4)[0].gold[1].split("\n")  # the line is drawn alike every time
+    assert [d[1] for d in it.distractors] == ["\n".join(rec(i) for i in (3, 4, 6, 7))]
+    assert len(datasets.kv(path, 10, records=4)[0].distractors) == 2
 
 
 def test_pooled_pairs_by_item_and_slot(tmp_path, capsys):
@@ -147,6 +156,16 @@ def test_resume_refuses_a_file_made_with_the_other_prompt(tmp_path):
                                    "judge": "correct", "answers": ["v1"], **row}) + "\n")
         with pytest.raises(ValueError, match="the key restated; resume it " + ("with" if not restated else "without")):
             evaluate.run("no-model.gguf", str(out), {"vanilla": {"engram": False}}, dataset="kv", data=str(data), n_passages=2, restate_key=restated)
+    # likewise KV records to a passage, and N < 1 or with another set is refused
+    out = tmp_path / "out-records.jsonl"
+    out.write_text(json.dumps({"id": "kv-1", "slot": "gold-only", "condition": "vanilla", "answer": "v1",
+                               "judge": "correct", "answers": ["v1"], "records": 4}) + "\n")
+    with pytest.raises(ValueError, match="4 KV records to a passage, not 1"):
+        evaluate.run("no-model.gguf", str(out), {"vanilla": {"engram": False}}, dataset="kv", data=str(data), n_passages=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        evaluate.run("no-model.gguf", str(out), {"vanilla": {"engram": False}}, dataset="kv", data=str(data), n_passages=2, kv_records=0)
+    with pytest.raises(ValueError, match="KV set only"):
+        evaluate.run("no-model.gguf", str(out), {"vanilla": {"engram": False}}, dataset="nq", data=str(data), n_passages=2, kv_records=4)
 
 
 def test_miss_kind_and_the_misses_report(tmp_path, capsys):
