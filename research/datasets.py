@@ -88,7 +88,8 @@ def kv(path: str | Path, n_passages: int, restate_key: bool = False, records: in
     given order, cut to n_passages - 1. restate_key: the answer starts by restating the record's
     key, 'Answer: "KEY": "', so the value is its continuation (Liu et al.'s KV prompt ends with
     the key likewise). records > 1: passages of that many records, as calibrate's KV task has
-    them, the gold record at a line drawn from the item's id among the next records of the item."""
+    them: the gold record at a line drawn from the item's id among the item's first records - 1
+    other records, the rest in blocks in their order (a last block short of records left out)."""
     out = []
 
     for it in load_nq(path):

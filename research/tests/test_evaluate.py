@@ -101,7 +101,7 @@ def test_kv_items(tmp_path):
     # restate_key: the answer starts as the gold record does, up to its value
     it = datasets.load("kv", 10, path, restate_key=True)[0]
     assert it.answer_prefix == 'Answer: "k05-aaaa": "' and it.gold[1].startswith(it.answer_prefix[len("Answer: "):])
-    # 4 records to a passage, as calibrate's task: the gold record among the next 3 of the item at a
+    # 4 records to a passage, as calibrate's task: the gold record among the first 3 others at a
     # line drawn from the id, the rest in blocks of 4 in their order (8 left: two blocks), cut to n - 1
     it = datasets.load("kv", 2, path, kv_records=4)[0]
     rec = lambda i: f'"k{i:02d}-aaaa": "v{i:02d}-bbbb"'  # noqa: E731
