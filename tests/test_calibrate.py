@@ -103,9 +103,10 @@ def test_profiles_are_refused_for_another_model_version_or_when_corrupt(tmp_path
         with pytest.raises(profile.ProfileError, match=why):
             profile.read(path, ident)
     bad = tmp_path / "bad.json"
-    bad.write_text('{"format": "engram-')
-    with pytest.raises(profile.ProfileError, match="corrupt"):
-        profile.read(bad, ident)
+    for text in ('{"format": "engram-', "[" * 100_000):  # cut short; nested past the parser's depth
+        bad.write_text(text)
+        with pytest.raises(profile.ProfileError, match="corrupt"):
+            profile.read(bad, ident)
 
 
 def test_find_prefers_the_cache_folder_and_skips_a_broken_one_with_a_line(cache, tmp_path):
@@ -146,6 +147,16 @@ def test_gemma_runs_its_builtin_profile_without_a_cache(cache):
     try:
         assert eng.profile is not None and eng.profile.path == found.path
         assert profile.describe(eng.profile)["calibrated"] is True
+    finally:
+        eng.close()
+    # `--profile none`: the hand-tuned defaults, named uncalibrated
+    from engram_llama.cli import _profile
+
+    eng = EngramLlama(str(gemma3_path()), n_ctx=512, n_threads=2, chat=False,
+                      profile=_profile(str(gemma3_path()), "none"))
+    try:
+        assert eng.profile is None and eng.policy is None
+        assert profile.describe(eng.profile)["calibrated"] is False
     finally:
         eng.close()
 
@@ -212,9 +223,10 @@ def test_the_paired_rule_keeps_a_clear_winner_and_turns_off_otherwise(monkeypatc
 
 
 def test_a_cut_line_in_the_log_is_dropped_and_later_rows_stand_alone(tmp_path):
-    head = {"model": "m", "n_ctx": 2048}
+    head = {"model": "m", "n_ctx": 2048, "conditions": ["vanilla"]}
     log = tmp_path / "log.jsonl"
-    row = {"item": 0, "slot": "first", "seconds": 1.0, "results": {}}
+    row = {"item": 0, "slot": "first", "n_chunks": 6, "prompt_tokens": 1900, "seconds": 1.0,
+           "results": {"vanilla": {"answer": "Pune", "verdict": "correct"}}}
     log.write_text(json.dumps(head) + "\n" + json.dumps(row) + "\n" + '{"item": 0, "slot": "mid')  # killed mid-write
     assert calibrate._read_log(log, head) == [row]
     with open(log, "a") as f:  # the next run appends its rows
@@ -223,6 +235,19 @@ def test_a_cut_line_in_the_log_is_dropped_and_later_rows_stand_alone(tmp_path):
     # another setup's log is set aside, not mixed in
     assert calibrate._read_log(log, {**head, "n_ctx": 4096}) == [] and not log.exists()
     assert len(list(tmp_path.glob("log.old-*.jsonl"))) == 1
+
+
+def test_a_log_line_that_is_not_a_placement_row_is_dropped_not_fatal(tmp_path):
+    """An edited or foreign line would stop every later run of that log after the model loads."""
+    head = {"model": "m", "n_ctx": 2048, "conditions": ["vanilla", "chunk+2"]}
+    log = tmp_path / "log.jsonl"
+    row = {"item": 1, "slot": "last", "n_chunks": 6, "prompt_tokens": 1900, "seconds": 2.5,
+           "results": {"vanilla": {"answer": "x"}, "chunk+2": {"answer": "y"}}}
+    bad = [123, [row], {**row, "item": calibrate.MAX_ITEMS}, {**row, "item": True}, {**row, "slot": "mid"},
+           {**row, "results": {"vanilla": {"answer": "x"}}}, {k: v for k, v in row.items() if k != "seconds"}]
+    log.write_text("".join(json.dumps(x) + "\n" for x in [head, *bad, row]))
+    assert calibrate._read_log(log, head) == [row]
+    assert log.read_text().splitlines() == [json.dumps(head), json.dumps(row)]  # rewritten without them
 
 
 def test_the_candidates_run_and_the_profile_records_the_share_the_log_names():
@@ -309,6 +334,8 @@ def test_calibrate_bad_input_is_one_line(cache, tmp_path):
     one_line_error(_cli("calibrate", str(cut), env=env), "truncated")
     one_line_error(_cli("calibrate", model, "-c", "256", env=env), "too small")
     one_line_error(_cli("calibrate", model, "--budget", "0", env=env), "--budget")
+    one_line_error(_cli("calibrate", model, "--budget", "1e307", env=env), "--budget")  # inf in seconds
+    one_line_error(_cli("calibrate", model, "-t", "0", env=env), "-t")
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)

@@ -97,6 +97,9 @@ def test_empty_question_and_bad_layers(docs):
     one_line_error(research_ask(model, "q?", "--chunks", str(docs), "--order", "move", "--granularity", "sentence"),
                    "order 'move'", "granularity must be 'chunk' or 'novel'")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--max-ctx", "100"), "invalid --max-ctx 100")
+    # llama-cpp-python reads max_tokens <= 0 as "until the context is full"
+    for flag, value in (("-n", "0"), ("-n", "-5"), ("--temp", "-1"), ("--temp", "nan"), ("-t", "0")):
+        one_line_error(cli("run", model, "q?", "--chunks", str(docs), flag, value), f"invalid {flag} {value}")
     gemma = str(synth.cached_model("gemma3"))
     one_line_error(cli("run", gemma, "q?", "--chunks", str(docs), "--order", "move", "--no-chat"),
                    "--order move needs a model whose every layer keeps the whole context")

@@ -43,6 +43,7 @@ from .quality import judge
 # value), a bulletin's scheme, district and year before the figure (at 32 some were cut there)
 MAX_TOKENS = {"kv": 80, "bulletin": 48, "prose": 48}
 BUDGET_MINUTES = 30.0
+MAX_BUDGET = 100_000.0  # minutes (~70 days): far past MAX_ITEMS on any machine, and finite in seconds
 MIN_CTX = 2048          # lost in the middle needs length; and a middle needs neighbours
 MIN_CHUNKS = 4           # a middle with a neighbour on each side
 ALPHA = 0.10             # one-sided sign test against vanilla
@@ -87,6 +88,18 @@ def _writable(folder: Path) -> None:
                                "(set ENGRAM_LLAMA_CACHE to a writable folder)") from None
 
 
+def _row_ok(row, head: dict) -> bool:
+    """A placement's row as _run writes it, for an item and the conditions of this setup."""
+    if not isinstance(row, dict):
+        return False
+    item, res = row.get("item"), row.get("results")
+    return (isinstance(item, int) and not isinstance(item, bool) and 0 <= item < MAX_ITEMS
+            and row.get("slot") in tasks.SLOTS and isinstance(row.get("n_chunks"), int)
+            and isinstance(row.get("seconds"), (int, float)) and isinstance(row.get("prompt_tokens"), int)
+            and isinstance(res, dict) and all(isinstance(res.get(c), dict) and isinstance(res[c].get("answer"), str)
+                                              for c in head["conditions"]))
+
+
 def _read_log(path: Path, head: dict) -> list[dict]:
     """The rows of an earlier run with the same setup; another setup's log is set aside."""
     if not path.exists():
@@ -104,8 +117,13 @@ def _read_log(path: Path, head: dict) -> list[dict]:
     bad = False
     for line in lines[1:]:
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a crash: that placement runs again
+            bad = True
+            continue
+        if _row_ok(row, head):
+            rows.append(row)
+        else:  # an edited or foreign line: dropped, that placement runs again
             bad = True
     if bad or not lines[-1:] or not open(path, "rb").read().endswith(b"\n"):
         # rewritten whole (a temporary file renamed over it), so rows appended later stand alone
@@ -290,8 +308,8 @@ def run(model_path: str, n_ctx: int = 4096, budget_minutes: float = BUDGET_MINUT
 
     say = log or (lambda m: print(f"engram-llama: {m}", file=sys.stderr))
     ident = identity(model_path)  # ModelFileError for a missing, non-GGUF or truncated file
-    if not (math.isfinite(budget_minutes) and budget_minutes > 0):
-        raise CalibrationError(f"invalid --budget {budget_minutes:g}: minutes, more than 0")
+    if not (math.isfinite(budget_minutes) and 0 < budget_minutes <= MAX_BUDGET):
+        raise CalibrationError(f"invalid --budget {budget_minutes:g}: minutes, more than 0 and at most {MAX_BUDGET:g}")
     if n_ctx < MIN_CTX:
         raise CalibrationError(f"-c {n_ctx} is too small for the calibration tasks: at least {MIN_CTX} tokens")
     try:

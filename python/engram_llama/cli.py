@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -132,6 +133,11 @@ def settings_from(args) -> "Settings":
     return Settings(**kw)
 
 
+def _check_threads(n: int | None) -> None:
+    if n is not None and n < 1:
+        raise UsageError(f"invalid -t {n}: at least 1 thread")
+
+
 def cmd_run(args) -> int:
     from ._hook import EngramError
     from .chunks import DocsError, read_docs, split
@@ -161,6 +167,11 @@ def cmd_run(args) -> int:
         raise UsageError(f"invalid --max-ctx {args.max_ctx}: at least 512")
     if args.cache_ram < 0:
         raise UsageError(f"invalid --cache-ram {args.cache_ram}: 0 or more MiB")
+    if args.n_predict < 1:  # llama-cpp-python reads 0 or less as "until the context is full"
+        raise UsageError(f"invalid -n {args.n_predict}: at least 1 token")
+    if not (math.isfinite(args.temp) and args.temp >= 0):
+        raise UsageError(f"invalid --temp {args.temp}: 0 or more")
+    _check_threads(args.threads)
     try:
         settings = settings_from(args)
     except ValueError as e:
@@ -280,6 +291,7 @@ def _profile_note(eng, quiet: bool) -> None:
 def cmd_calibrate(args) -> int:
     from .calibrate import CalibrationError, report, run
 
+    _check_threads(args.threads)
     model = fetch_hf(args.hf) if args.hf else args.model
     if not model:
         raise UsageError("no model: give MODEL.gguf or --hf REPO[:FILE]")
@@ -305,6 +317,7 @@ def cmd_serve(args) -> int:
     from .runtime import EngramLlama, trained_context
     from .server import Config, serve
 
+    _check_threads(args.threads)
     model = fetch_hf(args.hf) if args.hf else args.model
     if not model:
         raise UsageError("no model: give MODEL.gguf or --hf REPO[:FILE]")

@@ -62,7 +62,7 @@ def read(path: str | os.PathLike, ident: dict | None = None) -> Profile:
         d = json.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise ProfileError(f"cannot read profile {p}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
         raise ProfileError(f"profile {p} is corrupt (not JSON)") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ProfileError(f"{p} is not an engram-llama profile")
