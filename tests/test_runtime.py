@@ -58,6 +58,8 @@ def test_vanilla_mode_sets_no_bias(chunks):
     eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2, settings=Settings(engram=False))
     a = eng.ask("Which district has its headquarters at Kakkanad?", chunks, max_tokens=8)
     assert a.layers == [] and a.spans == [] and not eng.hook.active
+    with pytest.raises(ValueError, match="max_tokens 0"):  # not "until the context is full"
+        eng.ask("Which district has its headquarters at Kakkanad?", chunks, max_tokens=0)
     eng.close()
 
 

@@ -118,6 +118,8 @@ class EngramLlama:
                 settings: Settings | None = None, history: list[dict] | None = None) -> Prepared:
         """Rank the chunks, fit the best that fit the context, render and align the prompt
         (history: earlier chat turns, before the documents)."""
+        if max_tokens < 1:  # llama-cpp-python would read it as "until the context is full"
+            raise ValueError(f"invalid max_tokens {max_tokens}: at least 1")
         s = self.settings_for(settings)
         prefix = self.answer_prefix if answer_prefix is None else answer_prefix
         pm, scored = self.retriever.rank(question, chunks, s.rerank)
