@@ -12,7 +12,7 @@ import pytest
 from engram_llama import calibrate, policy, profile
 from engram_llama.gguf_check import identity, read_header
 from engram_llama.plan import Settings, candidate_settings, with_policy
-from engram_llama.policy import CANDIDATES, Candidate, Policy
+from engram_llama.policy import CANDIDATES, VANILLA, Candidate, Policy
 from conftest import gemma3_path
 from research import synth
 
@@ -62,6 +62,15 @@ def test_a_profile_applies_the_settings_its_candidate_was_measured_with():
             else:
                 pol = Policy(steer=False, reorder=True, edges=c.strength, near=near)
             assert with_policy(Settings(), pol) == candidate_settings(c, near), c
+    # what each candidate runs, written out (with_policy itself builds on candidate_settings)
+    by_name = {c.name: c for c in CANDIDATES}
+    assert candidate_settings(by_name["sentences+4"], 0.75) == Settings(order="keep", strength=4.0, near=3.0, mid=0.0,
+                                                                        granularity="focus")
+    assert candidate_settings(by_name["chunk+2"], 0.5) == Settings(order="keep", strength=2.0, near=1.0, mid=0.0,
+                                                                   granularity="novel")
+    assert candidate_settings(by_name["reorder+1"], 0.5) == Settings(order="edges", strength=1.0, engram=True)
+    assert candidate_settings(by_name["reorder"], 0.5) == Settings(order="edges", strength=0.0, engram=False)
+    assert candidate_settings(VANILLA, 0.5) == Settings(order="keep", engram=False)
     pol = Policy(steer=True, peak=4.0, focus="sentences", reorder=True, edges=1.0)
     assert with_policy(Settings(order="keep"), pol) == candidate_settings(Candidate("", "keep", 4.0, "sentences"), 0.5)
     # next to the question: the family's hand-tuned ratio at ~4K (+2 of +4 dense, +3 of +4 windowed)
@@ -177,6 +186,18 @@ def _conditions(vanilla, **hits):
     slots = [calibrate.tasks.SLOTS[i % 3] for i in range(len(vanilla))]
     out = {n: list(zip(slots, hits.get(n.replace("+", "_").replace("-", "_"), vanilla))) for n in names}
     return out
+
+
+def test_a_candidate_that_loses_two_answers_net_at_one_slot_does_not_qualify():
+    """10 items won at the first and last slots (p = 1/1024) do not carry two lost middles."""
+    vanilla = [i % 3 == 1 and i < 6 for i in range(30)]                  # vanilla right at items 0-1's middle
+    cand = [i % 3 != 1 for i in range(30)]                               # the candidate at every first and last
+    rows = _rows(_conditions(vanilla, chunk_2=cand))
+    assert calibrate._paired(rows, "chunk+2", "vanilla")[:2] == (10, 0)
+    assert calibrate.qualifies(rows, "chunk+2") == (False, "loses 2 net at a slot")
+    vanilla[4] = False                                                   # one lost middle: it qualifies
+    ok, why = calibrate.qualifies(_rows(_conditions(vanilla, chunk_2=cand)), "chunk+2")
+    assert ok and why == "items +10/-0 vs vanilla, p = 0.001"
 
 
 def test_the_paired_rule_keeps_a_clear_winner_and_turns_off_otherwise(monkeypatch):

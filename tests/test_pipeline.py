@@ -84,7 +84,8 @@ def test_relevance_ranks_the_chunk_that_answers():
     scored = relevance.score(q, chunks, pm)
     assert scored[0].chunk.id == 1 and scored[0].score == 1.0
     sel = relevance.select(scored, 2)
-    assert sel[0][1] == 1.0 and 0 <= sel[1][1] < 1.0
+    assert sel[0][1] == 1.0 and 0 < sel[1][1] < 1.0
+    assert sel[1][1] == pytest.approx(scored[1].score / scored[0].score)  # s_i / s_max
     assert relevance.edges_order([5, 4, 3, 2, 1]) == [4, 2, 1, 3, 5]
     # the same order as LangChain's LongContextReorder (its algorithm, written out here)
     def litm(docs):

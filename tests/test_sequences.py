@@ -105,5 +105,18 @@ def test_sampling_keeps_llama_cpp_pythons_chain_and_whole_characters():
     draws = [SeqAdapter._sample(fake, 0.8, np.random.default_rng(s)) for s in range(200)]
     assert set(draws) == {7, 8}
     assert draws == [SeqAdapter._sample(fake, 0.8, np.random.default_rng(s)) for s in range(200)]
+    # each filter where it alone binds, and the draw's law: p^(1/T) over the kept tokens, renormalised
+    def law(p, kept, n=4000, t=0.5):
+        z = np.full(1000, -60.0, np.float32)
+        z[:len(p)] = np.log(p)
+        fake = SimpleNamespace(_logits=z)
+        rng = np.random.default_rng(1)
+        got = np.bincount([SeqAdapter._sample(fake, t, rng) for _ in range(n)], minlength=len(p))
+        assert set(np.nonzero(got)[0]) == set(range(kept))
+        w = np.asarray(p[:kept]) ** (1 / t)
+        want = n * w / w.sum()
+        assert np.all(np.abs(got[:kept] - want) < 4 * np.sqrt(want))   # 4 sigma of a binomial count
+    law([0.5, 0.3, 0.16, 0.04], kept=3)                # top-p: 0.96 with three; min-p (0.025) keeps all four
+    law([0.5, 0.4, 0.02] + [0.08 / 37] * 37, kept=2)   # min-p: 0.02 < 0.05 x 0.5, where top-p keeps ~16
     assert SeqAdapter._sample(fake, 0.0, None) == 7
     assert [_tail_len(b) for b in (b"a", "中".encode()[:2], "中".encode(), "😀".encode()[:3])] == [0, 2, 0, 3]

@@ -186,3 +186,5 @@ def test_the_readme_curl_example(server, client):
     out = json.loads(r.stdout)
     assert out["object"] == "chat.completion" and out["choices"][0]["message"]["content"]
     assert out["citations"] and {"id", "title", "position", "relevance"} <= set(out["citations"][0])
+    # what the README shows it for: Indore's code, read from Indore's document (Bhopal's is 5120)
+    assert out["citations"][0]["id"] == "d1" and "4417" in out["choices"][0]["message"]["content"]

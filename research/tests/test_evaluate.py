@@ -52,6 +52,9 @@ def test_hard_distractors_exclude_answer_passages():
 def test_wilson_and_mcnemar_hand_values():
     lo, hi = ev.wilson(5, 10)
     assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    # away from 1/2 the centre moves (Newcombe 1998, table I: 1/10 and 0/10, Wilson's score interval)
+    assert ev.wilson(1, 10) == pytest.approx((0.0179, 0.4042), abs=1e-4)
+    assert ev.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert ev.mcnemar(0, 0) == 1.0
     assert ev.mcnemar(6, 0) == pytest.approx(2 / 64)
     assert ev.mcnemar(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
@@ -278,29 +281,35 @@ def test_documents_split_as_the_cli_splits_them():
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "nq-open-dev.jsonl.gz"
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data beside the checkout")
-def test_an_eval_row_is_what_the_cli_answers(tmp_path):
-    """Item by item, on real NQ items with SmolLM2: the row the evaluation writes for a condition is
-    the answer `engram-llama run MODEL --chunks DOCS.jsonl "question" --json -n 16` gives for the
-    same documents in the same order (the CLI picking its own context size)."""
+@pytest.mark.parametrize("dataset", ["bulletin", "nq"])
+def test_an_eval_row_is_what_the_cli_answers(tmp_path, dataset):
+    """Item by item, with SmolLM2: the row the evaluation writes for a condition is the answer
+    `engram-llama run MODEL --chunks DOCS.jsonl "question" --json -n 16` gives for the same documents
+    in the same order (the CLI picking its own context size). Generated bulletins everywhere; real
+    NQ items where ../shared/data sits beside the checkout."""
     import subprocess
 
     from conftest import smollm2_path
     from research import datasets, evaluate
 
+    if dataset == "nq" and not DATA.exists():
+        pytest.skip("needs ../shared/data beside the checkout")
     model = str(smollm2_path())
     out = tmp_path / "rows.jsonl"
     conds = {"vanilla": {"engram": False, "order": "keep"}, "engram": {}, "reorder": {"engram": False, "order": "edges"}}
     evaluate.run(model, str(out), conds, n_items=2, n_passages=6, slots=("first", "middle"), data=str(DATA),
-                 answerable_only=False, log=lambda *a: None)
+                 answerable_only=False, log=lambda *a: None, dataset=dataset)
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 12 and not any(r["dropped"] for r in rows)
-    items = {it.id: it for it in datasets.load("nq", 6, DATA)}
+    items = {it.id: it for it in datasets.load(dataset, 6, DATA, n_items=200)}  # as evaluate.run loads them
     for r in rows:
-        passages, _ = evaluate.documents(items[r["id"]], r["slot"], 6)
+        it = items[r["id"]]
+        passages, _ = evaluate.documents(it, r["slot"], 6)
         docs = tmp_path / f"{r['id']}.jsonl"
         docs.write_text("".join(json.dumps({"title": t, "text": x}) + "\n" for t, x in passages))
         flags = {"vanilla": ["--no-engram"], "engram": [], "reorder": ["--no-engram", "--order", "edges"]}[r["condition"]]
+        if it.answer_prefix:
+            flags += ["--answer-prefix", it.answer_prefix]
         cli = subprocess.run([sys.executable, "-m", "engram_llama.cli", "run", model, "--chunks", str(docs),
                               r["question"], "--json", "-n", "16", *flags], capture_output=True, text=True, timeout=300)
         assert cli.returncode == 0, cli.stderr
@@ -310,6 +319,7 @@ def test_an_eval_row_is_what_the_cli_answers(tmp_path):
         assert got["prompt_tokens"] == r["n_tokens"] and got["finish_reason"] == r["finish"]
     # the conditions differ where they should: the bias is on only in "engram"
     assert {r["condition"] for r in rows if r["plan"]["steered"]} == {"engram"}
+    assert len({r["answer"] for r in rows}) > 1  # not one canned answer
 
 
 def test_targets_on_a_hand_built_sealed_file(tmp_path, capsys):
@@ -347,6 +357,36 @@ def test_targets_on_a_hand_built_sealed_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| ahead of reordering, paired by item and slot | NO | +0/-1, p 1.000 |" in out
     assert "| middle slot >= vanilla's + 15 points | yes | 80% vs 20% (+60) |" in out
+
+
+def test_report_on_a_hand_built_file(tmp_path, capsys):
+    """report's table, each cell worked out by hand: accuracy, Wilson's interval (Newcombe 1998),
+    the verdicts, and the pairs against vanilla with McNemar's exact p."""
+    correct = {"vanilla": {"first": range(3), "middle": range(1)},
+               "engram": {"first": range(5), "middle": range(10)}}
+    path = tmp_path / "r.jsonl"
+    with open(path, "w") as f:
+        for i in range(10):
+            for cond, by_slot in correct.items():
+                for slot, ok in by_slot.items():
+                    row = {"id": f"q{i}", "slot": slot, "condition": cond, "answer": "x" if i in ok else "y",
+                           "answers": ["x"], "n_tokens": 90 + i}
+                    if cond == "engram" and slot == "first" and i == 9:
+                        row.update(answer="y y y y", degenerate="loop")
+                    if cond == "vanilla" and slot == "middle" and i == 8:
+                        row.update(answer="")
+                    f.write(json.dumps(row) + "\n")
+    ev.report(str(path))
+    out = capsys.readouterr().out
+    assert f"{path}: 10 items, prompts 90-99 tokens" in out
+    assert "| vanilla | first | 10 | 30% | 11-60% | 7 | 0 | 0 |  |  |" in out          # Wilson 3/10: 0.108-0.603
+    assert "| vanilla | middle | 10 | 10% | 2-40% | 8 | 1 | 0 |  |  |" in out         # 1/10: 0.018-0.404
+    # +2/-0: p = 2 x 1/4; the loop is degenerate, not wrong
+    assert "| engram | first | 10 | 50% | 24-76% | 4 | 0 | 1 | +2/-0 | 0.500 |" in out
+    # +9/-0: p = 2 / 2^9
+    assert "| engram | middle | 10 | 100% | 72-100% | 0 | 0 | 0 | +9/-0 | 0.004 |" in out
+    # all: 15 of 20, paired by item and slot (+11/-0: p = 2 / 2^11)
+    assert "| engram | all | 20 | 75% | 53-89% | 4 | 0 | 1 | +11/-0 | 9.8e-04 |" in out
 
 
 def test_targets_find_a_significant_loss_at_any_slot(tmp_path, capsys):
