@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build libllama (patched) and the C test with AddressSanitizer + UBSan, and run the C test on
-# the generated qwen35, gemma3 and llama models. Takes ~10 minutes on 2 cores; CI does not run it.
+# the generated qwen35, gemma3 and llama models. Takes ~10 minutes on 2 cores; CI runs the same C test
+# without sanitizers (tests/test_hook_api.py::test_the_c_api_from_c).
 #     bash scripts/asan.sh            # after scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -255,3 +255,29 @@ def test_build_leaves_out_ggml_amx_on_an_amx_cpu():
     import engram_llama
     cpu = ctypes.CDLL(os.path.join(os.path.dirname(engram_llama.lib_path()), "libggml-cpu.so"))
     assert cpu.ggml_cpu_has_avx512() == 1 and cpu.ggml_cpu_has_amx_int8() == 0
+
+
+def test_the_c_api_from_c(tmp_path):
+    """csrc/tests/test-engram-c.c, the C test scripts/asan.sh runs under sanitizers, compiled against
+    the patched headers and the built libllama and run on each generated architecture: every
+    refusal path, set/clear cycles, decodes with the bias on and off, teardown with state held."""
+    import shutil
+
+    from engram_llama._lib import lib_dir
+    from research import synth
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = subprocess.run([sys.executable, os.path.join(root, "scripts", "llama_source.py")], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    lib = str(lib_dir())
+    exe = tmp_path / "test-engram-c"
+    subprocess.run([cc, "-O1", "-std=c11", os.path.join(root, "csrc", "tests", "test-engram-c.c"), "-o", str(exe),
+                    "-I", os.path.join(root, "csrc"), "-I", os.path.join(src, "include"),
+                    "-I", os.path.join(src, "ggml", "include"), "-L", lib, "-lllama", f"-Wl,-rpath,{lib}", "-lm"],
+                   check=True, capture_output=True, text=True)
+    for name in ("qwen35", "gemma3", "llama"):
+        r = subprocess.run([str(exe), str(synth.cached_model(name))], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "all checks passed" in r.stdout, (name, r.stdout, r.stderr[-2000:])
