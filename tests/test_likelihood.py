@@ -6,12 +6,16 @@ import pytest
 from conftest import N_GPU_LAYERS
 from engram_llama import likelihood
 from engram_llama.chunks import Chunk
-from engram_llama.lowlevel import Context
+from engram_llama.lowlevel import Context, tokenize
 
 
 def reference(model, scorer, question, chunk):
-    q = scorer.tokenize(" " + likelihood._question(question), bos=False)
-    ids = scorer.prefix(chunk) + q
+    """The score from the prompt written out (the source label, the cut, the cue, the question as
+    asked: capitalised, with its question mark), tokenized by llama_tokenize directly."""
+    tok = lambda text, bos: tokenize(scorer.vocab, text, bos and scorer.add_bos, special=False)  # noqa: E731
+    label = f"{chunk.source}. " if chunk.source else ""
+    q = tok(" " + question, False)
+    ids = tok(label + chunk.text, True)[:likelihood.MAX_CHUNK_TOKENS] + tok("\n\nQuestion:", False) + q
     with Context(model, n_ctx=512, n_batch=512) as ctx:
         logits = ctx.decode_seq(ids).astype(np.float64)
     rows = logits[len(ids) - len(q) - 1:len(ids) - 1]
@@ -37,7 +41,7 @@ def test_batched_scores_match_one_chunk_at_a_time(models, arch):
     scorer = likelihood.QueryLikelihood(model.ptr, n_seq=2)
     try:
         got = scorer("how much does pm-kisan pay farmers", chunks)
-        want = [reference(model, scorer, "how much does pm-kisan pay farmers", c) for c in chunks]
+        want = [reference(model, scorer, "How much does pm-kisan pay farmers?", c) for c in chunks]
         assert len(scorer.prefix(chunks[2])) == likelihood.MAX_CHUNK_TOKENS + len(scorer.tokenize("\n\nQuestion:", False))
     finally:
         scorer.close()
@@ -68,7 +72,7 @@ def test_follow_up_question_restores_chunk_states(models, arch):
         decoded.clear()
         q2 = "where is pune"
         got = scorer(q2, chunks[::-1])  # another order: states are found by chunk, not by slot
-        want = [reference(model, scorer, q2, c) for c in chunks[::-1]]
+        want = [reference(model, scorer, "Where is pune?", c) for c in chunks[::-1]]
         n_q = len(scorer.tokenize(" " + likelihood._question(q2), bos=False))
     finally:
         scorer.close()
