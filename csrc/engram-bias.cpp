@@ -221,9 +221,10 @@ int32_t llama_engram_set_seq(llama_context * ctx, llama_seq_id seq_id, const flo
         }
     }
     try {
+        std::vector<float> values(bias, bias + n_bias); // allocated before any state changes
         llama_engram * eg = engram_get(ctx);
-        auto & s = eg->seqs[seq_id];
-        s.bias.assign(bias, bias + n_bias);
+        auto & s = eg->seqs[seq_id];                    // a failed insertion leaves the map as it was
+        s.bias = std::move(values);
         s.gate = gate_pos;
         eg->update_key();
     } catch (const std::bad_alloc &) {

@@ -13,6 +13,7 @@ interleaved with the pre-processing; min and median reported, and the ratios.
 
     .venv/bin/python scripts/bench_preprocess.py                 # SmolLM2-135M, 58 passages
     .venv/bin/python scripts/bench_preprocess.py --profile       # where the uncached time goes
+    .venv/bin/python scripts/bench_preprocess.py --rerank 0      # without the rerank (`run --rerank 0`)
 """
 import argparse
 import cProfile
@@ -34,6 +35,9 @@ from engram_llama.extract import Extractor  # noqa: E402
 from engram_llama.policy import TOP_K  # noqa: E402
 
 
+RERANK = None  # --rerank: None, the default rule (relevance.rerank_count); K, the best K always; 0, none
+
+
 def stages(eng, ex, question, chunks, fresh=False):
     """Run the pre-processing once, timing each stage (seconds). fresh: the rerank's kept chunk
     states are dropped too (a new document set); otherwise a follow-up question reuses them."""
@@ -52,7 +56,8 @@ def stages(eng, ex, question, chunks, fresh=False):
     if fresh and r._likelihood is not None:
         r._likelihood.forget()
     t0 = time.perf_counter()
-    scored = r.rerank(question, scored, relevance.rerank_count(scored, relevance.RERANK_K))
+    k = relevance.rerank_count(scored, relevance.RERANK_K) if RERANK is None else RERANK
+    scored = r.rerank(question, scored, k) if k else scored
     t["rerank"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     text, spans, q_char = align.render(chunks, [c.id for c in chunks], question, eng.template, eng.llm.bos, eng.llm.eos)
@@ -74,7 +79,11 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-table", action="store_true", help="without the starter Engram table")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--rerank", type=int, default=None, metavar="K",
+                    help="chunks reread by the question's likelihood: the best K always, 0 none (default: run's rule)")
     args = ap.parse_args()
+    global RERANK
+    RERANK = args.rerank
     from engram_llama.cli import _open_table, default_model
     from engram_llama.runtime import EngramLlama
 
