@@ -12,6 +12,7 @@ from engram_llama.lowlevel import Context, Model
 ROOT = Path(__file__).resolve().parent
 # calibrated profiles in the user's cache folder never reach a test (nor the CLI runs tests start):
 # every test sees an empty cache folder of its own session
+USER_CACHE = os.environ.get("ENGRAM_LLAMA_CACHE")  # the build's (scripts/llama_source.py keeps the source there)
 os.environ["ENGRAM_LLAMA_CACHE"] = __import__("tempfile").mkdtemp(prefix="engram-test-cache-")
 ARCHS = ["llama", "gemma3", "qwen35"]
 # layers of the generated models offloaded to a GPU (scripts/device_check.sh runs the hook's

@@ -56,8 +56,11 @@ def stages(eng, ex, question, chunks, fresh=False):
     if fresh and r._likelihood is not None:
         r._likelihood.forget()
     t0 = time.perf_counter()
-    k = relevance.rerank_count(scored, relevance.RERANK_K) if RERANK is None else RERANK
-    scored = r.rerank(question, scored, k) if k else scored
+    if RERANK is None:  # as retrieval.rank does
+        k = relevance.rerank_count(scored, relevance.RERANK_K)
+    else:
+        k = relevance.rerank_count(scored, RERANK, share=None, lead=None)
+    scored = r.rerank(question, scored, k)
     t["rerank"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     text, spans, q_char = align.render(chunks, [c.id for c in chunks], question, eng.template, eng.llm.bos, eng.llm.eos)
@@ -82,6 +85,8 @@ def main():
     ap.add_argument("--rerank", type=int, default=None, metavar="K",
                     help="chunks reread by the question's likelihood: the best K always, 0 none (default: run's rule)")
     args = ap.parse_args()
+    if args.rerank is not None and args.rerank < 0:
+        ap.error(f"--rerank {args.rerank}: 0 or more")
     global RERANK
     RERANK = args.rerank
     from engram_llama.cli import _open_table, default_model

@@ -246,7 +246,7 @@ def test_the_paired_rule_keeps_a_clear_winner_and_turns_off_otherwise(monkeypatc
 def test_a_cut_line_in_the_log_is_dropped_and_later_rows_stand_alone(tmp_path):
     head = {"model": "m", "n_ctx": 2048, "conditions": ["vanilla"]}
     log = tmp_path / "log.jsonl"
-    row = {"item": 0, "slot": "first", "n_chunks": 6, "prompt_tokens": 1900, "seconds": 1.0,
+    row = {"item": 0, "kind": "prose", "slot": "first", "n_chunks": 6, "prompt_tokens": 1900, "seconds": 1.0,
            "results": {"vanilla": {"answer": "Pune", "verdict": "correct"}}}
     log.write_text(json.dumps(head) + "\n" + json.dumps(row) + "\n" + '{"item": 0, "slot": "mid')  # killed mid-write
     assert calibrate._read_log(log, head) == [row]
@@ -262,9 +262,11 @@ def test_a_log_line_that_is_not_a_placement_row_is_dropped_not_fatal(tmp_path):
     """An edited or foreign line would stop every later run of that log after the model loads."""
     head = {"model": "m", "n_ctx": 2048, "conditions": ["vanilla", "chunk+2"]}
     log = tmp_path / "log.jsonl"
-    row = {"item": 1, "slot": "last", "n_chunks": 6, "prompt_tokens": 1900, "seconds": 2.5,
+    row = {"item": 1, "kind": "kv", "slot": "last", "n_chunks": 6, "prompt_tokens": 1900, "seconds": 2.5,
            "results": {"vanilla": {"answer": "x"}, "chunk+2": {"answer": "y"}}}
     bad = [123, [row], {**row, "item": calibrate.MAX_ITEMS}, {**row, "item": True}, {**row, "slot": "mid"},
+           {**row, "kind": "poem"}, {**row, "n_chunks": 0}, {**row, "n_chunks": 1000}, {**row, "n_chunks": 6.0},
+           {**row, "seconds": float("nan")}, {**row, "seconds": -1}, {**row, "seconds": True},
            {**row, "results": {"vanilla": {"answer": "x"}}}, {k: v for k, v in row.items() if k != "seconds"}]
     log.write_text("".join(json.dumps(x) + "\n" for x in [head, *bad, row]))
     assert calibrate._read_log(log, head) == [row]

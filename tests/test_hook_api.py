@@ -269,9 +269,15 @@ def test_the_c_api_from_c(tmp_path):
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         pytest.skip("no C compiler")
+    import conftest
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # the patched tree scripts/setup.sh built from, in the user's cache (the tests' own is empty)
+    env = {k: v for k, v in os.environ.items() if k != "ENGRAM_LLAMA_CACHE"}
+    if conftest.USER_CACHE is not None:
+        env["ENGRAM_LLAMA_CACHE"] = conftest.USER_CACHE
     src = subprocess.run([sys.executable, os.path.join(root, "scripts", "llama_source.py")], capture_output=True,
-                         text=True, check=True).stdout.strip()
+                         text=True, check=True, env=env).stdout.strip()
     lib = str(lib_dir())
     exe = tmp_path / "test-engram-c"
     subprocess.run([cc, "-O1", "-std=c11", os.path.join(root, "csrc", "tests", "test-engram-c.c"), "-o", str(exe),

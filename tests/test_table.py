@@ -93,8 +93,20 @@ def test_bad_table_files(tmp_path, small):
     from research import synth
     with pytest.raises(TableError, match="not an engram table"):
         Table(synth.cached_model("llama"))
-    # another format version
+    # the sizes disagree inside a well-formed file: the embedding values one short of their rows
     import gguf
+    r = gguf.GGUFReader(str(small.path))
+    w = gguf.GGUFWriter(str(tmp_path / "short.gguf"), table.FORMAT)
+    for key in ("version", "dim", "count", "max_tokens"):
+        w.add_uint32(f"engram.table.{key}", int(r.get_field(f"engram.table.{key}").contents()))
+    w.add_array("engram.table.types", table.TYPES)
+    for t in r.tensors:
+        data = np.asarray(t.data)
+        w.add_tensor(t.name, data[:-1] if t.name == "embeddings.vals" else data)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(TableError, match="inconsistent sizes"):
+        Table(tmp_path / "short.gguf")
+    # another format version
     w = gguf.GGUFWriter(str(tmp_path / "v9.gguf"), table.FORMAT)
     w.add_uint32("engram.table.version", 9)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()

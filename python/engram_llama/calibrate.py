@@ -92,10 +92,12 @@ def _row_ok(row, head: dict) -> bool:
     """A placement's row as _run writes it, for an item and the conditions of this setup."""
     if not isinstance(row, dict):
         return False
-    item, res = row.get("item"), row.get("results")
-    return (isinstance(item, int) and not isinstance(item, bool) and 0 <= item < MAX_ITEMS
-            and row.get("slot") in tasks.SLOTS and isinstance(row.get("n_chunks"), int)
-            and isinstance(row.get("seconds"), (int, float)) and isinstance(row.get("prompt_tokens"), int)
+    count = lambda v, lo, hi: type(v) is int and lo <= v <= hi  # noqa: E731  (bool is not a count)
+    item, res, sec = row.get("item"), row.get("results"), row.get("seconds")
+    return (count(item, 0, MAX_ITEMS - 1) and row.get("slot") in tasks.SLOTS and row.get("kind") in tasks.KINDS
+            and count(row.get("n_chunks"), 1, 1 + _n_distractors(head.get("n_ctx", 0)))
+            and count(row.get("prompt_tokens"), 0, 1 << 30)
+            and type(sec) in (int, float) and math.isfinite(sec) and sec >= 0
             and isinstance(res, dict) and all(isinstance(res.get(c), dict) and isinstance(res[c].get("answer"), str)
                                               for c in head["conditions"]))
 
@@ -245,11 +247,16 @@ def choose(rows: list[dict], near: float = NEAR_SHARE_V1) -> tuple[Policy, dict]
                  "why": why}
 
 
+def _n_distractors(n_ctx: int) -> int:
+    """Distractors generated per item: more than -c tokens hold (the prompt is filled to fit)."""
+    return max(80, n_ctx // 40)
+
+
 def task_items(n_ctx: int, seed: int = SEED) -> list[tasks.Task]:
     """The calibration's items in the order it runs them: the kinds in turn, enough distractors
     to fill n_ctx."""
     per_kind = MAX_ITEMS // len(tasks.KINDS) + 1
-    pool = {k: tasks.generate(k, per_kind, seed, n_distractors=max(80, n_ctx // 40)) for k in tasks.KINDS}
+    pool = {k: tasks.generate(k, per_kind, seed, n_distractors=_n_distractors(n_ctx)) for k in tasks.KINDS}
     return [pool[tasks.KINDS[i % len(tasks.KINDS)]][i // len(tasks.KINDS)] for i in range(MAX_ITEMS)]
 
 
@@ -300,6 +307,14 @@ def _probe_seconds(eng, n_tokens: int) -> float:
     return 4 * prefill + answers
 
 
+def check_setup(n_ctx: int, budget_minutes: float) -> None:
+    """The numbers alone, before any file is read or fetched."""
+    if not (math.isfinite(budget_minutes) and 0 < budget_minutes <= MAX_BUDGET):
+        raise CalibrationError(f"invalid --budget {budget_minutes:g}: minutes, more than 0 and at most {MAX_BUDGET:g}")
+    if n_ctx < MIN_CTX:
+        raise CalibrationError(f"-c {n_ctx} is too small for the calibration tasks: at least {MIN_CTX} tokens")
+
+
 def run(model_path: str, n_ctx: int = 4096, budget_minutes: float = BUDGET_MINUTES, n_gpu_layers: int = 0,
         n_threads: int | None = None, chat: bool = True, progress: bool = True, log=None) -> tuple[Profile, Path]:
     """Calibrate, write the profile to the cache folder and return it with its path.
@@ -307,11 +322,8 @@ def run(model_path: str, n_ctx: int = 4096, budget_minutes: float = BUDGET_MINUT
     from .runtime import EngramLlama, trained_context
 
     say = log or (lambda m: print(f"engram-llama: {m}", file=sys.stderr))
+    check_setup(n_ctx, budget_minutes)
     ident = identity(model_path)  # ModelFileError for a missing, non-GGUF or truncated file
-    if not (math.isfinite(budget_minutes) and 0 < budget_minutes <= MAX_BUDGET):
-        raise CalibrationError(f"invalid --budget {budget_minutes:g}: minutes, more than 0 and at most {MAX_BUDGET:g}")
-    if n_ctx < MIN_CTX:
-        raise CalibrationError(f"-c {n_ctx} is too small for the calibration tasks: at least {MIN_CTX} tokens")
     try:
         n_train = trained_context(model_path)
     except RuntimeError as e:

@@ -144,6 +144,17 @@ def cmd_run(args) -> int:
     from .plan import check_layers, why_not_move
     from .runtime import ContextTooSmall, EngramLlama, context_size
 
+    if args.n_predict < 1:  # llama-cpp-python reads 0 or less as "until the context is full"
+        raise UsageError(f"invalid -n {args.n_predict}: at least 1 token")
+    if not (math.isfinite(args.temp) and args.temp >= 0):
+        raise UsageError(f"invalid --temp {args.temp}: 0 or more")
+    _check_threads(args.threads)
+    if args.ctx_size is not None and args.ctx_size < 64:
+        raise UsageError(f"invalid -c {args.ctx_size}: at least 64")
+    if args.max_ctx < 512:
+        raise UsageError(f"invalid --max-ctx {args.max_ctx}: at least 512")
+    if args.cache_ram < 0:
+        raise UsageError(f"invalid --cache-ram {args.cache_ram}: 0 or more MiB")
     if (args.default or args.hf) and args.model and args.question is None and not args.model.endswith(".gguf"):
         args.model, args.question = None, args.model  # `run --default "question"`: the one positional is the question
     if args.default:
@@ -161,17 +172,6 @@ def cmd_run(args) -> int:
         raise UsageError("the question is empty")
     if question is None and not args.interactive:
         raise UsageError("no question: give it after the options, or use -i")
-    if args.ctx_size is not None and args.ctx_size < 64:
-        raise UsageError(f"invalid -c {args.ctx_size}: at least 64")
-    if args.max_ctx < 512:
-        raise UsageError(f"invalid --max-ctx {args.max_ctx}: at least 512")
-    if args.cache_ram < 0:
-        raise UsageError(f"invalid --cache-ram {args.cache_ram}: 0 or more MiB")
-    if args.n_predict < 1:  # llama-cpp-python reads 0 or less as "until the context is full"
-        raise UsageError(f"invalid -n {args.n_predict}: at least 1 token")
-    if not (math.isfinite(args.temp) and args.temp >= 0):
-        raise UsageError(f"invalid --temp {args.temp}: 0 or more")
-    _check_threads(args.threads)
     try:
         settings = settings_from(args)
     except ValueError as e:
@@ -289,9 +289,13 @@ def _profile_note(eng, quiet: bool) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import CalibrationError, report, run
+    from .calibrate import CalibrationError, check_setup, report, run
 
     _check_threads(args.threads)
+    try:
+        check_setup(args.ctx_size, args.budget)  # before a download
+    except CalibrationError as e:
+        raise UsageError(str(e)) from None
     model = fetch_hf(args.hf) if args.hf else args.model
     if not model:
         raise UsageError("no model: give MODEL.gguf or --hf REPO[:FILE]")

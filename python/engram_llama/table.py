@@ -306,7 +306,7 @@ class Table:
         self._hash = self._t["match.hash"].view(np.uint64)
         t = self._t
         if (len(t["types"]) != self.n or self.dim != DIM or len(t["embeddings.ptr"]) != DIM + 1
-                or int(t["embeddings.ptr"][-1]) != len(t["embeddings.rows"]) != len(t["embeddings.vals"])
+                or not int(t["embeddings.ptr"][-1]) == len(t["embeddings.rows"]) == len(t["embeddings.vals"])
                 or len(t["match.hash"]) != len(t["match.alias"])):
             raise TableError(f"{self.path} is corrupt: inconsistent sizes")
 
