@@ -75,14 +75,14 @@ PRESETS = Path(__file__).resolve().parent / "presets.json"
 def settings_of(over: dict, policy) -> Settings:
     """A condition's Settings; {"profile": true} applies the run's calibrated policy (--profile) as
     `run` does with that profile found (plan.with_policy), on the engine without a profile of its own;
-    {"candidate": NAME[, "near": SHARE]} is one of calibrate's candidates (policy.CANDIDATES) as
+    {"candidate": NAME[, "near": SHARE]} is one of calibrate's candidates (policy.candidates) as
     calibrate runs it, SHARE of its strength next to the question (without: 0.5, as before the share
     was the family's)."""
     from engram_llama.plan import candidate_settings, with_policy
-    from engram_llama.policy import CANDIDATES, NEAR_SHARE_V1
+    from engram_llama.policy import NEAR_SHARE_V1, candidates
 
     if "candidate" in over:
-        c = next(c for c in CANDIDATES if c.name == over["candidate"])
+        c = next(c for c in candidates(dense=True) if c.name == over["candidate"])
         return candidate_settings(c, over.get("near", NEAR_SHARE_V1))
     rest = {k: v for k, v in over.items() if k != "profile"}
     if over.get("profile"):
@@ -96,11 +96,11 @@ def load_presets(path: str | Path = PRESETS) -> tuple[dict[str, dict], dict[str,
     """(conditions: name -> Settings overrides, presets: name -> condition names), checked."""
     data = json.loads(Path(path).read_text())
     conds, presets = data["conditions"], data["presets"]
-    from engram_llama.policy import CANDIDATES, NEAR_SHARE_V1
+    from engram_llama.policy import NEAR_SHARE_V1, candidates
 
     for over in conds.values():  # a bad field or value fails here, not mid-run
         if "candidate" in over:
-            if set(over) - {"near"} != {"candidate"} or over["candidate"] not in {c.name for c in CANDIDATES}:
+            if set(over) - {"near"} != {"candidate"} or over["candidate"] not in {c.name for c in candidates(dense=True)}:
                 raise ValueError(f"{over}: a candidate condition names one of calibrate's candidates (and a near share)")
             near = over.get("near", NEAR_SHARE_V1)
             if isinstance(near, bool) or not isinstance(near, (int, float)) or not 0 <= near <= 1:

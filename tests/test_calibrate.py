@@ -12,7 +12,7 @@ import pytest
 from engram_llama import calibrate, policy, profile
 from engram_llama.gguf_check import identity, read_header
 from engram_llama.plan import Settings, candidate_settings, with_policy
-from engram_llama.policy import CANDIDATES, VANILLA, Candidate, Policy
+from engram_llama.policy import CANDIDATES, LATE, VANILLA, Candidate, Policy, candidates
 from conftest import gemma3_path
 from research import synth
 
@@ -45,7 +45,13 @@ def test_policy_json_round_trip_and_refusals():
     # a profile written before the share was recorded was measured at half the peak
     old = {k: v for k, v in p.to_json().items() if k != "near"}
     assert Policy.from_json(old).near == 0.5
+    # one written before calibrate chose the layers: the family's
+    assert Policy.from_json({k: v for k, v in p.to_json().items() if k != "layers"}).layers == "default"
+    late = Policy(steer=True, peak=4.0, layers="late")
+    assert Policy.from_json(json.loads(json.dumps(late.to_json()))) == late
+    assert "the last quarter of layers" in late.label and "layers" not in p.label
     for bad in ({"steer": True}, {**p.to_json(), "peak": -1}, {**p.to_json(), "focus": "word"},
+                {**p.to_json(), "layers": "early"}, {**p.to_json(), "layers": None},
                 {**p.to_json(), "steer": "yes"}, {**p.to_json(), "extra": 1}, [1],
                 {**p.to_json(), "near": 1.5}, {**p.to_json(), "near": True}):
         with pytest.raises(ValueError):
@@ -55,10 +61,12 @@ def test_policy_json_round_trip_and_refusals():
 def test_a_profile_applies_the_settings_its_candidate_was_measured_with():
     """with_policy turns a profile into exactly the Settings calibrate ran for the chosen candidate;
     the user's own options win; a profile that turned steering off leaves the prompt unbiased."""
+    assert [c.name for c in candidates(True)] == [c.name for c in CANDIDATES[:4]] + ["late+4"] + ["reorder", "reorder+1"]
+    assert candidates(False) == CANDIDATES and LATE not in CANDIDATES
     for near in (0.5, 0.75):
-        for c in CANDIDATES:
+        for c in candidates(True):
             if c.order == "keep":
-                pol = Policy(steer=True, peak=c.strength, focus=c.focus, near=near)
+                pol = Policy(steer=True, peak=c.strength, focus=c.focus, near=near, layers=c.layers)
             else:
                 pol = Policy(steer=False, reorder=True, edges=c.strength, near=near)
             assert with_policy(Settings(), pol) == candidate_settings(c, near), c
@@ -68,6 +76,8 @@ def test_a_profile_applies_the_settings_its_candidate_was_measured_with():
                                                                         granularity="focus")
     assert candidate_settings(by_name["chunk+2"], 0.5) == Settings(order="keep", strength=2.0, near=1.0, mid=0.0,
                                                                    granularity="novel")
+    assert candidate_settings(LATE, 0.5) == Settings(order="keep", strength=4.0, near=2.0, mid=0.0, granularity="novel",
+                                                     layers="late")
     assert candidate_settings(by_name["reorder+1"], 0.5) == Settings(order="edges", strength=1.0, engram=True)
     assert candidate_settings(by_name["reorder"], 0.5) == Settings(order="edges", strength=0.0, engram=False)
     assert candidate_settings(VANILLA, 0.5) == Settings(order="keep", engram=False)
@@ -181,8 +191,8 @@ def _rows(pairs: dict[str, list[tuple[str, bool]]]) -> list[dict]:
     return rows
 
 
-def _conditions(vanilla, **hits):
-    names = [n for n, _ in calibrate._conditions()]
+def _conditions(vanilla, dense=False, **hits):
+    names = [n for n, _ in calibrate._conditions(dense=dense)]
     slots = [calibrate.tasks.SLOTS[i % 3] for i in range(len(vanilla))]
     out = {n: list(zip(slots, hits.get(n.replace("+", "_").replace("-", "_"), vanilla))) for n in names}
     return out
@@ -238,6 +248,16 @@ def test_the_paired_rule_keeps_a_clear_winner_and_turns_off_otherwise(monkeypatc
     # a tie goes to the milder strength, whatever the candidates' order
     pol, _ = calibrate.choose(_rows(_conditions(vanilla, chunk_4=win, sentences_2=win)))
     assert (pol.peak, pol.focus) == (2.0, "sentences")
+    # a dense model's log has the late layers: kept where they alone qualify, and recorded ...
+    rows = _rows(_conditions(vanilla, dense=True, chunk_4=win, late_4=win))
+    for i in (0, 1, 5, 8):
+        rows[i]["results"]["chunk+4"]["verdict"] = "degenerate"
+    pol, chosen = calibrate.choose(rows)
+    assert (pol.steer, pol.peak, pol.focus, pol.layers, chosen["given_order"]) == (True, 4.0, "chunk", "late", "late+4")
+    assert "late+4" in calibrate.table(rows) and "late+4" not in calibrate.table(_rows(_conditions(vanilla)))
+    # ... and on a tie with the family's layers at the same strength, those (the earlier) stay
+    pol, _ = calibrate.choose(_rows(_conditions(vanilla, dense=True, chunk_4=win, late_4=win)))
+    assert (pol.peak, pol.layers) == (4.0, "default")
     # the items, not the placements, are the pairs: 3 wins at the slots of one item are one win
     one = [i < 3 for i in range(30)]
     assert calibrate._paired(_rows(_conditions(vanilla, chunk_2=one)), "chunk+2", "vanilla")[:2] == (1, 0)
@@ -322,7 +342,9 @@ def test_calibrate_end_to_end_on_a_generated_model(arch, chat, cache, tmp_path, 
     assert len(rows) == 3 * calibrate.MAX_ITEMS
     assert {r["slot"] for r in rows} == set(calibrate.tasks.SLOTS)
     t = prof.measured["table"]
-    assert set(t) == {n for n, _ in calibrate._conditions()}
+    # the late layers are a candidate on the dense model only
+    assert set(t) == {n for n, _ in calibrate._conditions(dense=arch.startswith("llama"))}
+    assert ("late+4" in t) == arch.startswith("llama") == ("late+4" in head["conditions"])
     assert all(t[n]["n"] == len(rows) for n in t)
     assert path.exists() and profile.read(path, identity(model)).policy == prof.policy
     said = []

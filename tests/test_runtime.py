@@ -5,7 +5,7 @@ import pytest
 from engram_llama.chunks import read_docs, split
 from engram_llama.cli import default_docs, default_model
 from research import synth
-from engram_llama.plan import Settings, chunk_choice, default_layers, is_dense, resolve_order, why_not_move
+from engram_llama.plan import Settings, check_layers, chunk_choice, default_layers, is_dense, resolve_order, why_not_move
 from engram_llama.policy import MID, MOVE_FROM, MOVE_STRENGTH, ORDER_AUTO, auto_strength, mid_strength
 from engram_llama.runtime import EngramLlama
 from engram_llama._hook import LayerKind
@@ -70,6 +70,10 @@ def test_default_layers_per_family():
     gemma = ([S] * 5 + [F]) * 3
     assert default_layers(gemma) == [5, 11, 17]
     assert default_layers([F] * 30) == list(range(15, 30))
+    # a calibrated "late": the last quarter of the softmax layers (SmolLM2's 22-29, docs/ABLATIONS.md)
+    assert check_layers("late", [F] * 30) == [22, 23, 24, 25, 26, 27, 28, 29]
+    assert check_layers("late", qwen35) == [19, 23] and check_layers("late", gemma) == [17]
+    assert check_layers("late", [F] * 3) == [2]
 
 
 def test_auto_strength_follows_the_measured_points():

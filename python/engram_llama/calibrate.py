@@ -1,5 +1,5 @@
 """`engram-llama calibrate`: measure on the user's own model whether steering helps, and which of a
-few candidate policies (policy.CANDIDATES) to keep, then write the model's profile.
+few candidate policies (policy.candidates) to keep, then write the model's profile.
 
 Offline tasks of three kinds (tasks.py) at the length the user runs, the answer at the first /
 middle / last chunk; per item and placement the documents are prefilled once and every candidate
@@ -34,7 +34,7 @@ from pathlib import Path
 from . import __version__, align, tasks
 from .gguf_check import identity
 from .plan import Settings, candidate_settings, is_dense
-from .policy import CANDIDATES, NEAR_SHARE_V1, POLICY_VERSION, VANILLA, Policy, near_share
+from .policy import LATE, NEAR_SHARE_V1, POLICY_VERSION, VANILLA, Policy, candidates, near_share
 from .profile import Profile, cache_dir, key, write
 from .quality import judge
 
@@ -65,11 +65,12 @@ class Outcome:
     degenerate: int = 0
 
 
-def _conditions(near: float = NEAR_SHARE_V1) -> list[tuple[str, Settings]]:
+def _conditions(near: float = NEAR_SHARE_V1, dense: bool = False) -> list[tuple[str, Settings]]:
     """(name, settings) in the order they run for one placement (Settings(): the hand-tuned
-    defaults, on the engine without a profile); near: the model family's share (policy.near_share)."""
-    keep = [(c.name, candidate_settings(c, near)) for c in CANDIDATES if c.order == "keep"]
-    edges = [(c.name, candidate_settings(c, near)) for c in CANDIDATES if c.order == "edges"]
+    defaults, on the engine without a profile); near: the model family's share (policy.near_share);
+    dense: the model's candidates include the late layers (policy.candidates)."""
+    keep = [(c.name, candidate_settings(c, near)) for c in candidates(dense) if c.order == "keep"]
+    edges = [(c.name, candidate_settings(c, near)) for c in candidates(dense) if c.order == "edges"]
     return [(VANILLA.name, candidate_settings(VANILLA, near)), (HAND, Settings())] + keep + edges
 
 
@@ -187,9 +188,14 @@ def _degenerate_pairs(rows: list[dict], a: str, b: str) -> tuple[int, int]:
     return more, fewer
 
 
+def _dense(rows: list[dict]) -> bool:
+    """Whether the log's rows ran a dense model's candidates (the late layers among them)."""
+    return bool(rows) and LATE.name in rows[0]["results"]
+
+
 def table(rows: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
-    for name, _ in _conditions():
+    for name, _ in _conditions(dense=_dense(rows)):
         t = {s: [0, 0] for s in tasks.SLOTS}
         deg = 0
         for r in rows:
@@ -223,14 +229,15 @@ def choose(rows: list[dict], near: float = NEAR_SHARE_V1) -> tuple[Policy, dict]
     tab = table(rows)
     why = {}
     ok = {}
-    for c in CANDIDATES:
+    cands = candidates(_dense(rows))
+    for c in cands:
         ok[c.name], why[c.name] = qualifies(rows, c.name)
-    order = {c.name: i for i, c in enumerate(CANDIDATES)}
-    strength = {c.name: c.strength for c in CANDIDATES}
+    order = {c.name: i for i, c in enumerate(cands)}
+    strength = {c.name: c.strength for c in cands}
     # the most correct answers; ties: the milder, then the earlier (chunk before sentences)
     best = lambda names: max(names, key=lambda n: (tab[n]["correct"], -strength[n], -order[n])) if names else None  # noqa: E731
-    keep = best([c.name for c in CANDIDATES if c.order == "keep" and ok[c.name]])
-    edges = best([c.name for c in CANDIDATES if c.order == "edges" and ok[c.name]])
+    keep = best([c.name for c in cands if c.order == "keep" and ok[c.name]])
+    edges = best([c.name for c in cands if c.order == "edges" and ok[c.name]])
     reorder = False
     if edges:
         if keep is None:
@@ -239,10 +246,11 @@ def choose(rows: list[dict], near: float = NEAR_SHARE_V1) -> tuple[Policy, dict]
             w, l, _ = _paired(rows, edges, keep)
             reorder = w >= l
             why[edges] += f"; against {keep}: items +{w}/-{l}"
-    kc = next((c for c in CANDIDATES if c.name == keep), None)
-    ec = next((c for c in CANDIDATES if c.name == edges), None)
+    kc = next((c for c in cands if c.name == keep), None)
+    ec = next((c for c in cands if c.name == edges), None)
     pol = Policy(steer=kc is not None, peak=kc.strength if kc else 0.0, focus=kc.focus if kc else "chunk",
-                 reorder=reorder, edges=ec.strength if (ec and reorder) else 0.0, near=near)
+                 reorder=reorder, edges=ec.strength if (ec and reorder) else 0.0, near=near,
+                 layers=kc.layers if kc else "default")
     return pol, {"given_order": keep or VANILLA.name, "retrieved": (edges if reorder else keep or VANILLA.name),
                  "why": why}
 
@@ -303,7 +311,7 @@ def _probe_seconds(eng, n_tokens: int) -> float:
     eng.cache.prefill(toks)
     per_tok = (time.perf_counter() - t0) / max(len(toks), 1)
     prefill = n_tokens * per_tok * (1 + n_tokens / 8192)
-    answers = len(tasks.SLOTS) * len(_conditions()) * 40 * 4 * per_tok
+    answers = len(tasks.SLOTS) * len(_conditions(dense=is_dense(eng.hook.kinds))) * 40 * 4 * per_tok
     return 4 * prefill + answers
 
 
@@ -348,9 +356,10 @@ def run(model_path: str, n_ctx: int = 4096, budget_minutes: float = BUDGET_MINUT
 def _run(eng, ident, n_ctx, budget_minutes, chat, progress, logf, say):
     room = n_ctx - max(MAX_TOKENS.values()) - 16
     items = task_items(n_ctx)
-    near = near_share(is_dense(eng.hook.kinds))
+    dense = is_dense(eng.hook.kinds)
+    near = near_share(dense)
     head = {"model": key(ident), "n_ctx": n_ctx, "chat": chat, "seed": SEED, "max_tokens": MAX_TOKENS,
-            "conditions": [n for n, _ in _conditions()], "policy_version": POLICY_VERSION,
+            "conditions": [n for n, _ in _conditions(dense=dense)], "policy_version": POLICY_VERSION,
             "tasks_version": tasks.VERSION, "near_share": near}
     rows = _read_log(logf, head)
     if not rows:
@@ -368,7 +377,7 @@ def _run(eng, ident, n_ctx, budget_minutes, chat, progress, logf, say):
                                f"~{est * MIN_ITEMS / 60:.1f} min at -c {n_ctx} on this machine")
     if rows:
         say(f"resuming {logf.name}: {len(rows)} placements done, {spent / 60:.1f} of {budget_minutes:g} min spent")
-    conditions = _conditions(near)
+    conditions = _conditions(near, dense)
     bar = None
     if progress:
         from tqdm import tqdm

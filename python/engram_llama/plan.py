@@ -83,7 +83,7 @@ OPTIONS = [
 @dataclass
 class Settings:
     """What the user or a caller chose; None: the policy's default (resolve)."""
-    layers: list[int] | str | None = None   # None: default_layers; "all": every softmax layer
+    layers: list[int] | str | None = None   # None: default_layers; "all": every softmax layer; "late": late_layers
     strength: float | None = None
     top_k: int | None = None
     near: float | None = None
@@ -127,7 +127,7 @@ def candidate_settings(c: Candidate, near: float) -> Settings:
     if not c.strength:
         return Settings(order="keep", engram=False)
     return Settings(order="keep", strength=c.strength, near=c.strength * near, mid=0.0,
-                    granularity="novel" if c.focus == "chunk" else "focus")
+                    granularity="novel" if c.focus == "chunk" else "focus", layers="late" if c.layers == "late" else None)
 
 
 def with_policy(s: Settings, pol: Policy | None) -> Settings:
@@ -142,7 +142,7 @@ def with_policy(s: Settings, pol: Policy | None) -> Settings:
     if order == "edges":
         base = candidate_settings(Candidate("", "edges", pol.edges), pol.near)
     elif order == "keep":
-        base = candidate_settings(Candidate("", "keep", pol.peak if pol.steer else 0.0, pol.focus), pol.near)
+        base = candidate_settings(Candidate("", "keep", pol.peak if pol.steer else 0.0, pol.focus, pol.layers), pol.near)
     else:  # move: the hand-tuned move
         return s
     own = {f.name: getattr(s, f.name) for f in fields(Settings)
@@ -214,6 +214,13 @@ def default_layers(kinds) -> list[int]:
     return soft[len(soft) // 2:]
 
 
+def late_layers(kinds) -> list[int]:
+    """The last quarter, at least one, of the layers that reach far: every layer of a dense model
+    (SmolLM2: 22-29 of 30), the global ones of a sliding-window model, a hybrid's softmax layers."""
+    pool = softmax_layers(kinds) if is_dense(kinds) else default_layers(kinds)
+    return pool[(3 * len(pool)) // 4:]
+
+
 def is_dense(kinds) -> bool:
     """Every layer full softmax attention (Llama-style): no sliding-window or recurrent layers."""
     K = _kinds()
@@ -226,6 +233,8 @@ def check_layers(layers: list[int] | str | None, kinds) -> list[int]:
         return default_layers(kinds)
     if layers == "all":
         return softmax_layers(kinds)
+    if layers == "late":
+        return late_layers(kinds)
     soft = set(softmax_layers(kinds))
     for il in layers:
         if il not in soft:

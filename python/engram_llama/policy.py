@@ -63,6 +63,11 @@ def near_share(dense: bool) -> float:
 # focus "sentences": the rest of the chunk, around its sentences that match the question best,
 # at bias.REST (0.5) of their strength
 FOCI = ("chunk", "sentences")
+# which layers take the bias: "default", the family's (plan.default_layers), or "late", the last
+# quarter of those that reach far (plan.late_layers); calibrate offers "late" on dense models only, where biasing SmolLM2's
+# last quarter alone kept the middle's gain with a fifth of the recitals on development items
+# (docs/ABLATIONS.md, "Which layers recite"); on Gemma 3 its last global layer alone gained nothing
+LAYER_SHAPES = ("default", "late")
 # bumped whenever a field's meaning changes: a profile of another policy version is refused
 POLICY_VERSION = 1
 
@@ -77,7 +82,7 @@ class Policy:
     share) of it next to the question (linear between; the share is the model family's, near_share,
     recorded as measured), over `focus`: "chunk" (the chunk less its echoes
     of the question) or "sentences" (the sentences or lines that match the question most, the rest
-    of the chunk at half of that, bias.REST).
+    of the chunk at half of that, bias.REST), at `layers` (LAYER_SHAPES).
     For chunks whose order means nothing (retrieved ones; the order "auto"): reorder True puts the
     best last and the next best first, then `edges` on the best (0: none)."""
     steer: bool = False
@@ -86,12 +91,15 @@ class Policy:
     reorder: bool = False
     edges: float = 0.0
     near: float = NEAR_SHARE_V1
+    layers: str = "default"
 
     def __post_init__(self):
         if not isinstance(self.steer, bool) or not isinstance(self.reorder, bool):
             raise ValueError("steer and reorder are true or false")
         if self.focus not in FOCI:
             raise ValueError(f"focus {self.focus!r}: one of {', '.join(FOCI)}")
+        if self.layers not in LAYER_SHAPES:
+            raise ValueError(f"layers {self.layers!r}: one of {', '.join(LAYER_SHAPES)}")
         for name in ("peak", "edges"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 16:
@@ -102,7 +110,7 @@ class Policy:
     @property
     def label(self) -> str:
         given = (f"+{self.peak:g} on the best chunk ({self.focus}), +{self.peak * self.near:g} next to the question"
-                 if self.steer else "no bias")
+                 + (", the last quarter of layers" if self.layers == "late" else "") if self.steer else "no bias")
         if not self.reorder:
             return f"given order: {given}; retrieved chunks: the same"
         return f"given order: {given}; retrieved chunks: reordered, best last" + (f", +{self.edges:g} on it" if self.edges else "")
@@ -112,8 +120,9 @@ class Policy:
 
     @classmethod
     def from_json(cls, d) -> "Policy":
-        # without "near": a profile written before the share was recorded, measured at NEAR_SHARE_V1
-        if not isinstance(d, dict) or set(d) - {"near"} != {"steer", "peak", "focus", "reorder", "edges"}:
+        # without "near": a profile written before the share was recorded, measured at NEAR_SHARE_V1;
+        # without "layers": one written before calibrate chose them, measured at the family's
+        if not isinstance(d, dict) or set(d) - {"near", "layers"} != {"steer", "peak", "focus", "reorder", "edges"}:
             raise ValueError("not a policy")
         return cls(**d)
 
@@ -125,13 +134,22 @@ class Candidate:
     order: str            # "keep" or "edges"
     strength: float       # peak (keep) or edges (edges); 0 with keep is vanilla
     focus: str = "chunk"
+    layers: str = "default"
 
 
 # What calibrate measures besides vanilla and the hand-tuned defaults: where the bias goes inside
 # the chunk (two shapes) at two strengths in the given order (one prefill per placement: the query
 # gate makes every candidate exact on the cached documents), and reordering with and without +1
-# on the best chunk (one prefill per item). Small on purpose: six, not a sweep over every knob.
+# on the best chunk (one prefill per item); on dense models also the last quarter of layers.
+# Small on purpose: six or seven, not a sweep over every knob.
 CANDIDATES = [Candidate("chunk+2", "keep", 2.0), Candidate("chunk+4", "keep", 4.0),
               Candidate("sentences+2", "keep", 2.0, "sentences"), Candidate("sentences+4", "keep", 4.0, "sentences"),
               Candidate("reorder", "edges", 0.0), Candidate("reorder+1", "edges", 1.0)]
+LATE = Candidate("late+4", "keep", 4.0, "chunk", "late")
 VANILLA = Candidate("vanilla", "keep", 0.0)
+
+
+def candidates(dense: bool) -> list[Candidate]:
+    """What calibrate measures on a model: the late layers only where the default is the second
+    half of every layer (dense); elsewhere the default layers are already few and far-reaching."""
+    return CANDIDATES[:4] + [LATE] + CANDIDATES[4:] if dense else list(CANDIDATES)
