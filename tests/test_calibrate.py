@@ -49,6 +49,7 @@ def test_policy_json_round_trip_and_refusals():
     assert Policy.from_json({k: v for k, v in p.to_json().items() if k != "layers"}).layers == "default"
     late = Policy(steer=True, peak=4.0, layers="late")
     assert Policy.from_json(json.loads(json.dumps(late.to_json()))) == late
+    assert "layers" not in p.to_json()   # a profile on the family's layers reads in older versions too
     assert "the last quarter of layers" in late.label and "layers" not in p.label
     for bad in ({"steer": True}, {**p.to_json(), "peak": -1}, {**p.to_json(), "focus": "word"},
                 {**p.to_json(), "layers": "early"}, {**p.to_json(), "layers": None},
@@ -94,9 +95,14 @@ def test_a_profile_applies_the_settings_its_candidate_was_measured_with():
     assert with_policy(Settings(engram=False), pol) == Settings(engram=False)
     # reordering asked for where the profile did not choose it: the hand-tuned reordering (+1)
     assert with_policy(Settings(order="edges"), Policy(steer=True, peak=4.0)) == Settings(order="edges")
+    # a late profile: the user's own layers win, the user's strength keeps the profile's layers
+    late = Policy(steer=True, peak=4.0, layers="late")
+    assert with_policy(Settings(), late).layers == "late"
+    assert with_policy(Settings(layers=[1, 2]), late).layers == [1, 2]
+    assert with_policy(Settings(strength=3.0), late).layers == "late"
     # applied twice (prepare, then plan) it gives the same settings
     for pol in (Policy(steer=True, peak=4.0, focus="sentences", reorder=True, edges=1.0), Policy(steer=True, peak=2.0),
-                Policy(), Policy(reorder=True)):
+                Policy(), Policy(reorder=True), late):
         for s in (Settings(), Settings(order="keep"), Settings(strength=3.0), Settings(order="move")):
             once = with_policy(s, pol)
             assert with_policy(once, pol) == once, (pol, s)
@@ -176,6 +182,30 @@ def test_gemma_runs_its_builtin_profile_without_a_cache(cache):
     try:
         assert eng.profile is None and eng.policy is None
         assert profile.describe(eng.profile)["calibrated"] is False
+    finally:
+        eng.close()
+
+
+def test_a_late_profile_biases_the_last_quarter_of_the_layers(cache):
+    """A dense model's profile that chose late+4 biases its last quarter of layers alone, at +4;
+    the user's --layers still wins."""
+    from engram_llama.chunks import Chunk
+    from engram_llama.runtime import EngramLlama
+
+    model = synth.cached_model("llama-smol")
+    ident = identity(model)
+    profile.write(profile.Profile(Policy(steer=True, peak=4.0, layers="late"), ident),
+                  cache / "profiles" / f"{profile.key(ident)}.json")
+    eng = EngramLlama(str(model), n_ctx=512, n_threads=2, chat=False)
+    try:
+        assert eng.profile is not None and eng.policy.layers == "late"
+        n = len(eng.hook.kinds)
+        chunks = [Chunk(0, "a", "The Kakkanad office opened in 1984."), Chunk(1, "b", "Rain fell in Pune.")]
+        ans = eng.ask("When did the Kakkanad office open?", chunks, max_tokens=2)
+        assert ans.plan.steered and ans.layers == list(range(n - n // 4, n)) and n // 4 >= 1
+        assert ans.plan.strength == 4.0
+        ans = eng.ask("When did the Kakkanad office open?", chunks, max_tokens=2, settings=Settings(layers=[0]))
+        assert ans.layers == [0]
     finally:
         eng.close()
 

@@ -116,7 +116,10 @@ class Policy:
         return f"given order: {given}; retrieved chunks: reordered, best last" + (f", +{self.edges:g} on it" if self.edges else "")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.layers == "default":  # as profiles before the field: older versions read them still
+            del d["layers"]
+        return d
 
     @classmethod
     def from_json(cls, d) -> "Policy":
