@@ -1,15 +1,19 @@
 """The command line: bad input gets one line and a non-zero exit; one real run end to end."""
 import json
 import re
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from research import synth
-from engram_llama.policy import MOVE_FROM, MOVE_STRENGTH
+from engram_llama import profile
+from engram_llama.gguf_check import identity
+from engram_llama.policy import MOVE_FROM, MOVE_STRENGTH, Policy
 
-from conftest import ROOT, smollm2_path
+from conftest import ROOT, gemma3_path, smollm2_path
 
 
 def cli(*args, stdin=None):
@@ -46,6 +50,29 @@ def test_inspect_lists_layer_kinds():
     assert info["architecture"] == "qwen35" and info["biasable"] == [3, 7]
     assert info["layers"] == ["none", "none", "none", "full"] * 2
     assert info["biased_by_default"] == [3, 7]  # a hybrid: every softmax layer
+    assert info["profile"] is None
+    # Gemma-3-270M's built-in profile biases the global layers, as the family does
+    r = cli("inspect", str(gemma3_path()), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["biased_by_default"] == [5, 11, 17] and info["profile"]["biased"] == [5, 11, 17]
+    assert Path(info["profile"]["path"]).parent == profile.BUILTIN
+
+
+def test_inspect_shows_a_late_profiles_layers(tmp_path):
+    """A dense model whose profile chose the late layers: inspect names its last quarter."""
+    model = synth.cached_model("llama-smol")
+    ident = identity(model)
+    profile.write(profile.Profile(Policy(steer=True, peak=4.0, layers="late"), ident),
+                  tmp_path / "profiles" / f"{profile.key(ident)}.json")
+    r = subprocess.run([sys.executable, "-m", "engram_llama.cli", "inspect", str(model)], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "ENGRAM_LLAMA_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    n = int(re.search(r"(\d+) layers", r.stdout).group(1))
+    line = next(l for l in r.stdout.splitlines() if l.startswith("biased by its profile:"))
+    late = list(range(n - n // 4, n))  # the last quarter (at least one) of a dense model's layers
+    assert late and line.split()[4] == (f"{late[0]}-{late[-1]}" if len(late) > 1 else f"{late[0]}")
+    assert str(tmp_path) in line and n // 2 not in late   # not the family's second half
 
 
 def test_missing_model(docs):

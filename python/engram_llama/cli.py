@@ -32,17 +32,25 @@ def _load_model(path: str):
 def cmd_inspect(args) -> int:
     from ._hook import LayerKind, layer_kinds
     from .gguf_check import architecture
-    from .plan import default_layers, ranges as _ranges
+    from .plan import Settings, check_layers, default_layers, ranges as _ranges, with_policy
+    from .profile import find
 
     model = _load_model(args.model)
     kinds = layer_kinds(model.ptr)
     arch = architecture(args.model)
     groups = {k: [il for il, kk in enumerate(kinds) if kk == k] for k in LayerKind if k != LayerKind.INVALID}
+    # what `run` biases in the given order: the calibrated profile's layers where one is found
+    prof = find(args.model, warn=lambda m: print(f"engram-llama: {m}", file=sys.stderr))
+    by_profile = None
+    if prof is not None:
+        s = with_policy(Settings(order="keep"), prof.policy)
+        by_profile = check_layers(s.layers, kinds) if s.engram else []
     if args.json:
         print(json.dumps({
             "model": args.model, "architecture": arch, "n_layer": len(kinds),
             "layers": [k.name.lower() for k in kinds],
             "biasable": groups[LayerKind.FULL] + groups[LayerKind.SWA], "biased_by_default": default_layers(kinds),
+            "profile": None if prof is None else {"path": str(prof.path), "biased": by_profile},
         }))
         return 0
     print(f"model:        {args.model}")
@@ -51,6 +59,8 @@ def cmd_inspect(args) -> int:
     print(f"sliding window (biasable):      {_ranges(groups[LayerKind.SWA]) or '-'}")
     print(f"no softmax attention (refused): {_ranges(groups[LayerKind.NONE]) or '-'}")
     print(f"biased by default:              {_ranges(default_layers(kinds)) or '-'}")
+    if prof is not None:
+        print(f"biased by its profile:          {_ranges(by_profile) or 'none (steering off)'} ({prof.path})")
     return 0
 
 
