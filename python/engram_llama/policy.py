@@ -64,9 +64,10 @@ def near_share(dense: bool) -> float:
 # at bias.REST (0.5) of their strength
 FOCI = ("chunk", "sentences")
 # which layers take the bias: "default", the family's (plan.default_layers), or "late", the last
-# quarter of those that reach far (plan.late_layers); calibrate offers "late" on dense models only, where biasing SmolLM2's
-# last quarter alone kept the middle's gain with a fifth of the recitals on development items
-# (docs/ABLATIONS.md, "Which layers recite"); on Gemma 3 its last global layer alone gained nothing
+# quarter of those that reach far (plan.late_layers). Calibrate offers "late" on dense models only:
+# there biasing SmolLM2's last quarter alone kept the middle's gain with a fifth of the recitals on
+# development items (docs/ABLATIONS.md, "Which layers recite"); on Gemma 3 its last global layer
+# alone gained nothing
 LAYER_SHAPES = ("default", "late")
 # bumped whenever a field's meaning changes: a profile of another policy version is refused
 POLICY_VERSION = 1
