@@ -12,17 +12,11 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 
 from engram_llama.quality import degenerate, judge, normalize
 
 from .datasets import nq
-from .eval import DATASETS
-
-
-def mcnemar(wins: int, losses: int) -> float:
-    n = wins + losses
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2 ** n) if n else 1.0
+from .eval import DATASETS, mcnemar
 
 
 def main(argv=None):
