@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engram_llama.profile import cache_dir
+
 
 @dataclass
 class Shape:
@@ -252,7 +254,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, quant: str) -> Path
 
 def cached_model(name: str, cache: str | os.PathLike | None = None, seed: int = 42, quant: str | None = None) -> Path:
     """A test model by SHAPES name, generated once into the cache directory (quant: see QUANTS)."""
-    root = Path(cache or os.environ.get("ENGRAM_LLAMA_CACHE") or Path.home() / ".cache" / "engram-llama") / "models"
+    root = (Path(cache) if cache else cache_dir()) / "models"
     shape = SHAPES[name]
     template = (ROOT / shape.chat_template).read_text(encoding="utf-8") if shape.chat_template else ""
     tag = zlib.crc32(repr((shape, seed, template)).encode())

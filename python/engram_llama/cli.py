@@ -438,13 +438,11 @@ def _explain(ans, n_chunks: int, n_ctx: int | None = None) -> str:
 
 
 def default_table_path() -> str:
-    from pathlib import Path
-    import os
-
+    """The starter table's place in the cache folder that profiles use too (profile.cache_dir)."""
+    from .profile import cache_dir
     from .table import FORMAT_VERSION
 
-    root = Path(os.environ.get("ENGRAM_LLAMA_CACHE") or Path.home() / ".cache" / "engram-llama")
-    return str(root / "tables" / f"starter-v{FORMAT_VERSION}.gguf")
+    return str(cache_dir() / "tables" / f"starter-v{FORMAT_VERSION}.gguf")
 
 
 def _open_table(spec: str | None):

@@ -68,7 +68,8 @@ OPTIONS = [
     Option("mid", "--mid", "strength a quarter to half the prompt before the question (0: none)", False, float,
            default_doc="dense: +2 up to 1.5K tokens, +5 from 3K; else none"),
     Option("granularity", "--granularity", "what of the chunk gets the bias: novel (the chunk less its runs "
-           "of 6+ tokens that the question repeats), chunk, sentence, entity", False, str, GRANULARITIES,
+           "of 6+ tokens that the question repeats), chunk, sentence, entity, focus (the sentences that match the "
+           "question most, the rest of the chunk at half)", False, str, GRANULARITIES,
            default_doc="novel"),
     Option("gate", "--no-gate", "bias every query, the documents' too", False, default_doc="on"),
     Option("reread", "--reread", "with a move: read the moved chunk again at the documents' end instead of "
