@@ -308,6 +308,20 @@ def test_a_cut_line_in_the_log_is_dropped_and_later_rows_stand_alone(tmp_path):
     assert len(list(tmp_path.glob("log.old-*.jsonl"))) == 1
 
 
+def test_a_log_cut_inside_a_character_or_holding_u2028_resumes(tmp_path):
+    """Rows are written with ensure_ascii=False: a crash can cut one inside a character, and an
+    answer may hold U+2028 (a line break to str.splitlines)."""
+    head = {"model": "m", "n_ctx": 2048, "conditions": ["vanilla"]}
+    log = tmp_path / "log.jsonl"
+    row = {"item": 0, "kind": "bulletin", "slot": "first", "n_chunks": 6, "prompt_tokens": 1900, "seconds": 1.0,
+           "results": {"vanilla": {"answer": "₹6,000\u2028a year", "verdict": "correct"}}}
+    cut = (json.dumps({**row, "slot": "middle"}, ensure_ascii=False).encode())
+    cut = cut[:cut.index("₹".encode()) + 1]  # one byte into the rupee sign
+    log.write_bytes((json.dumps(head) + "\n" + json.dumps(row, ensure_ascii=False) + "\n").encode() + cut)
+    assert calibrate._read_log(log, head) == [row]
+    assert log.read_bytes().endswith(b"\n") and calibrate._read_log(log, head) == [row]
+
+
 def test_a_log_line_that_is_not_a_placement_row_is_dropped_not_fatal(tmp_path):
     """An edited or foreign line would stop every later run of that log after the model loads."""
     head = {"model": "m", "n_ctx": 2048, "conditions": ["vanilla", "chunk+2"]}

@@ -110,6 +110,8 @@ def test_empty_question_and_bad_layers(docs):
     one_line_error(cli("run", model, "--chunks", str(docs), "  "), "question is empty")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "3-x"), "invalid --layers")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "40"), "layer 40", "30 layers")
+    # a range is refused before it is expanded (this one would not fit in memory)
+    one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "0-1000000000000000"), "invalid --layers")
     # the options that lost on the project's measurements are not the user's: one line, exit 2
     for flag in ("--top-k", "--mid", "--near", "--granularity", "--reread", "--target-share"):
         r = cli("run", model, "q?", "--chunks", str(docs), flag, "1")
@@ -255,6 +257,8 @@ def test_serve_bad_input_is_one_line_before_any_loading(tmp_path):
 
     one_line_error(cli("serve", str(tmp_path / "missing.gguf")), "missing.gguf")
     one_line_error(cli("serve", str(smollm2_path()), "-np", "0"), "-np 0")
+    one_line_error(cli("serve", str(smollm2_path()), "--api-key", ""), "--api-key")   # an unset $KEY: not an open server
+    one_line_error(cli("serve", str(smollm2_path()), "--host", ""), "--host")
     one_line_error(cli("serve", str(smollm2_path()), "--chunks", str(tmp_path / "nowhere")), "nowhere")
     with socket.socket() as s:   # a port in use
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,28 @@ from engram_llama.extract import Entity, Extractor
 from conftest import smollm2_path
 
 
+def test_jsonl_documents_split_at_newlines_alone(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028 raw, which str.splitlines would cut a line at;
+    a BOM and CRLF line ends are read too, and a line nested too deep is the line's error."""
+    import json
+
+    p = tmp_path / "hits.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + (json.dumps({"title": "t", "text": "a\u2028b"}, ensure_ascii=False) + "\r\n"
+                                     + json.dumps({"text": "c\u0085d"}, ensure_ascii=False) + "\n").encode())
+    assert read_docs(p)[0] == [("t", "a\u2028b"), ("document 2", "c\u0085d")]
+    p.write_text('{"text": "x"}\n' + "[" * 100000 + "\n")
+    with pytest.raises(DocsError, match="hits.jsonl:2"):
+        read_docs(p)
+
+
+def test_split_walks_a_long_paragraph_as_slicing_did():
+    """One paragraph over max_chars is cut at sentence ends, else at max_chars, each rest stripped."""
+    text = "One two. Three four five! " * 3 + "x" * 30 + "  Six seven? End"
+    got = [c.text for c in split([("d", text)], max_chars=20)]
+    assert got == ["One two.", "Three four five!", "One two.", "Three four five!", "One two.",
+                   "Three four five!", "x" * 20, "x" * 10 + "  Six seve", "n? End"]
+
+
 def test_read_docs_skips_binary_and_refuses_empty(tmp_path):
     (tmp_path / "a.md").write_text("Indore is in Madhya Pradesh.\n\nIts headquarters is Indore.")
     (tmp_path / "b.txt").write_bytes(b"\x00\x01binary")

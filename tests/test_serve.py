@@ -156,6 +156,7 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client):
         return e
 
     err(b'{"messages": [', 400, "not valid JSON")
+    err(b"[" * 100000, 400, "not valid JSON")   # nested past Python's recursion limit
     err({"model": mid}, 400, "messages")
     err({**ok, "messages": []}, 400, "messages")
     err({**ok, "messages": [{"role": "user", "content": "   "}]}, 400, "question", "empty")
@@ -170,6 +171,9 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client):
     big = {**ok, "messages": [{"role": "user", "content": "Why? " * 3000}]}   # the question alone overflows 2048
     e = err(big, 400, "2048")   # OpenAI's status for an overflow: clients look for it
     assert e["code"] == "context_length_exceeded"
+    # streamed, the same errors are the response's status, not an event after a 200
+    assert err({**big, "stream": True}, 400, "2048")["code"] == "context_length_exceeded"
+    err({**ok, "stream": True, "engram": {"layers": "99"}}, 400, "layers")
     err(b"x" * (9 << 20), 413, "limit")
     # still up, and still right
     assert "4417" in _ask(client, QUESTIONS[0]).choices[0].message.content

@@ -108,11 +108,12 @@ def _read_log(path: Path, head: dict) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    # bytes split at newlines alone: a crash may cut a line inside a character, and an answer's
+    # text may hold U+2028, which str.splitlines would split
+    lines = [x for x in open(path, "rb").read().split(b"\n") if x.strip()]
     try:
         first = json.loads(lines[0]) if lines else None
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
         first = None
     if first != head:
         path.rename(path.with_suffix(f".old-{int(time.time())}.jsonl"))
@@ -121,7 +122,7 @@ def _read_log(path: Path, head: dict) -> list[dict]:
     for line in lines[1:]:
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a crash: that placement runs again
+        except (ValueError, RecursionError):  # a line cut by a crash: that placement runs again
             bad = True
             continue
         if _row_ok(row, head):

@@ -67,7 +67,7 @@ def read_jsonl(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
     import json
 
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = [x.rstrip("\r") for x in path.read_text(encoding="utf-8-sig").split("\n")]  # JSON text may hold U+2028
     except (OSError, UnicodeDecodeError) as e:
         raise DocsError(f"cannot read {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
     docs, notes = [], []
@@ -79,7 +79,7 @@ def read_jsonl(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
             text = d["text"]
             if not isinstance(text, str):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise DocsError(f"{path}:{n}: not a JSON object with a \"text\" string") from None
         name = str(d.get("title") or d.get("id") or f"document {len(docs) + 1}")
         if text.strip():
@@ -98,12 +98,15 @@ def split(docs: list[tuple[str, str]], max_chars: int = 800) -> list[Chunk]:
         paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
         pieces: list[str] = []
         for p in paras:
-            while len(p) > max_chars:
-                cut = max((m.end() for m in re.finditer(r"[.!?।]\s", p[:max_chars])), default=max_chars)
-                pieces.append(p[:cut].strip())
-                p = p[cut:].strip()
-            if p:
-                pieces.append(p)
+            i = 0  # walked by offset: slicing the rest off each time is quadratic on one huge paragraph
+            while len(p) - i > max_chars:
+                cut = max((m.end() for m in re.finditer(r"[.!?।]\s", p[i:i + max_chars])), default=max_chars)
+                pieces.append(p[i:i + cut].strip())
+                i += cut
+                while i < len(p) and p[i].isspace():
+                    i += 1
+            if p[i:]:
+                pieces.append(p[i:])
         buf = ""
         for piece in pieces:
             if buf and len(buf) + 2 + len(piece) > max_chars:

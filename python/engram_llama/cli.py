@@ -343,6 +343,10 @@ def cmd_serve(args) -> int:
         raise UsageError(f"invalid -c {args.ctx_size}: at least 512")
     if args.cache_ram < 0:
         raise UsageError(f"invalid --cache-ram {args.cache_ram}: 0 or more MiB")
+    if args.api_key is not None and not args.api_key.strip():  # an unset $KEY would leave the server open
+        raise UsageError("invalid --api-key: empty")
+    if not args.host.strip():
+        raise UsageError("invalid --host: empty (127.0.0.1 for this machine, 0.0.0.0 for every interface)")
     check_gguf(model)
     chunks = None
     if args.chunks:

@@ -25,6 +25,7 @@ from .policy import (EDGES_STRENGTH, EDGES_TOP_K, MID, MOVE_FROM, MOVE_STRENGTH,
 # whole-sequence document checkpoints kept for questions on earlier document sets (MiB; --cache-ram;
 # llama-server's own default is 8192, this one is for a laptop)
 CACHE_RAM_MIB = 2048
+MAX_LAYERS = 4096  # --layers beyond any model: refused before a range is expanded
 
 ORDERS = ("auto", "keep", "edges", "move")
 GRANULARITIES = ("novel", "chunk", "sentence", "entity", "focus")
@@ -166,11 +167,13 @@ def parse_layers(spec: str | None) -> list[int] | str | None:
             if "-" in part[1:]:
                 a, b = part.split("-", 1)
                 lo, hi = int(a), int(b)
-                if hi < lo:
+                if hi < lo or hi - lo > MAX_LAYERS:
                     raise ValueError
                 out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
+            if not 0 <= out[-1] <= MAX_LAYERS:
+                raise ValueError
     except ValueError:
         raise ValueError(f"invalid layers {spec!r}: use e.g. 15-29, 3,7,11 or all") from None
     return sorted(set(out))

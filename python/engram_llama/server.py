@@ -165,7 +165,7 @@ class Service:
             raise APIError(400, f"the request body is not UTF-8 (byte {e.start})") from None
         try:
             data = json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         try:
             req = ChatRequest.model_validate(data)
@@ -217,9 +217,11 @@ class Service:
 
     # one answer on a free engine --------------------------------------------------------------
 
-    async def answer(self, req: ChatRequest, planned: tuple, on_piece=None, cancelled: threading.Event | None = None):
+    async def answer(self, req: ChatRequest, planned: tuple, on_piece=None, cancelled: threading.Event | None = None,
+                     on_ready=None):
         """Wait for a free engine, answer on it in a thread (planned: plan_request's); the engine
-        goes back to the pool when the thread ends (also after a cancel)."""
+        goes back to the pool when the thread ends (also after a cancel). on_ready: called from the
+        thread once the prompt is prepared and fits, before the answer's first token."""
         question, history, chunks, labels, settings, max_tokens = planned
         loop = asyncio.get_running_loop()
         eng = await self.free.get()  # a cancel while queued takes no engine
@@ -234,7 +236,7 @@ class Service:
         def work():
             try:
                 res = self._run(eng, question, history, chunks, labels, settings, max_tokens,
-                                req.temperature or 0.0, on_piece, cancelled)
+                                req.temperature or 0.0, on_piece, cancelled, on_ready)
                 _call(loop, _settle, done, res, None)
             except BaseException as e:  # noqa: BLE001  (handed to the request)
                 if isinstance(e, Cancelled):
@@ -249,7 +251,8 @@ class Service:
         threading.Thread(target=work, daemon=True).start()
         return await asyncio.shield(done)  # a cancelled request leaves the thread to finish and free the engine
 
-    def _run(self, eng, question, history, chunks, labels, settings, max_tokens, temperature, on_piece, cancelled):
+    def _run(self, eng, question, history, chunks, labels, settings, max_tokens, temperature, on_piece, cancelled,
+             on_ready=None):
         from ._hook import EngramError
         from .plan import check_layers
         from .runtime import ContextTooSmall
@@ -279,6 +282,8 @@ class Service:
                                     f"for the answer; the prompt without documents takes {len(prep.prompt.tokens)})",
                                code="context_length_exceeded", param="documents")
             check()
+            if on_ready is not None:
+                on_ready()
             ans = eng.answer(prep, eng.plan(prep, question, settings), max_tokens, temperature, on_token)
         except ContextTooSmall as e:
             raise APIError(400, str(e), code="context_length_exceeded", param="messages") from None
@@ -397,31 +402,50 @@ def create_app(service: Service) -> FastAPI:
                                  "finish_reason": res["finish_reason"]}],
                     "usage": res["usage"], "citations": res["citations"],
                     "dropped_documents": res["dropped_documents"]}
-        return EventSourceResponse(_stream(service, req, planned, head), ping=15)
+        return await _start_stream(service, req, planned, head, request)
 
     return app
 
 
-async def _stream(service: Service, req: ChatRequest, planned: tuple, head: dict):
-    """SSE chunks in OpenAI's format: the role, the answer's pieces, a last chunk with the finish
-    reason, usage and citations, then [DONE]. A client gone mid-stream cancels its answer."""
+async def _start_stream(service: Service, req: ChatRequest, planned: tuple, head: dict, request):
+    """Start the answer and hold the response until its prompt is prepared: what fails before that
+    (a context overflow, layers the model cannot bias) is the HTTP error a request without streaming
+    gets, not an error event after a 200. A client gone while it waits cancels it."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
-    cancelled = threading.Event()
-
-    def chunk(delta: dict, finish=None, **extra) -> str:
-        return json.dumps({**head, "object": "chat.completion.chunk",
-                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra},
-                          ensure_ascii=False)
-
+    cancelled, ready = threading.Event(), asyncio.Event()
     task = asyncio.ensure_future(service.answer(req, planned, lambda t: loop.call_soon_threadsafe(q.put_nowait, t),
-                                                cancelled))
+                                                cancelled, on_ready=lambda: _call(loop, ready.set)))
 
     def ended(t: asyncio.Task) -> None:
         _retrieve(t)
         q.put_nowait(None)
 
     task.add_done_callback(ended)
+    waiter = asyncio.ensure_future(ready.wait())
+    try:
+        while not (ready.is_set() or task.done()):
+            await asyncio.wait({task, waiter}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+            if not (ready.is_set() or task.done()) and await request.is_disconnected():
+                cancelled.set()
+                task.cancel()
+                return JSONResponse(APIError(499, "the client went away").body(), status_code=499)
+    finally:
+        waiter.cancel()
+    if not ready.is_set():
+        task.result()  # it failed before its first token: its error is the response's
+    return EventSourceResponse(_stream(task, q, cancelled, head), ping=15)
+
+
+async def _stream(task: asyncio.Task, q: asyncio.Queue, cancelled: threading.Event, head: dict):
+    """SSE chunks in OpenAI's format: the role, the answer's pieces, a last chunk with the finish
+    reason, usage and citations, then [DONE]. A client gone mid-stream cancels its answer."""
+
+    def chunk(delta: dict, finish=None, **extra) -> str:
+        return json.dumps({**head, "object": "chat.completion.chunk",
+                           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra},
+                          ensure_ascii=False)
+
     try:
         yield {"data": chunk({"role": "assistant", "content": ""})}
         while True:

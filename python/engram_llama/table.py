@@ -247,7 +247,7 @@ def read_sources(paths: Iterable[str | os.PathLike]) -> Iterator[Entry]:
         if not p.exists():
             raise TableError(f"source not found: {p}")
         try:
-            lines = p.read_text(encoding="utf-8").splitlines()
+            lines = [x.rstrip("\r") for x in p.read_text(encoding="utf-8-sig").split("\n")]  # JSON text may hold U+2028
         except (OSError, UnicodeDecodeError) as e:
             raise TableError(f"cannot read {p}: {e}") from None
         for n, line in enumerate(lines, 1):
