@@ -132,6 +132,10 @@ def test_profiles_are_refused_for_another_model_version_or_when_corrupt(tmp_path
         bad.write_text(text)
         with pytest.raises(profile.ProfileError, match="corrupt"):
             profile.read(bad, ident)
+    with open(bad, "wb") as f:  # a model file given as --profile by mistake is refused, not read whole
+        f.truncate(profile.MAX_BYTES + 1)
+    with pytest.raises(profile.ProfileError, match="not an engram-llama profile"):
+        profile.read(bad, ident)
 
 
 def test_find_prefers_the_cache_folder_and_skips_a_broken_one_with_a_line(cache, tmp_path):

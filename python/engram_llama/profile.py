@@ -21,6 +21,7 @@ from .gguf_check import identity
 from .policy import POLICY_VERSION, Policy
 
 FORMAT = "engram-llama-profile"
+MAX_BYTES = 1 << 20  # a profile is a few KB; its measured table with it stays far below this
 BUILTIN = Path(__file__).resolve().parent / "profiles"
 
 
@@ -59,13 +60,15 @@ def read(path: str | os.PathLike, ident: dict | None = None) -> Profile:
     does not parse, is of another policy version or is another model's."""
     p = Path(path)
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
+        size = p.stat().st_size
+        big = size > MAX_BYTES  # a model file given by mistake: not read whole
+        d = None if big else json.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
         raise ProfileError(f"cannot read profile {p}: {e.strerror or e}") from None
     except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
         raise ProfileError(f"profile {p} is corrupt (not JSON)") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise ProfileError(f"{p} is not an engram-llama profile")
+        raise ProfileError(f"{p} is not an engram-llama profile" + (f" ({size >> 20} MiB)" if big else ""))
     if d.get("policy_version") != POLICY_VERSION:
         raise ProfileError(f"profile {p} is of policy version {d.get('policy_version')}, this engram-llama reads "
                            f"{POLICY_VERSION}: run `engram-llama calibrate` again")
