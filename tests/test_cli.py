@@ -108,6 +108,9 @@ def test_empty_question_and_bad_layers(docs):
     model = str(smollm2_path())
     one_line_error(cli("run", model, "  ", "--chunks", str(docs)), "question is empty")
     one_line_error(cli("run", model, "--chunks", str(docs), "  "), "question is empty")
+    bad = subprocess.run([sys.executable, "-m", "engram_llama.cli", "run", model, "--chunks", str(docs).encode(),
+                          b"caf\xe9?"], capture_output=True, text=True, timeout=600)   # Latin-1 bytes in argv
+    one_line_error(bad, "not UTF-8")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "3-x"), "invalid --layers")
     one_line_error(cli("run", model, "q?", "--chunks", str(docs), "--layers", "40"), "layer 40", "30 layers")
     # a range is refused before it is expanded (this one would not fit in memory)
@@ -227,10 +230,13 @@ def test_hf_offline_is_one_line(docs, monkeypatch):
 
 
 def test_interactive_follow_ups(docs):
-    r = cli("run", str(smollm2_path()), "--chunks", str(docs), "-i", "-n", "6", "--json",
-            stdin="What is the code for Indore?\nWhich city has code 4417?\n")
+    """A line that is not UTF-8 is skipped with a note; the session goes on."""
+    r = subprocess.run([sys.executable, "-m", "engram_llama.cli", "run", str(smollm2_path()), "--chunks", str(docs),
+                        "-i", "-n", "6", "--json"], capture_output=True, timeout=600,
+                       input=b"What is the code for Indore?\ncaf\xe9?\nWhich city has code 4417?\n")
     assert r.returncode == 0, r.stderr
-    outs = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert b"not UTF-8 text; skipped" in r.stderr
+    outs = [json.loads(l) for l in r.stdout.decode().splitlines() if l.startswith("{")]
     assert [o["question"] for o in outs] == ["What is the code for Indore?", "Which city has code 4417?"]
     assert all(o["citations"][0]["source"] == "a.md" for o in outs)
 

@@ -48,6 +48,24 @@ def test_a_sequence_of_a_shared_context_answers_as_its_own_context(chunks, alone
         assert g.text == w.text and g.plan.to_json() == w.plan.to_json() and g.finish_reason == w.finish_reason
 
 
+def test_a_sequence_ends_the_bias_where_answer_bias_says_as_its_own_context(chunks):
+    """Settings.answer_bias (research) on a sequence: the same answers as on llama-cpp-python's Llama."""
+    from engram_llama.plan import Settings
+
+    q, runs = QUESTIONS[2], [Settings(strength=8.0, answer_bias=n) for n in (None, 0, 2)]
+    eng = EngramLlama(default_model(), n_ctx=2048, n_threads=2)
+    try:
+        want = [eng.ask(q, chunks, max_tokens=12, settings=s).text for s in runs]
+    finally:
+        eng.close()
+    shared, (a,) = _slots(1)
+    try:
+        got = [a.ask(q, chunks, max_tokens=12, settings=s).text for s in runs]
+    finally:
+        a.close(), shared.close()
+    assert got == want and want[0] != want[1]
+
+
 def test_sequences_answering_at_once_equal_one_at_a_time(chunks, alone):
     shared, engines = _slots(3)
     out = [None] * 3

@@ -192,3 +192,22 @@ def test_the_readme_curl_example(server, client):
     assert out["citations"] and {"id", "title", "position", "relevance"} <= set(out["citations"][0])
     # what the README shows it for: Indore's code, read from Indore's document (Bhopal's is 5120)
     assert out["citations"][0]["id"] == "d1" and "4417" in out["choices"][0]["message"]["content"]
+
+
+def test_a_shutdown_frees_no_engine_while_an_answer_still_runs_on_it():
+    """Freeing a context under a running answer would decode into freed memory: after the wait,
+    close leaves a busy service's engines to the process's exit."""
+    from engram_llama.server import Config, Service
+
+    class Engine:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    engines = [Engine(), Engine()]
+    service = Service(Config("m", 2048), engines)
+    service._busy = 1   # an answer's thread has not ended
+    assert service.close(timeout=0.01) is False and not any(e.closed for e in engines)
+    service._busy = 0
+    assert service.close(timeout=0.01) is True and all(e.closed for e in engines)

@@ -180,6 +180,8 @@ def cmd_run(args) -> int:
             raise UsageError("no documents: give --chunks DIR")
     if question is not None and not question.strip() and not args.interactive:
         raise UsageError("the question is empty")
+    if question is not None and not _is_text(question):
+        raise UsageError("the question is not UTF-8 text")
     if question is None and not args.interactive:
         raise UsageError("no question: give it after the options, or use -i")
     try:
@@ -255,6 +257,8 @@ def cmd_run(args) -> int:
         if question is not None and question.strip():
             one(question)
         if args.interactive:
+            if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is skipped, not the session's end
+                sys.stdin.reconfigure(errors="surrogateescape")
             while True:
                 if sys.stdin.isatty():
                     print("> ", end="", file=sys.stderr, flush=True)
@@ -262,11 +266,22 @@ def cmd_run(args) -> int:
                 if not line:
                     break
                 q = line.strip()
-                if q:
+                if q and not _is_text(q):
+                    print("engram-llama: note: that line is not UTF-8 text; skipped", file=sys.stderr)
+                elif q:
                     one(q)
     finally:
         eng.close()
     return 0
+
+
+def _is_text(s: str) -> bool:
+    """False for arguments or lines whose bytes were not UTF-8 (Python keeps them as surrogates)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --explain's words for a bias span (bias.BiasSpan.what); an entity's span shows its text

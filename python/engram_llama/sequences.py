@@ -173,11 +173,11 @@ class SeqAdapter:
         return self._logits.copy()
 
     def complete(self, tokens: Sequence[int], max_tokens: int, temperature: float,
-                 stop: list[str]) -> Iterator[str]:
+                 stop: list[str], before_sample=None) -> Iterator[str]:
         """llama-cpp-python's create_completion(stream=True) on this sequence: the cached prefix
         reused (at least the last prompt token decoded again), greedy at temperature 0, else its
         default sampling chain (_sample); text that may begin a stop string is held back, and a
-        stop string ends the text."""
+        stop string ends the text. before_sample(k): as LlamaAdapter.complete's."""
         tokens = [int(t) for t in tokens]
         p = 0
         for a, b in zip(self._tokens, tokens):
@@ -197,6 +197,8 @@ class SeqAdapter:
         # until the character is whole
         while n < max_tokens or (out and _tail_len(out) and n < max_tokens + 4):
             n += 1
+            if before_sample is not None:
+                before_sample(n - 1)
             tok = self._sample(temperature, rng)
             if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
                 self.finish_reason = "stop"

@@ -146,12 +146,15 @@ class Service:
         for e in self.engines:
             self.free.put_nowait(e)
 
-    def close(self, timeout: float = 600) -> None:
-        """Free the engines once no answer runs on them (a shutdown waits for the running ones)."""
+    def close(self, timeout: float = 600) -> bool:
+        """Free the engines once no answer runs on them (a shutdown waits for the running ones).
+        False when one still runs after timeout: nothing is freed under it (the process's exit does)."""
         with self._idle:
-            self._idle.wait_for(lambda: self._busy == 0, timeout)
+            if not self._idle.wait_for(lambda: self._busy == 0, timeout):
+                return False
         for e in self.engines:
             e.close()
+        return True
 
     # request -> what ask takes ------------------------------------------------------------------
 
@@ -495,6 +498,5 @@ def serve(cfg: Config, host: str, port: int, engines: list, log=None, on_close=N
     try:
         server.run()
     finally:
-        service.close()
-        if on_close is not None:
+        if service.close() and on_close is not None:
             on_close()
