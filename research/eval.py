@@ -97,6 +97,21 @@ def paired(res, a, b, slot):
             sum(x[i] != "correct" and y[i] == "correct" for i in both))
 
 
+def pooled_p(res, a, b) -> float:
+    """The p of a against b over every slot: an item's slots are not independent pairs (reordering's
+    prompt is one at every slot), so each item counts once, by its net over its slots (a sign test)."""
+    return mcnemar(*item_net(res.get((a, "all"), {}), res.get((b, "all"), {})))
+
+
+def item_net(x: dict, y: dict) -> tuple[int, int]:
+    """Items ahead and behind: x and y map (item, slot) -> verdict; each item's wins less its losses."""
+    net: dict = {}
+    for k in x:
+        if k in y:
+            net[k[0]] = net.get(k[0], 0) + (x[k] == "correct") - (y[k] == "correct")
+    return sum(v > 0 for v in net.values()), sum(v < 0 for v in net.values())
+
+
 def _acc(res, c, s):
     d = res.get((c, s), {})
     return 100 * sum(v == "correct" for v in d.values()) / max(len(d), 1)
@@ -125,7 +140,8 @@ def targets(path, answerable=False, cond="calibrated"):
     worst, best = min(acc[(cond, s)] for s in SLOTS), max(acc[("vanilla", s)] for s in SLOTS)
     checks.append(("worst slot >= vanilla's best slot", worst >= best, f"{worst:.0f}% vs {best:.0f}%"))
     w, l = paired(res, cond, "reorder", "all")
-    checks.append(("ahead of reordering, paired by item and slot", w > l, f"+{w}/-{l}, p {fmt_p(mcnemar(w, l))}"))
+    checks.append(("ahead of reordering, paired by item and slot", w > l,
+                   f"+{w}/-{l}, p {fmt_p(pooled_p(res, cond, 'reorder'))} (items by their net)"))
     deg = {c: sum(v == "degenerate" for v in res.get((c, "all"), {}).values()) for c in (cond, "vanilla")}
     why = {c: collections.Counter(r["degenerate"] for r in rows if r["condition"] == c and r.get("degenerate"))
            for c in (cond, "vanilla")}
@@ -158,8 +174,8 @@ def report(path, against="vanilla", answerable=False):
         sys.exit(f"eval report: {path} has no answers in context yet (only the closed-book gold-only checks)")
     n_tok = sorted(r["n_tokens"] for r in rows)
     print(f"{path}: {len({r['id'] for r in rows})} items, prompts {n_tok[0]}-{n_tok[-1]} tokens\n")
-    print("(all: the slots pooled, paired by item and slot; reordering's prompt is the same at every slot, so two\n"
-          " reordering conditions are compared on one slot)\n")
+    print("(all: the slots pooled, paired by item and slot; its p counts each item once, by its net over the\n"
+          " slots; reordering's prompt is the same at every slot, so two reordering conditions are compared on one slot)\n")
     print(f"| condition | slot | n | correct | 95% CI | wrong | refusal | degenerate | vs {against} (+/-) | McNemar p |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for c in conds:
@@ -175,7 +191,8 @@ def report(path, against="vanilla", answerable=False):
             b, cc = paired(res, c, against, s)
             same_prompt = s == "all" and one_prompt(c, against)
             vs = f"+{b}/-{cc}" if c != against and base and not same_prompt else ""
-            p = fmt_p(mcnemar(b, cc)) if c != against and base and not same_prompt else ""
+            p = (fmt_p(pooled_p(res, c, against) if s == "all" else mcnemar(b, cc))
+                 if c != against and base and not same_prompt else "")
             print(f"| {c} | {s} | {n} | {100 * k / max(n, 1):.0f}% | {100 * lo:.0f}-{100 * hi:.0f}% | {wr} | {rf} | {dg} | {vs} | {p} |")
 
 
@@ -218,24 +235,25 @@ def pooled(paths, condition, against, slot="first", exclude=()):
                                                            f"{', '.join(exclude)}" if skip else "") + "\n")
     print(f"| file | n | {against} | {condition} | +/- | McNemar p |")
     print("|---|---|---|---|---|---|")
-    def tally(ids, a, c):  # n, base correct, cond correct, gained, lost
+    def tally(ids, a, c):  # n, base correct, cond correct, gained, lost, items ahead, items behind
+        good = lambda d: {i: "correct" if d[i] else "no" for i in ids}  # noqa: E731
         return [len(ids), sum(a[i] for i in ids), sum(c[i] for i in ids),
-                sum(c[i] and not a[i] for i in ids), sum(a[i] and not c[i] for i in ids)]
+                sum(c[i] and not a[i] for i in ids), sum(a[i] and not c[i] for i in ids), *item_net(good(c), good(a))]
 
-    def line(name, t):
+    def line(name, t):  # p: each item once, by its net over the slots (pooled_p)
         n = max(t[0], 1)
-        p = mcnemar(t[3], t[4])
+        p = mcnemar(t[5], t[6])
         ptxt = fmt_p(p)
         print(f"| {name} | {t[0]} | {100 * t[1] / n:.0f}% | {100 * t[2] / n:.0f}% | +{t[3]}/-{t[4]} | {ptxt} |")
 
-    tot, first, lower = [0] * 5, [0] * 5, [0] * 5
+    tot, first, lower = [0] * 7, [0] * 7, [0] * 7
     for path in paths:
         res, top = {}, {}
         for r in load_rows(path):
             if slot in (r["slot"], "all") and r["slot"] != "gold-only" and r["condition"] in (condition, against) \
                     and r["id"] not in skip:
                 key = (r["id"], r["slot"])
-                res.setdefault(r["condition"], {})[key] = r["judge"] == "correct"
+                res.setdefault(r["condition"], {})[key] = verdict(r) == "correct"
                 if r["condition"] == against:
                     top[key] = r.get("gold_rank") == 0
         a, c = res.get(against, {}), res.get(condition, {})

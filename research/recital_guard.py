@@ -50,8 +50,8 @@ def main(argv=None):
     verdict = lambda r: judge(r["answer"], r["answers"], docs[r["id"]], r.get("question", ""))  # noqa: E731
     for fb in a.fallback.split(","):
         n = fired = w = l = 0
-        before, after = collections.Counter(), collections.Counter()
-        for c in by.values():
+        before, after, net = collections.Counter(), collections.Counter(), collections.Counter()
+        for (item, _), c in by.items():
             if a.steered not in c or fb not in c:
                 continue
             s = c[a.steered]
@@ -63,9 +63,11 @@ def main(argv=None):
             after[vg] += 1
             w += vg == "correct" and vs != "correct"
             l += vs == "correct" and vg != "correct"
+            net[item] += (vg == "correct") - (vs == "correct")
         print(f"{a.steered} -> {fb} where it fires ({a.words}+ words copied, or a loop): {n} placements, fired on "
               f"{fired}; correct {before['correct']} -> {after['correct']}, degenerate {before['degenerate']} -> "
-              f"{after['degenerate']}; the guard against {a.steered} +{w}/-{l} (p = {mcnemar(w, l):.3f})")
+              f"{after['degenerate']}; the guard against {a.steered} +{w}/-{l} (p = "
+              f"{mcnemar(sum(v > 0 for v in net.values()), sum(v < 0 for v in net.values())):.3f}, items by their net)")
 
 
 if __name__ == "__main__":

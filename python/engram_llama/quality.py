@@ -74,8 +74,11 @@ def _holds(text: str, answer: str) -> bool:
 
 def _recital(answer: str, documents: str, gold_answers: list[str], question: str = "") -> bool:
     """A run of >= 8 consecutive (normalised) words copied from the documents that holds no gold
-    answer: the chunk read out instead of answered. Copying the answering sentence is fine, and
-    so is restating the question (its words are no recital even where a chunk has them too)."""
+    answer: the chunk read out instead of answered. A copied run that holds the answer is fine, and
+    so is restating the question (its words are no recital even where a chunk has them too). The
+    run alone is judged: an answer given in the model's words and then continued by 8+ copied words
+    of its sentence that do not hold it is a recital too (a stricter rule than "the answering
+    sentence is fine"; the sealed split was judged so)."""
     a, d, q = normalize(answer).split(), normalize(documents).split(), normalize(question).split()
     k = _RECITAL_WORDS
     grams = {tuple(d[i:i + k]) for i in range(len(d) - k + 1)}

@@ -134,7 +134,9 @@ def test_pooled_pairs_by_item_and_slot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| one.jsonl | 4 | 50% | 75% | +2/-1 |" in out
     assert "| two.jsonl | 2 | 0% | 50% | +1/-0 |" in out
-    assert "| **all** | 6 | 33% | 67% | +3/-1 |" in out
+    # p: items by their net over their slots (q1 +1 and q2 0 in one, q1 +1 in two: 2 ahead, p = 0.5),
+    # not the 4 placements as independent pairs (p = 0.625)
+    assert "| **all** | 6 | 33% | 67% | +3/-1 | 0.500 |" in out
     ev.pooled([str(f1), str(f2)], "b", "a", slot="first")
     assert "| **all** | 3 | 33% | 67% | +2/-1 |" in capsys.readouterr().out
     # two reordering conditions share one prompt across slots: refused rather than counted three times
@@ -349,13 +351,13 @@ def test_targets_on_a_hand_built_sealed_file(tmp_path, capsys):
     assert "| no significant loss to the hand-tuned defaults at any slot | NO | worst slot middle: +0/-6, p 0.031 |" in out
     assert "| middle slot >= vanilla's + 15 points | yes | 40% vs 10% (+30) |" in out
     assert "| worst slot >= vanilla's best slot | yes | 40% vs 40% |" in out
-    assert "| ahead of reordering, paired by item and slot | yes | +2/-1, p 1.000 |" in out
+    assert "| ahead of reordering, paired by item and slot | yes | +2/-1, p 1.000 (items by their net) |" in out
     assert "| no more degenerate answers than vanilla | NO | 1 vs 0 (loop 1/0) |" in out
     # calibrated answers 16 of the 24 prompts ranked right (items 0-7), none of items 8-9's 6
     assert "gold chunk ranked first in 80% of 30 prompts; calibrated correct on 67% of those, 0% of the rest" in out
     assert ev.targets(str(path), answerable=True) == 1
     out = capsys.readouterr().out
-    assert "| ahead of reordering, paired by item and slot | NO | +0/-1, p 1.000 |" in out
+    assert "| ahead of reordering, paired by item and slot | NO | +0/-1, p 1.000 (items by their net) |" in out
     assert "| middle slot >= vanilla's + 15 points | yes | 80% vs 20% (+60) |" in out
 
 
@@ -385,8 +387,9 @@ def test_report_on_a_hand_built_file(tmp_path, capsys):
     assert "| engram | first | 10 | 50% | 24-76% | 4 | 0 | 1 | +2/-0 | 0.500 |" in out
     # +9/-0: p = 2 / 2^9
     assert "| engram | middle | 10 | 100% | 72-100% | 0 | 0 | 0 | +9/-0 | 0.004 |" in out
-    # all: 15 of 20, paired by item and slot (+11/-0: p = 2 / 2^11)
-    assert "| engram | all | 20 | 75% | 53-89% | 4 | 0 | 1 | +11/-0 | 9.8e-04 |" in out
+    # all: 15 of 20, paired by item and slot (+11/-0); its p counts each item once by its net over the
+    # slots (items 1-9 ahead, none behind: p = 2 / 2^9), where the 11 placements as pairs would give 2 / 2^11
+    assert "| engram | all | 20 | 75% | 53-89% | 4 | 0 | 1 | +11/-0 | 0.004 |" in out
 
 
 def test_targets_find_a_significant_loss_at_any_slot(tmp_path, capsys):
