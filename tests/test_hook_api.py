@@ -287,3 +287,26 @@ def test_the_c_api_from_c(tmp_path):
     for name in ("qwen35", "gemma3", "llama"):
         r = subprocess.run([str(exe), str(synth.cached_model(name))], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0 and "all checks passed" in r.stdout, (name, r.stdout, r.stderr[-2000:])
+
+
+def test_a_hook_refuses_calls_once_its_context_is_closed(models):
+    """A call after the context was freed (a thread outliving a close) is an EngramError, not a
+    write into freed memory: for a context of our own and for llama-cpp-python's Llama."""
+    from research import synth
+    from engram_llama.adapter import LlamaAdapter
+
+    ctx = make_ctx(models["llama"])
+    hook = ctx.hook
+    hook.set_layer(0, 1.0)
+    ctx.close()
+    with pytest.raises(EngramError, match="closed"):
+        hook.clear(0)
+    llm = LlamaAdapter(synth.cached_model("llama"), 256)
+    from engram_llama import Hook
+
+    hook = Hook(llm)
+    hook.set_bias(np.ones(4, dtype=np.float32), seq_id=0, gate=2)
+    llm.close()
+    for call in (lambda: hook.clear(0), lambda: hook.set_layer(0, 1.0), lambda: hook.active):
+        with pytest.raises(EngramError, match="closed"):
+            call()

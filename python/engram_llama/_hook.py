@@ -91,13 +91,16 @@ def layer_kinds(model_ptr) -> list[LayerKind]:
 class Hook:
     """The attention bias of one llama context.
 
-    `Hook(llm)` takes a llama_cpp.Llama (kept alive by the hook) or a raw ctypes context pointer.
+    `Hook(llm)` takes a llama_cpp.Llama (kept alive by the hook) or a raw ctypes context pointer;
+    alive: says whether the context is still open (a Llama's is read from it), so a call after the
+    context was freed is an EngramError, not a write into freed memory.
     """
 
-    def __init__(self, llm):
+    def __init__(self, llm, alive=None):
         self._owner = llm
         if hasattr(llm, "ctx") and hasattr(llm, "model"):  # llama_cpp.Llama or the adapter over it
             ctx_ptr, model_ptr = llm.ctx, llm.model
+            alive = alive or (lambda: llm.ctx is not None)
         else:
             ctx_ptr = llm
             import llama_cpp
@@ -106,6 +109,14 @@ class Hook:
         self._model_ptr = model_ptr
         self.kinds = layer_kinds(model_ptr)
         self._gates: dict[int, int] = {}  # seq -> the first query position its bias applies to
+        self._alive = alive or (lambda: True)
+
+    @property
+    def _c(self):
+        """The context, checked to be open."""
+        if not self._alive():
+            raise EngramError(lib.LLAMA_ENGRAM_ERR_NULL, "the llama context is closed")
+        return self._ctx
 
     @property
     def n_layer(self) -> int:
@@ -118,7 +129,7 @@ class Hook:
     # layers -------------------------------------------------------------------------------
 
     def set_layer(self, il: int, scale: float) -> None:
-        _check(lib.llama_engram_set_layer(self._ctx, int(il), float(scale)))
+        _check(lib.llama_engram_set_layer(self._c, int(il), float(scale)))
 
     def set_layers(self, scales: Mapping[int, float] | Iterable[int], scale: float | None = None) -> None:
         """Replace the biased layers: {layer: strength}, or a list of layers with one strength.
@@ -131,11 +142,11 @@ class Hook:
             scales = {int(il): scale for il in scales}
         previous = self.layers()
         try:
-            lib.llama_engram_clear_layers(self._ctx)
+            lib.llama_engram_clear_layers(self._c)
             for il, s in scales.items():
                 self.set_layer(il, s)
         except EngramError:
-            lib.llama_engram_clear_layers(self._ctx)
+            lib.llama_engram_clear_layers(self._c)
             for il, s in previous.items():
                 self.set_layer(il, s)
             raise
@@ -144,13 +155,13 @@ class Hook:
         out = {}
         value = ffi.new("float *")
         for il in range(self.n_layer):
-            _check(lib.llama_engram_get_layer(self._ctx, il, value))
+            _check(lib.llama_engram_get_layer(self._c, il, value))
             if value[0] != 0.0:
                 out[il] = float(value[0])
         return out
 
     def clear_layers(self) -> None:
-        _check(lib.llama_engram_clear_layers(self._ctx))
+        _check(lib.llama_engram_clear_layers(self._c))
 
     # sequences ----------------------------------------------------------------------------
 
@@ -160,12 +171,12 @@ class Hook:
         if arr.ndim != 1:
             raise EngramError(lib.LLAMA_ENGRAM_ERR_VALUE, f"bias must be one-dimensional, got shape {arr.shape}")
         ptr = ffi.cast("const float *", ffi.from_buffer(arr)) if arr.size else ffi.NULL
-        _check(lib.llama_engram_set_seq(self._ctx, int(seq_id), ptr, int(arr.size), int(gate)))
+        _check(lib.llama_engram_set_seq(self._c, int(seq_id), ptr, int(arr.size), int(gate)))
         self._gates[int(seq_id)] = int(gate)
 
     def clear(self, seq_id: int | None = None) -> None:
         """Remove the bias of one sequence, or of all."""
-        _check(lib.llama_engram_clear_seq(self._ctx, -1 if seq_id is None else int(seq_id)))
+        _check(lib.llama_engram_clear_seq(self._c, -1 if seq_id is None else int(seq_id)))
         if seq_id is None:
             self._gates.clear()
         else:
@@ -178,8 +189,8 @@ class Hook:
 
     @property
     def active(self) -> bool:
-        return bool(lib.llama_engram_is_active(self._ctx))
+        return bool(lib.llama_engram_is_active(self._c))
 
     @property
     def mem_size(self) -> int:
-        return int(lib.llama_engram_mem_size(self._ctx))
+        return int(lib.llama_engram_mem_size(self._c))

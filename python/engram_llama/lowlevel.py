@@ -124,7 +124,7 @@ class Context:
             raise RuntimeError("could not create the llama context")
         self.n_ctx = n_ctx
         self.n_seq_max = n_seq_max
-        self.hook = Hook(self.ptr)
+        self.hook = Hook(self.ptr, alive=lambda: self.ptr is not None)
 
     def _on_eval(self, t, ask, _ud):
         ggml = ggml_base()
