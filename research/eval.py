@@ -58,10 +58,12 @@ def fmt_p(p):
 def load_rows(path):
     """Result rows, judged again with the current judge and degenerate-answer checks (so a fix to
     either applies to rows already run). The recital check needs the documents, which rows do not
-    keep: a stored recital stands. Rows run before the checks existed (no "degenerate" key) are left
-    as they were reported."""
+    keep: a stored recital stands. Rows run before the checks existed (no "degenerate" key), or
+    before rows kept their gold answers (no "answers"), are left as they were reported."""
     rows = [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
     for r in rows:
+        if "answers" not in r:
+            continue
         r["judge"] = judge(r["answer"], r["answers"])
         if r["slot"] != "gold-only" and "degenerate" in r:
             r["degenerate"] = (degenerate(r["answer"], None, r["answers"], r.get("question", ""))

@@ -506,3 +506,14 @@ def test_load_rows_judges_stored_answers_again_for_degeneracy(tmp_path):
     got = ev.load_rows(f)
     assert [r.get("degenerate") for r in got] == ["stutter", None, "recital", None, None, None]
     assert [ev.verdict(r) for r in got] == ["degenerate", "correct", "degenerate", "wrong", "correct", "correct"]
+
+
+def test_rows_without_gold_answers_keep_their_stored_verdict(tmp_path):
+    """The first runs kept no "answers": their stored judge stands (it was the one reported)."""
+    path = tmp_path / "old.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"id": "q0", "slot": "first", "condition": "vanilla", "answer": "Paris", "judge": "correct", "n_tokens": 9},
+        {"id": "q0", "slot": "first", "condition": "engram", "answer": "Paris", "judge": "correct", "n_tokens": 9,
+         "answers": ["Lyon"]})))
+    rows = {r["condition"]: r["judge"] for r in ev.load_rows(path)}
+    assert rows == {"vanilla": "correct", "engram": "wrong"}   # the second judged again against its answers
