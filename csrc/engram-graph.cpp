@@ -31,6 +31,15 @@
 
 namespace {
 
+// a strength times a bias, kept finite in an F16 mask (flash attention's): +inf there would make the
+// softmax NaN, and inf * 0 would spread NaN to the rows the gate leaves unbiased. Beyond a few tens
+// the bias saturates the softmax anyway: 65504 (F16's largest) selects or hides a key as 1e9 does.
+constexpr float ENGRAM_BIAS_MAX = 65504.0f;
+
+float engram_scaled(float scale, float bias) {
+    return std::clamp(scale*bias, -ENGRAM_BIAS_MAX, ENGRAM_BIAS_MAX);
+}
+
 struct engram_mask_entry {
     ggml_tensor * src;   // the model's mask for this layer
     ggml_tensor * out;   // src + scale*bias
@@ -152,7 +161,7 @@ private:
                 }
                 const llama_pos p = cells.pos_get(j);
                 if (p >= 0 && p < n_bias) {
-                    col[j] = e.scale*sb->bias[p];
+                    col[j] = engram_scaled(e.scale, sb->bias[p]);
                 }
             }
         }
@@ -191,7 +200,7 @@ private:
                     const llama_pos p = cells.pos_get(j);
                     if (p >= 0 && p < n_bias && sb->bias[p] != 0.0f) {
                         row_j.push_back(j);
-                        row_v.push_back(e.scale*sb->bias[p]);
+                        row_v.push_back(engram_scaled(e.scale, sb->bias[p]));
                     }
                 }
             }

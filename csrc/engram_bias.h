@@ -67,7 +67,8 @@ LLAMA_API int32_t llama_engram_get_layer(const struct llama_context * ctx, int32
 // turn every layer off
 LLAMA_API int32_t llama_engram_clear_layers(struct llama_context * ctx);
 
-// set the bias of a sequence: bias[p] is added at key position p (positions >= n_bias get 0);
+// set the bias of a sequence: bias[p] is added at key position p (positions >= n_bias get 0),
+// times the layer's strength, that product held to +-65504 (F16's largest: flash attention's mask);
 // it applies to the queries at positions >= gate_pos (LLAMA_ENGRAM_GATE_ALL: every query).
 // The values are copied. n_bias may be 0 (no bias). Refused: NULL bias with n_bias > 0,
 // non-finite values, n_bias > llama_n_ctx_seq(), seq_id outside [0, n_seq_max), gate_pos < 0.

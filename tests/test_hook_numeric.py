@@ -132,6 +132,32 @@ def test_minus_1e9_everywhere_but_one_key_selects_its_value(arch_model, fa):
     np.testing.assert_allclose(out[j:], expect[j:], rtol=0, atol=2 ** -10 * np.abs(v[j]).max())
 
 
+@pytest.mark.parametrize("fa", [False, True])
+@pytest.mark.parametrize("strength,value", [(1.0, 1e5), (1e30, 1e10)])
+def test_a_huge_bias_on_one_key_selects_its_value_and_stays_finite(arch_model, fa, strength, value):
+    """+1e5 is past F16's largest (flash attention's mask) and 1e30 x 1e10 past F32's: kept finite
+    (csrc's ENGRAM_BIAS_MAX), the key is selected as -1e9 on the others selects it, and no NaN
+    reaches the queries before it (the bias is gated from 0; causality hides the key from them)."""
+    arch, m = arch_model
+    ids = tokens(m, N)
+    j = 7
+    bias = np.zeros(N, np.float32)
+    bias[j] = value
+    with make_ctx(m, flash_attn=fa, capture=lambda n: n.startswith(("kqv_out-", "attn_pregate-", "Vcur-"))) as c:
+        L = first_layer(c)
+        c.hook.set_layer(L, strength)
+        c.hook.set_bias(bias, gate=0)
+        logits = c.decode_seq(ids)
+        out = (c.captured.get(f"kqv_out-{L}") or c.captured[f"attn_pregate-{L}"])[0]
+        v = c.captured[f"Vcur-{L}"][-1]
+    assert np.isfinite(logits).all() and np.isfinite(out).all()
+    v = v.reshape(N, -1, v.shape[-1])
+    n_head_kv, d = v.shape[1], v.shape[2]
+    out = out.reshape(N, -1, d)
+    expect = np.repeat(v[j][None], N, 0)[:, np.arange(out.shape[1]) // (out.shape[1] // n_head_kv)]
+    np.testing.assert_allclose(out[j:], expect[j:], rtol=0, atol=2 ** -10 * np.abs(v[j]).max())
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_flash_attention_agrees_with_plain_attention(models, arch):
     m = models[arch]
