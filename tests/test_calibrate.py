@@ -312,6 +312,35 @@ def test_a_cut_line_in_the_log_is_dropped_and_later_rows_stand_alone(tmp_path):
     assert len(list(tmp_path.glob("log.old-*.jsonl"))) == 1
 
 
+def test_a_resume_out_of_budget_inside_an_item_counts_whole_items_only(tmp_path, monkeypatch):
+    """Stopped inside item 5 (Ctrl-C after its first placement), resumed with the budget spent: the
+    five whole items are too few, where counting the half item would have written a profile."""
+    from types import SimpleNamespace
+
+    from engram_llama._hook import LayerKind
+
+    monkeypatch.setenv("ENGRAM_LLAMA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibrate, "_fit_chunks", lambda eng, task, room: 10)
+
+    def ask(*a, **kw):
+        raise AssertionError("nothing runs: the budget is spent")
+
+    eng = SimpleNamespace(hook=SimpleNamespace(kinds=[LayerKind.FULL] * 4), ask=ask)
+    ident = {"architecture": "llama", "header_sha256": "ab" * 32, "size": 1}
+    head = {"model": profile.key(ident), "n_ctx": 4096, "chat": True, "seed": calibrate.SEED,
+            "max_tokens": calibrate.MAX_TOKENS, "conditions": [n for n, _ in calibrate._conditions(dense=True)],
+            "policy_version": policy.POLICY_VERSION, "tasks_version": calibrate.tasks.VERSION,
+            "near_share": policy.near_share(True)}
+    rows = [{"item": i, "kind": "kv", "slot": s, "n_chunks": 10, "prompt_tokens": 3000, "seconds": 400.0,
+             "results": {c: {"answer": "x", "verdict": "wrong"} for c in head["conditions"]}}
+            for i in range(6) for s in calibrate.tasks.SLOTS if i < 5 or s == "first"]
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(x) + "\n" for x in [head] + rows))
+    with pytest.raises(calibrate.CalibrationError, match="allowed 5 items"):
+        calibrate._run(eng, ident, 4096, 30, True, False, log, lambda m: None)
+    assert len(log.read_text().splitlines()) == 1 + 16   # the half item's row stays for a later run
+
+
 def test_a_log_cut_inside_a_character_or_holding_u2028_resumes(tmp_path):
     """Rows are written with ensure_ascii=False: a crash can cut one inside a character, and an
     answer may hold U+2028 (a line break to str.splitlines)."""

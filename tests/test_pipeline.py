@@ -9,6 +9,30 @@ from engram_llama.extract import Entity, Extractor
 from conftest import smollm2_path
 
 
+def test_words_of_indic_scripts_keep_their_vowel_signs():
+    """re's \\w leaves out combining marks: a Hindi question had no words for sentence matching."""
+    assert bias._words("पीएम किसान योजना में कितना पैसा मिलता है।") == {"पीएम", "किसान", "योजना", "में", "कितना",
+                                                                   "पैसा", "मिलता"}
+    assert bias._words("How much does PM-KISAN pay?") == {"much", "kisan", "pay"}
+
+
+def test_a_full_rerank_cache_is_emptied_before_it_is_read():
+    """Past 4096 scores the cache is emptied; a question whose best chunks were partly cached
+    must not look the emptied ones up (a KeyError in the middle of a run)."""
+    from types import SimpleNamespace
+
+    from engram_llama.retrieval import Retriever
+
+    r = Retriever.__new__(Retriever)
+    r.llm = SimpleNamespace()
+    r._likelihood = type("L", (), {"n_seq": 8, "__call__": lambda self, q, cs: [0.0] * len(cs)})()
+    a, b = Chunk(0, "a", "Alpha."), Chunk(1, "b", "Beta.")
+    r._lm_cache = {(str(i), "x", "y"): 0.0 for i in range(4096)}
+    r._lm_cache[("q", "a", "Alpha.")] = 0.0
+    got = r.rerank("q", [relevance.Scored(a, 1, 0, 1.0), relevance.Scored(b, 1, 0, 0.9)], 2)
+    assert sorted(sc.chunk.id for sc in got) == [0, 1] and len(r._lm_cache) == 2
+
+
 def test_jsonl_documents_split_at_newlines_alone(tmp_path):
     """json.dumps(ensure_ascii=False) writes U+2028 raw, which str.splitlines would cut a line at;
     a BOM and CRLF line ends are read too, and a line nested too deep is the line's error."""

@@ -54,6 +54,14 @@ def test_split_thinking_and_streaming_after_it():
     for piece in ["Let", " me\n\n", "see.</th", "ink>\n\n44", "17"]:
         s(piece)
     assert "".join(got) == "4417"
+    # what streams is what the answer returns: up to its first blank line (runtime's cut), no
+    # trailing whitespace; a stream that opens with whitespace after </think> drops it
+    for pieces in (["<think>r</think>", "\n\nA b ", "\n", "\nB", "C"], ["<think>r</think>A", " b\n\nBC"]):
+        got = []
+        s = AfterThinking(got.append)
+        for piece in pieces:
+            s(piece)
+        assert "".join(got) == split_thinking("".join(pieces))[1].split("\n\n")[0].strip() == "A b"
 
 
 def test_prompt_on_the_generated_qwen35_aligns_exactly(model):

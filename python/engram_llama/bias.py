@@ -18,8 +18,13 @@ _STOP = set("the a an of in on at to for and or is are was were be been by with 
             "whom when where why how does do did has have had it its into per under each".split())
 
 
+# a word: letters and digits with the combining marks of Indic scripts (re's \w leaves out the vowel
+# signs, cutting "किसान" into pieces)
+_WORD = re.compile(r"[\w\u0900-\u0963\u0966-\u0dff]+")  # (not the dandas, U+0964-5)
+
+
 def _words(text: str) -> set[str]:
-    return {w for w in re.findall(r"\w+", text.lower()) if len(w) >= 3 and w not in _STOP}
+    return {w for w in _WORD.findall(text.lower()) if len(w) >= 3 and w not in _STOP}
 
 
 def sentences(text: str, lines: bool = False) -> list[tuple[int, int]]:

@@ -49,7 +49,7 @@ MIN_CHUNKS = 4           # a middle with a neighbour on each side
 ALPHA = 0.10             # one-sided sign test against vanilla
 SLOT_LOSS = 2            # a candidate may not lose this many items net at any one slot
 MAX_ITEMS = 60           # per run of the log; the budget usually ends it first
-MIN_ITEMS = 6            # fewer cannot reach ALPHA by the items' sign test (5 straight wins: p = 0.031)
+MIN_ITEMS = 6            # the floor for a choice (the sign test alone passes 4 straight wins, p = 0.0625)
 HAND = "hand-tuned"      # the uncalibrated defaults, measured for the table, not a candidate
 SEED = 0
 
@@ -425,6 +425,10 @@ def _run(eng, ident, n_ctx, budget_minutes, chat, progress, logf, say):
     finally:
         if bar is not None:
             bar.close()
+    # whole items only: a run stopped inside one (Ctrl-C, then a resume out of budget) keeps those rows
+    # in its log for a later run, but the choice and its table see complete items
+    per = collections.Counter(r["item"] for r in rows)
+    rows = [r for r in rows if per[r["item"]] == len(tasks.SLOTS)]
     n_done = len({r["item"] for r in rows})
     if n_done < MIN_ITEMS:
         raise CalibrationError(f"the budget allowed {n_done} items; a profile needs {MIN_ITEMS}: raise --budget "

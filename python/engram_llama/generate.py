@@ -24,23 +24,29 @@ def split_thinking(text: str) -> tuple[str, str]:
 
 
 class AfterThinking:
-    """Streams only the answer of a thinking model: pieces after </think> reach on_token."""
+    """Streams only the answer of a thinking model: what follows </think>, up to the blank line
+    where the returned answer ends (runtime cuts it there), trailing whitespace held back."""
 
     def __init__(self, on_token: Callable[[str], None] | None):
         self.on_token, self.buf, self.open = on_token, "", True
+        self.answer, self.sent, self.done = "", 0, False
 
     def __call__(self, piece: str) -> None:
-        if not self.open:
-            if self.on_token:
-                self.on_token(piece)
-            return
-        self.buf += piece
-        _, sep, tail = self.buf.partition(THINK_CLOSE)
-        if sep:
+        if self.open:
+            self.buf += piece
+            _, sep, piece = self.buf.partition(THINK_CLOSE)
+            if not sep:
+                return
             self.open = False
-            tail = tail.lstrip()
-            if tail and self.on_token:
-                self.on_token(tail)
+        if self.done:
+            return
+        self.answer = (self.answer + piece) if self.answer else piece.lstrip()
+        end = self.answer.find("\n\n")
+        upto = len((self.answer if end < 0 else self.answer[:end]).rstrip())
+        if upto > self.sent and self.on_token:
+            self.on_token(self.answer[self.sent:upto])
+        self.sent = max(self.sent, upto)
+        self.done = end >= 0
 
 
 def generate(llm, tokens: Sequence[int], max_tokens: int, temperature: float, stop: list[str],

@@ -55,10 +55,10 @@ class Retriever:
         # a score depends on the question and the chunk's text only: the same chunks in another
         # order (reordering, another slot) are not reread
         keys = [(question, c.source, c.text) for c in head]
+        if len(self._lm_cache) > 4096:  # emptied before what is cached is read, not between
+            self._lm_cache.clear()
         todo = [c for c, key in zip(head, keys) if key not in self._lm_cache]
         if todo:
-            if len(self._lm_cache) > 4096:
-                self._lm_cache.clear()
             with lock:
                 scores = self._likelihood(question, todo)
             for c, v in zip(todo, scores):
