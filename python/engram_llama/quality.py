@@ -79,6 +79,13 @@ def _recital(answer: str, documents: str, gold_answers: list[str], question: str
     run alone is judged: an answer given in the model's words and then continued by 8+ copied words
     of its sentence that do not hold it is a recital too (a stricter rule than "the answering
     sentence is fine"; the sealed split was judged so)."""
+    golds = [g for g in (normalize(x) for x in gold_answers) if g]
+    return any(not any(_holds(run, g) for g in golds) for run in copied_runs(answer, documents, question))
+
+
+def copied_runs(answer: str, documents: str, question: str = "") -> list[str]:
+    """The answer's maximal runs of >= 8 consecutive normalised words copied from the documents,
+    leaving out 8-word windows that mostly restate the question."""
     a, d, q = normalize(answer).split(), normalize(documents).split(), normalize(question).split()
     k = _RECITAL_WORDS
     grams = {tuple(d[i:i + k]) for i in range(len(d) - k + 1)}
@@ -89,8 +96,7 @@ def _recital(answer: str, documents: str, gold_answers: list[str], question: str
     for i in range(len(a) - k + 1):
         if tuple(a[i:i + k]) in grams:
             covered[i:i + k] = [True] * k
-    golds = [g for g in (normalize(x) for x in gold_answers) if g]
-    i = 0
+    runs, i = [], 0
     while i < len(a):
         if not covered[i]:
             i += 1
@@ -98,10 +104,9 @@ def _recital(answer: str, documents: str, gold_answers: list[str], question: str
         j = i
         while j < len(a) and covered[j]:
             j += 1
-        if not any(_holds(" ".join(a[i:j]), g) for g in golds):
-            return True
+        runs.append(" ".join(a[i:j]))
         i = j
-    return False
+    return runs
 
 
 def degenerate(answer: str, documents: str | None = None, gold_answers: Sequence[str] = (),

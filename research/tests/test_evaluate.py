@@ -517,3 +517,23 @@ def test_rows_without_gold_answers_keep_their_stored_verdict(tmp_path):
          "answers": ["Lyon"]})))
     rows = {r["condition"]: r["judge"] for r in ev.load_rows(path)}
     assert rows == {"vanilla": "correct", "engram": "wrong"}   # the second judged again against its answers
+
+
+def test_rejudge_clears_a_copy_of_the_answers_own_sentence_only():
+    """The second reading of recitals: an answer that holds the gold and continues copying its own
+    sentence is cleared; a copy of another sentence, or without the gold in the answer, is not."""
+    from engram_llama.quality import degenerate
+    from research.rejudge import cleared
+
+    gold_sentence = ("The Turtles first appeared in 1984 in Dover, and they have since been released in "
+                     "various incarnations by various comic book companies.")
+    other = "The helpline number is printed on the back of every sanction letter issued by the office."
+    texts = [gold_sentence + " " + other, "An unrelated passage about rivers and hills in the north."]
+    own = "They first came out in 1984, and have since been released in various incarnations by various comic"
+    assert degenerate(own, "\n".join(texts), ["1984"]) == "recital"   # as judged: the run holds no 1984
+    assert cleared(own, ["1984"], texts, "When did the Turtles first come out?")
+    elsewhere = "It was 1984. The helpline number is printed on the back of every sanction letter"
+    assert degenerate(elsewhere, "\n".join(texts), ["1984"]) == "recital"
+    assert not cleared(elsewhere, ["1984"], texts, "")
+    no_gold = "They have since been released in various incarnations by various comic book companies"
+    assert not cleared(no_gold, ["1984"], texts, "")
