@@ -204,20 +204,22 @@ def misses(path):
     rows = [r for r in load_rows(path) if r["slot"] != "gold-only"]
     tally = {}
     for r in rows:
-        t = tally.setdefault((r["condition"], r["slot"]), {"n": 0, "correct": 0, "refusal": 0, "echo": 0, "near": 0,
-                                                           "other": 0})
+        t = tally.setdefault((r["condition"], r["slot"]), {"n": 0, "correct": 0, "degenerate": 0, "refusal": 0,
+                                                           "echo": 0, "near": 0, "other": 0})
         t["n"] += 1
-        kind = r["judge"] if r["judge"] != "wrong" else miss_kind(r["answer"], r["answers"], r["question"])
+        v = verdict(r)
+        kind = v if v != "wrong" else miss_kind(r["answer"], r["answers"], r["question"])
         t[kind] += 1
     print(f"{path}: answers by kind (echo: repeats >= 16 characters of the question, a KV key copied; near: "
           f"a garbled copy of the gold answer)\n")
-    print("| condition | slot | n | correct | refusal | echo | near | other |\n|---|---|---|---|---|---|---|---|")
+    print("| condition | slot | n | correct | degenerate | refusal | echo | near | other |\n|---|---|---|---|---|---|---|---|---|")
     slots = ("first", "middle", "last")
     for c in dict.fromkeys(r["condition"] for r in rows):
         for s in slots:
             if (c, s) in tally:
                 t = tally[(c, s)]
-                print(f"| {c} | {s} | {t['n']} | {t['correct']} | {t['refusal']} | {t['echo']} | {t['near']} | {t['other']} |")
+                print(f"| {c} | {s} | {t['n']} | {t['correct']} | {t['degenerate']} | {t['refusal']} | {t['echo']} | "
+                      f"{t['near']} | {t['other']} |")
 
 
 def one_prompt(a, b):

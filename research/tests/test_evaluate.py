@@ -192,13 +192,14 @@ def test_miss_kind_and_the_misses_report(tmp_path, capsys):
                      "which films are the lord of the rings trilogy") == "echo"
     path = tmp_path / "r.jsonl"
     with open(path, "w") as f:
-        for i, (slot, ans) in enumerate([("last", key), ("last", gold), ("last", "I don't know"), ("first", "x y z")]):
+        for i, (slot, ans) in enumerate([("last", key), ("last", gold), ("last", "I don't know"), ("first", "x y z"),
+                                         ("first", f"{gold} {gold} {gold}")]):   # a loop: degenerate, not correct
             f.write(json.dumps({"id": f"kv{i}", "slot": slot, "condition": "c", "answer": ans, "answers": [gold],
-                                "question": q}) + "\n")
+                                "question": q, "degenerate": None}) + "\n")
     ev.misses(str(path))
     out = capsys.readouterr().out
-    assert "| c | first | 1 | 0 | 0 | 0 | 0 | 1 |" in out
-    assert "| c | last | 3 | 1 | 1 | 1 | 0 | 0 |" in out
+    assert "| c | first | 2 | 0 | 1 | 0 | 0 | 0 | 1 |" in out
+    assert "| c | last | 3 | 1 | 0 | 1 | 1 | 0 | 0 |" in out
 
 
 def test_presets_are_settings_overrides():
