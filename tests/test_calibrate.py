@@ -458,11 +458,8 @@ def test_calibrate_bad_input_is_one_line(cache, tmp_path):
     one_line_error(_cli("calibrate", model, "--budget", "0", env=env), "--budget")
     one_line_error(_cli("calibrate", model, "--budget", "1e307", env=env), "--budget")  # inf in seconds
     one_line_error(_cli("calibrate", model, "-t", "0", env=env), "-t")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    if not os.access(ro, os.W_OK):  # root writes anywhere: the check cannot be made then
-        one_line_error(_cli("calibrate", model, env={"ENGRAM_LLAMA_CACHE": str(ro / "c")}), "cannot write")
+    # a folder nobody can make, root included (a read-only folder of ours root would write into)
+    one_line_error(_cli("calibrate", model, env={"ENGRAM_LLAMA_CACHE": "/proc/engram-llama-test/c"}), "cannot write")
     blocker = tmp_path / "file"
     blocker.write_text("")
     one_line_error(_cli("calibrate", model, env={"ENGRAM_LLAMA_CACHE": str(blocker)}), "cannot write")

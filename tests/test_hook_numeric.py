@@ -11,7 +11,7 @@ import pytest
 from engram_llama import LayerKind
 from engram_llama.lowlevel import Token
 
-from conftest import ARCHS, KERNEL_ATOL, make_ctx, tokens
+from conftest import ARCHS, KERNEL_ATOL, N_GPU_LAYERS, make_ctx, tokens
 
 N = 48  # prompt length of the tests
 
@@ -22,6 +22,15 @@ def mask_path(request, monkeypatch):
     filled on the host (the CPU's default) and computed in the graph (a GPU's default)."""
     monkeypatch.setenv("ENGRAM_LLAMA_MASK", request.param)
     return request.param
+
+
+def agree(a, b, effect):
+    """a and b agree far more closely than the bias moves the logits: on random weights that move
+    can be a few 1e-4 (qwen35), near KERNEL_ATOL itself, so on the CPU the bound is a twentieth of
+    it (measured: agreement within 2.5e-6, effects 2.5e-4 and up); a GPU's kernels keep their own."""
+    assert effect > 1e-5, f"the bias did not move the logits ({effect})"
+    atol = KERNEL_ATOL if N_GPU_LAYERS else min(KERNEL_ATOL, 0.05 * effect)
+    np.testing.assert_allclose(a, b, rtol=0, atol=atol)
 
 
 def softmax(x):
@@ -189,7 +198,11 @@ def test_ubatch_1_and_512_agree(models, arch):
             c.hook.set_layers(c.hook.softmax_layers(), 2.0)
             c.hook.set_bias(bias, gate=10)
             out[ub] = c.decode_seq(ids)
-    np.testing.assert_allclose(out[1], out[512], rtol=0, atol=KERNEL_ATOL)
+            c.hook.clear()
+            c.clear_kv()
+            out[(ub, "plain")] = c.decode_seq(ids)
+    # measured against the bias's own effect: a bias lost on both paths would not pass
+    agree(out[1], out[512], np.abs(out[512] - out[(512, "plain")]).max())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -200,12 +213,15 @@ def test_two_sequences_in_one_batch_match_their_single_runs(models, arch, unifie
     rng = np.random.default_rng(5)
     biases = [rng.normal(0, 2, N).astype(np.float32), rng.normal(0, 2, N - 8).astype(np.float32)]
     gates = [20, 0]
-    single = []
+    single, effects = [], []
     for s in range(2):
         with make_ctx(m) as c:
             c.hook.set_layers(c.hook.softmax_layers(), 1.5)
             c.hook.set_bias(biases[s], gate=gates[s])
             single.append(c.decode_seq(ids[s]))
+            c.hook.clear()
+            c.clear_kv()
+            effects.append(np.abs(single[-1] - c.decode_seq(ids[s])).max())
     with make_ctx(m, n_seq_max=2, kv_unified=unified) as c:
         c.hook.set_layers(c.hook.softmax_layers(), 1.5)
         for s in range(2):
@@ -219,7 +235,7 @@ def test_two_sequences_in_one_batch_match_their_single_runs(models, arch, unifie
         logits = c.decode(batch)
     got = [logits[[k for k, t in enumerate(batch) if t.seq == s]] for s in range(2)]
     for s in range(2):
-        np.testing.assert_allclose(got[s], single[s], rtol=0, atol=KERNEL_ATOL)
+        agree(got[s], single[s], effects[s])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -270,7 +286,10 @@ def test_cached_documents_plus_gated_question_equal_one_pass(models, arch):
         c.decode_seq(ids[:g])
         c.hook.set_bias(bias, gate=g)  # ...the question sees it
         two = c.decode_seq(ids[g:], start=g)
-    np.testing.assert_allclose(two, one[g:], rtol=0, atol=KERNEL_ATOL)
+        c.clear_kv()
+        c.hook.clear()
+        plain = c.decode_seq(ids)
+    agree(two, one[g:], np.abs(one[g:] - plain[g:]).max())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
