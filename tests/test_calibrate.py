@@ -64,13 +64,24 @@ def test_a_profile_applies_the_settings_its_candidate_was_measured_with():
     the user's own options win; a profile that turned steering off leaves the prompt unbiased."""
     assert [c.name for c in candidates(True)] == [c.name for c in CANDIDATES[:4]] + ["late+4"] + ["reorder", "reorder+1"]
     assert candidates(False) == CANDIDATES and LATE not in CANDIDATES
+    def keep(strength, near, granularity, layers=None):  # written out, not built by the code under test
+        return Settings(order="keep", strength=strength, near=near, mid=0.0, granularity=granularity, layers=layers)
+
+    want = {0.5: {"chunk+2": keep(2.0, 1.0, "novel"), "chunk+4": keep(4.0, 2.0, "novel"),
+                  "sentences+2": keep(2.0, 1.0, "focus"), "sentences+4": keep(4.0, 2.0, "focus"),
+                  "late+4": keep(4.0, 2.0, "novel", "late")},
+            0.75: {"chunk+2": keep(2.0, 1.5, "novel"), "chunk+4": keep(4.0, 3.0, "novel"),
+                   "sentences+2": keep(2.0, 1.5, "focus"), "sentences+4": keep(4.0, 3.0, "focus"),
+                   "late+4": keep(4.0, 3.0, "novel", "late")}}
     for near in (0.5, 0.75):
+        want[near].update({"reorder": Settings(order="edges", strength=0.0, engram=False),
+                           "reorder+1": Settings(order="edges", strength=1.0, engram=True)})
         for c in candidates(True):
             if c.order == "keep":
                 pol = Policy(steer=True, peak=c.strength, focus=c.focus, near=near, layers=c.layers)
             else:
                 pol = Policy(steer=False, reorder=True, edges=c.strength, near=near)
-            assert with_policy(Settings(), pol) == candidate_settings(c, near), c
+            assert with_policy(Settings(), pol) == candidate_settings(c, near) == want[near][c.name], (c, near)
     # what each candidate runs, written out (with_policy itself builds on candidate_settings)
     by_name = {c.name: c for c in CANDIDATES}
     assert candidate_settings(by_name["sentences+4"], 0.75) == Settings(order="keep", strength=4.0, near=3.0, mid=0.0,
