@@ -82,7 +82,10 @@ def test_reread_to_end_reads_the_chunk_where_reordering_would(tmp_path):
             def ask() -> np.ndarray:
                 return _ask(ctx, ids, q0)
 
+            calls = []
+
             def decode(toks, pos0):
+                calls.append((list(toks), pos0))
                 ctx.decode_seq(toks, start=pos0, all_logits=False)
 
             def fresh(order):
@@ -92,6 +95,7 @@ def test_reread_to_end_reads_the_chunk_where_reordering_would(tmp_path):
             fresh(ids[:q0])
             plain = ask()
             reread_to_end(llama_cpp, mem, decode, ids, 24, 32, q0)  # already last
+            assert calls == [(list(ids[24:32]), 24)]  # read again in place, so equal logits below are not a no-op
             assert (llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0)) == (0, q0 - 1)
             out[n_layer, "last"] = (plain, ask())
             if n_layer == 1:
