@@ -110,7 +110,8 @@ def _read_log(path: Path, head: dict) -> list[dict]:
     rows = []
     # bytes split at newlines alone: a crash may cut a line inside a character, and an answer's
     # text may hold U+2028, which str.splitlines would split
-    lines = [x for x in open(path, "rb").read().split(b"\n") if x.strip()]
+    data = path.read_bytes()
+    lines = [x for x in data.split(b"\n") if x.strip()]
     try:
         first = json.loads(lines[0]) if lines else None
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
@@ -129,7 +130,7 @@ def _read_log(path: Path, head: dict) -> list[dict]:
             rows.append(row)
         else:  # an edited or foreign line: dropped, that placement runs again
             bad = True
-    if bad or not lines[-1:] or not open(path, "rb").read().endswith(b"\n"):
+    if bad or not lines[-1:] or not data.endswith(b"\n"):
         # rewritten whole (a temporary file renamed over it), so rows appended later stand alone
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in [head] + rows), encoding="utf-8")
