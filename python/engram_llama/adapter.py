@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from . import llama_cpp
-from .lowlevel import quiet_logs, token_piece
+from .lowlevel import control_strings, quiet_logs, token_piece, tokenize_plain
 
 
 @contextlib.contextmanager
@@ -63,6 +63,7 @@ class LlamaAdapter:
         self.eos = llm._model.token_get_text(self.eos_id) if self.eos_id >= 0 else ""
         self._add_bos = self.bos_id >= 0 and llm._model.add_bos_token()
         self.finish_reason: str | None = None  # the last completion's: "stop" or "length"
+        self._controls = None  # control_strings(), built on first need
 
     # pointers for the C side (the hook, the cache manager) --------------------------------------
 
@@ -84,12 +85,15 @@ class LlamaAdapter:
 
     # text -------------------------------------------------------------------------------------
 
-    def tokenize(self, text: str) -> tuple[list[int], list[bytes], int]:
-        """Token ids, each token's exact bytes, and how many tokens (BOS) come before the text."""
+    def tokenize(self, text: str, plain: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[bytes], int]:
+        """Token ids, each token's exact bytes, and how many tokens (BOS) come before the text;
+        control-token strings inside the `plain` char spans stay text (tokenize_plain)."""
         add_bos = self._add_bos and not (self.bos and text.startswith(self.bos))
-        toks = self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
-        n_prefix = 1 if add_bos and toks and toks[0] == self.bos_id else 0
         vocab = self._llm._model.vocab
+        if plain and self._controls is None:
+            self._controls = control_strings(vocab) or False
+        toks = tokenize_plain(vocab, text, add_bos, plain, self._controls or None)
+        n_prefix = 1 if add_bos and toks and toks[0] == self.bos_id else 0
         return toks, [token_piece(vocab, t) for t in toks], n_prefix
 
     def detokenize(self, ids: Sequence[int]) -> str:

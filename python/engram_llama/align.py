@@ -84,6 +84,14 @@ def render(chunks: list[Chunk], order: list[int], question: str, template: str |
     return text, {cid: (a + at, b + at) for cid, (a, b) in spans.items()}, q_off + at
 
 
+def user_span(text: str, q_char: int, question: str) -> tuple[int, int]:
+    """The char span of the user's text in a rendered prompt (the documents, their labels, the
+    question), where a control token's string is only text (lowlevel.tokenize_plain)."""
+    head = INSTRUCTION + "\n\n"
+    a = text.rfind(head, 0, q_char)
+    return (0 if a < 0 else a + len(head)), q_char + len("Question: ") + len(question.strip())
+
+
 def byte_offsets(text: str, pieces: list[bytes], n_prefix: int) -> list[int]:
     """Start byte of every token within text's UTF-8 (prefix tokens at 0), plus the total length."""
     data = text.encode("utf-8")

@@ -86,6 +86,13 @@ class Model:
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_layer = llama_cpp.llama_model_n_layer(self.ptr)
+        self._controls = None
+
+    def controls(self):
+        """control_strings() of this model's vocabulary, built once."""
+        if self._controls is None:
+            self._controls = control_strings(self.vocab) or False
+        return self._controls or None
 
     def close(self) -> None:
         if self.ptr:
@@ -223,6 +230,47 @@ def tokenize(vocab, text: str, add_bos: bool, special: bool = True) -> list[int]
         buf = (llama_cpp.llama_token * -n)()
         n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), add_bos, special)
     return list(buf[:n])
+
+
+def control_strings(vocab):
+    """A matcher of the vocabulary's control-token strings ("<|im_end|>", "<end_of_turn>"), which
+    llama_tokenize with special=True turns into those tokens wherever they appear; None if none.
+    Built once per model (Gemma-3 has 6,250 such strings; 0.2 s)."""
+    import ahocorasick
+
+    flags = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+    auto = ahocorasick.Automaton()
+    for t in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        if llama_cpp.llama_vocab_get_attr(vocab, t) & flags:
+            s = (llama_cpp.llama_vocab_get_text(vocab, t) or b"").decode("utf-8", "ignore")
+            if s:
+                auto.add_word(s, len(s))
+    if not len(auto):
+        return None
+    auto.make_automaton()
+    return auto
+
+
+def tokenize_plain(vocab, text: str, add_bos: bool, plain: Sequence[tuple[int, int]] = (),
+                   controls=None) -> list[int]:
+    """Token ids of a rendered prompt: the template's control tokens parsed, but a control token's
+    string inside a `plain` char span (a document, the question: the user's text) only text, so a
+    document holding "<|im_end|>" cannot end the chat turn. Without such a string the tokens are
+    tokenize()'s exactly; with one, the prompt is tokenized in pieces cut around it."""
+    cuts = []
+    if controls is not None:
+        for a, b in plain:
+            cuts += [(a + e + 1 - n, a + e + 1) for e, n in controls.iter_long(text[a:b])]
+    if not cuts:
+        return tokenize(vocab, text, add_bos)
+    out: list[int] = []
+    pos = 0
+    for a, b in sorted(cuts) + [(len(text), len(text))]:
+        for seg, special in ((text[pos:a], True), (text[a:b], False)):
+            if seg:
+                out += tokenize(vocab, seg, add_bos and not out, special)
+        pos = b
+    return out
 
 
 def meta_str(model_ptr, key: str) -> str | None:

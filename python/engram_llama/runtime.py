@@ -202,7 +202,7 @@ def context_size(model_path: str, question: str, chunks: list[Chunk], max_tokens
     The whole prompt and the answer, rounded up to 256, at most the trained context and `cap`;
     the prompt is rendered and tokenized by a vocabulary-only load (no weights read)."""
     from . import align
-    from .lowlevel import Model, meta_str, token_piece, tokenize
+    from .lowlevel import Model, meta_str, token_piece, tokenize_plain
 
     m = Model(model_path, vocab_only=True)
     try:
@@ -214,9 +214,10 @@ def context_size(model_path: str, question: str, chunks: list[Chunk], max_tokens
         bos = token_piece(m.vocab, bos_id).decode("utf-8", "ignore") if bos_id >= 0 else ""
         eos = token_piece(m.vocab, eos_id).decode("utf-8", "ignore") if eos_id >= 0 else ""
         # -i sizes the context before any question: a placeholder (an empty one would end the message in a space)
-        text, _, _ = align.render(chunks, [c.id for c in chunks], question.strip() or "?", template, bos, eos,
-                                  answer_prefix, think)
-        n = len(tokenize(m.vocab, text, True))
+        question = question.strip() or "?"
+        text, _, q_char = align.render(chunks, [c.id for c in chunks], question, template, bos, eos,
+                                       answer_prefix, think)
+        n = len(tokenize_plain(m.vocab, text, True, [align.user_span(text, q_char, question)], m.controls()))
     finally:
         m.close()
     need = n + max_tokens + 64  # a follow-up question a little longer than this one

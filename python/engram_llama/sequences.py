@@ -16,7 +16,7 @@ import numpy as np
 
 from . import llama_cpp
 from ._hook import Hook
-from .lowlevel import Context, Model, Token, meta_str, token_piece, tokenize
+from .lowlevel import Context, Model, Token, meta_str, token_piece, tokenize_plain
 
 
 class SharedContext:
@@ -112,9 +112,9 @@ class SeqAdapter:
 
     # text -------------------------------------------------------------------------------------
 
-    def tokenize(self, text: str) -> tuple[list[int], list[bytes], int]:
+    def tokenize(self, text: str, plain: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[bytes], int]:
         add_bos = self._add_bos and not (self.bos and text.startswith(self.bos))
-        toks = tokenize(self.vocab, text, add_bos)
+        toks = tokenize_plain(self.vocab, text, add_bos, plain, self.shared.model_.controls() if plain else None)
         n_prefix = 1 if add_bos and toks and toks[0] == self.bos_id else 0
         return toks, [token_piece(self.vocab, t) for t in toks], n_prefix
 
