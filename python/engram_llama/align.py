@@ -39,6 +39,10 @@ def takes_thinking(template: str | None) -> bool:
     return bool(template) and "enable_thinking" in template
 
 
+def _label(k: int, c: Chunk) -> str:
+    return f"Document [{k}] ({c.source}):\n"
+
+
 def render(chunks: list[Chunk], order: list[int], question: str, template: str | None,
            bos: str = "", eos: str = "", answer_prefix: str | None = None,
            think: bool = False, history: list[dict] | None = None) -> tuple[str, dict[int, tuple[int, int]], int]:
@@ -57,7 +61,7 @@ def render(chunks: list[Chunk], order: list[int], question: str, template: str |
     pos += len(head)
     for k, cid in enumerate(order, 1):
         c = by_id[cid]
-        label = f"Document [{k}] ({c.source}):\n"
+        label = _label(k, c)
         parts.append(label)
         pos += len(label)
         spans[cid] = (pos, pos + len(c.text))
@@ -84,12 +88,14 @@ def render(chunks: list[Chunk], order: list[int], question: str, template: str |
     return text, {cid: (a + at, b + at) for cid, (a, b) in spans.items()}, q_off + at
 
 
-def user_span(text: str, q_char: int, question: str) -> tuple[int, int]:
-    """The char span of the user's text in a rendered prompt (the documents, their labels, the
-    question), where a control token's string is only text (lowlevel.tokenize_plain)."""
-    head = INSTRUCTION + "\n\n"
-    a = text.rfind(head, 0, q_char)
-    return (0 if a < 0 else a + len(head)), q_char + len("Question: ") + len(question.strip())
+def user_span(chunks: list[Chunk], order: list[int], q_char: int, question: str) -> tuple[int, int]:
+    """The char span of the user's text in a prompt render() made of the same arguments (the
+    documents, their labels, the question), where a control token's string is only text
+    (lowlevel.tokenize_plain); counted back from the question by render's own layout, never
+    searched for, so no document can move it."""
+    by_id = {c.id: c for c in chunks}
+    n = sum(len(_label(k, by_id[cid])) + len(by_id[cid].text) + 2 for k, cid in enumerate(order, 1))
+    return q_char - n, q_char + len("Question: ") + len(question.strip())
 
 
 def byte_offsets(text: str, pieces: list[bytes], n_prefix: int) -> list[int]:

@@ -142,9 +142,10 @@ def _fit_chunks(eng, task: tasks.Task, room: int) -> int:
     """How many chunks (gold included) fill the prompt up to `room` tokens, in the given order."""
     def n_tokens(n: int) -> int:
         chunks, _ = tasks.place(task, "middle", n)
-        text, _, _ = align.render(chunks, [c.id for c in chunks], task.question, eng.template, eng.llm.bos,
-                                  eng.llm.eos, eng.answer_prefix, eng.think)
-        return len(eng.llm.tokenize(text)[0])
+        order = [c.id for c in chunks]
+        text, _, q_char = align.render(chunks, order, task.question, eng.template, eng.llm.bos,
+                                       eng.llm.eos, eng.answer_prefix, eng.think)
+        return len(eng.llm.tokenize(text, [align.user_span(chunks, order, q_char, task.question)])[0])
 
     lo, hi = 1, len(task.distractors) + 1
     if n_tokens(lo) > room:

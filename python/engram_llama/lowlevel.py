@@ -257,20 +257,26 @@ def tokenize_plain(vocab, text: str, add_bos: bool, plain: Sequence[tuple[int, i
     string inside a `plain` char span (a document, the question: the user's text) only text, so a
     document holding "<|im_end|>" cannot end the chat turn. Without such a string the tokens are
     tokenize()'s exactly; with one, the prompt is tokenized in pieces cut around it."""
-    cuts = []
+    cuts: list[tuple[int, int]] = []
     if controls is not None:
-        for a, b in plain:
-            cuts += [(a + e + 1 - n, a + e + 1) for e, n in controls.iter_long(text[a:b])]
+        for a, b in sorted(plain):
+            for e, n in controls.iter_long(text[a:b]):
+                if not cuts or a + e + 1 - n >= cuts[-1][1]:  # (overlapping spans: the first cut)
+                    cuts.append((a + e + 1 - n, a + e + 1))
     if not cuts:
         return tokenize(vocab, text, add_bos)
     out: list[int] = []
     pos = 0
-    for a, b in sorted(cuts) + [(len(text), len(text))]:
+    for a, b in cuts + [(len(text), len(text))]:
         for seg, special in ((text[pos:a], True), (text[a:b], False)):
             if seg:
-                out += tokenize(vocab, seg, add_bos and not out, special)
+                out += tokenize(vocab, seg, False, special)
         pos = b
-    return out
+    # what add_bos (llama.cpp's add_special) puts around the whole text: BOS first, EOS last if the
+    # vocabulary adds one
+    ends = tokenize(vocab, "", add_bos)
+    head = ends[:1] if ends and ends[0] == llama_cpp.llama_vocab_bos(vocab) else []
+    return head + out + ends[len(head):]
 
 
 def meta_str(model_ptr, key: str) -> str | None:

@@ -217,7 +217,8 @@ def context_size(model_path: str, question: str, chunks: list[Chunk], max_tokens
         question = question.strip() or "?"
         text, _, q_char = align.render(chunks, [c.id for c in chunks], question, template, bos, eos,
                                        answer_prefix, think)
-        n = len(tokenize_plain(m.vocab, text, True, [align.user_span(text, q_char, question)], m.controls()))
+        span = align.user_span(chunks, [c.id for c in chunks], q_char, question)
+        n = len(tokenize_plain(m.vocab, text, True, [span], m.controls()))
     finally:
         m.close()
     need = n + max_tokens + 64  # a follow-up question a little longer than this one
