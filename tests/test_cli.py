@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from research import synth
@@ -270,3 +271,17 @@ def test_serve_bad_input_is_one_line_before_any_loading(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         one_line_error(cli("serve", str(smollm2_path()), "--port", str(s.getsockname()[1])), "cannot listen on")
+
+
+@pytest.mark.parametrize("arch", ["t5", "bert"])
+def test_an_encoder_model_is_refused_before_loading(docs, tmp_path, arch):
+    """T5 would take the documents into its encoder, where the bias never reaches; an encoder writes
+    no text: one line, before llama.cpp opens the file."""
+    import gguf
+    p = tmp_path / f"{arch}.gguf"
+    w = gguf.GGUFWriter(str(p), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    for args in (("run", str(p), "q?", "--chunks", str(docs)), ("inspect", str(p)), ("calibrate", str(p))):
+        one_line_error(cli(*args), f"is a {arch} model")

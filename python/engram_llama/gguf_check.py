@@ -18,6 +18,12 @@ class ModelFileError(Exception):
     pass
 
 
+# llama.cpp architectures that do not write text token by token from a causal prompt: encoder-decoder
+# (T5: the documents would go to the encoder, where the bias never reaches), encoders and embedding
+# models, diffusion language models (src/llama-arch.cpp of the pinned llama.cpp)
+NOT_CAUSAL_LM = {"t5", "t5encoder", "bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert",
+                 "jina-bert-v2", "jina-bert-v3", "eurobert", "dream", "llada", "llada-moe"}
+
 # GGUF value types: their struct codes (8: string, 9: array)
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
@@ -116,7 +122,8 @@ def check_gguf(path: str | os.PathLike) -> Path:
 
 
 def header(path: str | os.PathLike) -> Header:
-    """The checked header of a readable, complete GGUF file; ModelFileError otherwise."""
+    """The checked header of a readable, complete GGUF file of a causal language model;
+    ModelFileError otherwise."""
     p = Path(path)
     if not p.exists():
         raise ModelFileError(f"model file not found: {p}")
@@ -141,6 +148,9 @@ def header(path: str | os.PathLike) -> Header:
         raise ModelFileError(f"{p} is truncated: its header runs past the end of the file") from None
     except Exception as e:  # a corrupt header: struct.error, ValueError, IndexError, KeyError
         raise ModelFileError(f"{p} is not a valid GGUF file ({type(e).__name__}: {e})") from None
+    arch = h.metadata.get("general.architecture")
+    if arch in NOT_CAUSAL_LM:
+        raise ModelFileError(f"{p} is a {arch} model: engram-llama steers causal (decoder-only) language models")
     return h
 
 
