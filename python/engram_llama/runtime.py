@@ -215,9 +215,9 @@ def context_size(model_path: str, question: str, chunks: list[Chunk], max_tokens
         eos = token_piece(m.vocab, eos_id).decode("utf-8", "ignore") if eos_id >= 0 else ""
         # -i sizes the context before any question: a placeholder (an empty one would end the message in a space)
         question = question.strip() or "?"
-        text, _, q_char = align.render(chunks, [c.id for c in chunks], question, template, bos, eos,
-                                       answer_prefix, think)
-        span = align.user_span(chunks, [c.id for c in chunks], q_char, question)
+        order = [c.id for c in chunks]
+        text, _, q_char = align.render(chunks, order, question, template, bos, eos, answer_prefix, think)
+        span = align.user_span(chunks, order, q_char, question)
         n = len(tokenize_plain(m.vocab, text, True, [span], m.controls()))
     finally:
         m.close()
