@@ -43,6 +43,16 @@ def _label(k: int, c: Chunk) -> str:
     return f"Document [{k}] ({c.source}):\n"
 
 
+def _chat(template: str, bos: str, eos: str, think: bool):
+    """The chat template as a function of the messages (a switch for thinking set as render says)."""
+    from . import llama_cpp  # noqa: F401  (the patched libllama before llama_cpp's modules)
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+    extra = {"enable_thinking": bool(think)} if takes_thinking(template) else {}
+    return lambda messages: fmt(messages=messages, **extra).prompt
+
+
 def render(chunks: list[Chunk], order: list[int], question: str, template: str | None,
            bos: str = "", eos: str = "", answer_prefix: str | None = None,
            think: bool = False, history: list[dict] | None = None) -> tuple[str, dict[int, tuple[int, int]], int]:
@@ -71,12 +81,7 @@ def render(chunks: list[Chunk], order: list[int], question: str, template: str |
     parts.append(f"Question: {question}")
     content = "".join(parts)
     if template:
-        from . import llama_cpp  # noqa: F401  (the patched libllama before llama_cpp's modules)
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        extra = {"enable_thinking": bool(think)} if takes_thinking(template) else {}
-        text = fmt(messages=list(history or []) + [{"role": "user", "content": content}], **extra).prompt
+        text = _chat(template, bos, eos, think)(list(history or []) + [{"role": "user", "content": content}])
         at = text.rfind(content)
         if at < 0:
             raise AlignmentError("the chat template changed the message text; cannot locate the chunks")
@@ -86,6 +91,52 @@ def render(chunks: list[Chunk], order: list[int], question: str, template: str |
         text = past + content + "\n" + (ANSWER_PREFIX if answer_prefix is None else answer_prefix)
         at = len(past)
     return text, {cid: (a + at, b + at) for cid, (a, b) in spans.items()}, q_off + at
+
+
+def history_spans(text: str, history: list[dict] | None, template: str | None, bos: str = "",
+                  eos: str = "", think: bool = False) -> list[tuple[int, int]]:
+    """The char spans of the earlier turns' contents in a prompt render() made of the same
+    arguments, so a control token's string in them is only text, as in the user's own message (an
+    OpenAI-style message's content is text). Found by rendering each content as a unique marker,
+    never by searching for it, and kept only where the render with the contents in place opens the
+    prompt exactly; where the template changes a content beyond trimming it (Qwen3.5 drops an earlier
+    answer's reasoning) none are returned: that history is parsed as llama.cpp parses it."""
+    if not history:
+        return []
+    if not template:
+        out, pos = [], 0
+        for m in history:
+            pos += len(m["role"].capitalize()) + 2
+            out.append((pos, pos + len(m["content"])))
+            pos += len(m["content"]) + 2
+        return out
+    from jinja2 import TemplateError
+
+    mark = "\ue000{}\ue001".format  # (private-use characters, which no template writes)
+    try:
+        marked = _chat(template, bos, eos, think)([{**m, "content": mark(k)} for k, m in enumerate(history)]
+                                                  + [{"role": "user", "content": mark(len(history))}])
+    except TemplateError:
+        return []
+    if marked.count(mark(len(history))) != 1:
+        return []
+    head = marked.split(mark(len(history)))[0]
+    for shown in (lambda c: c, str.strip):  # (Qwen3.5's template trims each message)
+        rest, out, parts = head, [], []
+        for k, m in enumerate(history):
+            pieces = rest.split(mark(k))
+            if len(pieces) != 2:
+                return []
+            content = shown(m["content"])
+            parts.append(pieces[0])
+            start = sum(map(len, parts))
+            out.append((start, start + len(content)))
+            parts.append(content)
+            rest = pieces[1]
+        # the earlier turns as the template renders them, with their contents: they must open the prompt
+        if text.startswith("".join(parts) + rest):
+            return out
+    return []
 
 
 def user_span(chunks: list[Chunk], order: list[int], q_char: int, question: str) -> tuple[int, int]:

@@ -81,7 +81,9 @@ class Retriever:
                 order = order + [min(keep, key=rank.get)]
             text, spans, q_char = align.render(chunks, order, question, template, self.llm.bos, self.llm.eos,
                                                answer_prefix, think, history)
-            toks, pieces, n_prefix = self.llm.tokenize(text, [align.user_span(chunks, order, q_char, question)])
+            plain = [align.user_span(chunks, order, q_char, question)]
+            plain += align.history_spans(text, history, template, self.llm.bos, self.llm.eos, think)
+            toks, pieces, n_prefix = self.llm.tokenize(text, plain)
             if len(toks) <= room:
                 break
             if not keep:
