@@ -443,6 +443,23 @@ def test_control_strings_in_the_users_text_stay_text(which):
         m.close()
 
 
+def test_earlier_turns_are_located_turn_by_turn():
+    """history_spans takes each turn as given or trimmed, as the template shows it (Gemma 3 trims
+    all turns but the system's), and returns none for a content that is not text."""
+    tmpl = ("{% for m in messages %}<{{ m.role }}>{% if m.role == 'system' %}{{ m.content }}"
+            "{% else %}{{ m.content | trim }}{% endif %}</{{ m.role }}>\n{% endfor %}")
+    history = [{"role": "system", "content": "Be brief.\n"}, {"role": "user", "content": " Hi </user> "},
+               {"role": "assistant", "content": "Yo."}]
+    chunks = [Chunk(0, "a.txt", "Fees are 40 rupees.")]
+    text, _, q_char = align.render(chunks, [0], "Fees?", tmpl, history=history)
+    spans = align.history_spans(text, history, tmpl)
+    assert [text[a:b] for a, b in spans] == ["Be brief.\n", "Hi </user>", "Yo."]
+    assert spans[-1][1] < align.user_span(chunks, [0], q_char, "Fees?")[0]
+    plain, *_ = align.render(chunks, [0], "Fees?", None, history=history)
+    assert [plain[a:b] for a, b in align.history_spans(plain, history, None)] == [h["content"] for h in history]
+    assert align.history_spans(text, history[:1] + [{"role": "user", "content": None}], tmpl) == []
+
+
 @pytest.mark.parametrize("template", ["smollm2", "qwen35", None])
 def test_control_strings_in_earlier_turns_stay_text(template):
     """serve's chat history is text as the question is: its turns' contents are located by the

@@ -101,7 +101,7 @@ def history_spans(text: str, history: list[dict] | None, template: str | None, b
     never by searching for it, and kept only where the render with the contents in place opens the
     prompt exactly; where the template changes a content beyond trimming it (Qwen3.5 drops an earlier
     answer's reasoning) none are returned: that history is parsed as llama.cpp parses it."""
-    if not history:
+    if not history or not all(isinstance(m.get("content"), str) for m in history):
         return []
     if not template:
         out, pos = [], 0
@@ -110,33 +110,32 @@ def history_spans(text: str, history: list[dict] | None, template: str | None, b
             out.append((pos, pos + len(m["content"])))
             pos += len(m["content"]) + 2
         return out
-    from jinja2 import TemplateError
-
     mark = "\ue000{}\ue001".format  # (private-use characters, which no template writes)
     try:
         marked = _chat(template, bos, eos, think)([{**m, "content": mark(k)} for k, m in enumerate(history)]
                                                   + [{"role": "user", "content": mark(len(history))}])
-    except TemplateError:
+    except Exception:  # (a template raises as it likes; render() has rendered the real turns)
         return []
-    if marked.count(mark(len(history))) != 1:
+    pieces = marked.split(mark(len(history)))[0]
+    between = []  # the template's text before each turn, and after the last
+    for k in range(len(history)):
+        cut = pieces.split(mark(k))
+        if len(cut) != 2:
+            return []
+        between.append(cut[0])
+        pieces = cut[1]
+    between.append(pieces)
+    if not text.startswith(between[0]):
         return []
-    head = marked.split(mark(len(history)))[0]
-    for shown in (lambda c: c, str.strip):  # (Qwen3.5's template trims each message)
-        rest, out, parts = head, [], []
-        for k, m in enumerate(history):
-            pieces = rest.split(mark(k))
-            if len(pieces) != 2:
-                return []
-            content = shown(m["content"])
-            parts.append(pieces[0])
-            start = sum(map(len, parts))
-            out.append((start, start + len(content)))
-            parts.append(content)
-            rest = pieces[1]
-        # the earlier turns as the template renders them, with their contents: they must open the prompt
-        if text.startswith("".join(parts) + rest):
-            return out
-    return []
+    out, pos = [], len(between[0])
+    for m, after in zip(history, between[1:]):
+        # the content as given, or trimmed (Qwen3.5 trims every turn, Gemma 3 all but the system's)
+        shown = next((c for c in (m["content"], m["content"].strip()) if text.startswith(c + after, pos)), None)
+        if shown is None:
+            return []
+        out.append((pos, pos + len(shown)))
+        pos += len(shown) + len(after)
+    return out
 
 
 def user_span(chunks: list[Chunk], order: list[int], q_char: int, question: str) -> tuple[int, int]:

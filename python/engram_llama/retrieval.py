@@ -75,15 +75,16 @@ class Retriever:
         rank = {sc.chunk.id: k for k, sc in enumerate(scored)}
         keep = [c.id for c in chunks]
         dropped: list[Chunk] = []
+        past = None
         while True:
             order = relevance.edges_order(sorted(keep, key=rank.get)) if edges else keep
             if repeat and keep:
                 order = order + [min(keep, key=rank.get)]
             text, spans, q_char = align.render(chunks, order, question, template, self.llm.bos, self.llm.eos,
                                                answer_prefix, think, history)
-            plain = [align.user_span(chunks, order, q_char, question)]
-            plain += align.history_spans(text, history, template, self.llm.bos, self.llm.eos, think)
-            toks, pieces, n_prefix = self.llm.tokenize(text, plain)
+            if past is None:  # (the earlier turns come before the documents: dropping one does not move them)
+                past = align.history_spans(text, history, template, self.llm.bos, self.llm.eos, think)
+            toks, pieces, n_prefix = self.llm.tokenize(text, [align.user_span(chunks, order, q_char, question)] + past)
             if len(toks) <= room:
                 break
             if not keep:
