@@ -8,6 +8,10 @@
 #   PRESET=sealed-rule2 CELLS="kv nq8k" research/run_sealed.sh gemma3-270m-fix GEMMA.gguf research/profiles/gemma-3-270m-q4_k_m.rule1.json --no-chat
 #   (then, to decide whether a profile ships, chunk+4 added to the first two cells' files:)
 #   PRESET=sealed-rule2 CELLS="nq bulletin" research/run_sealed.sh gemma3-270m-fix GEMMA.gguf research/profiles/gemma-3-270m-q4_k_m.rule1.json --no-chat
+# SmolLM2-135M-Instruct, as run: every cell at 16-token answers (96 on KV), then the rerun declared
+# after them (EVAL.md section 2):
+#   research/run_sealed.sh smollm2 SMOLLM2.gguf research/profiles/smollm2-135m-instruct-q4_1.json
+#   CELLS="bulletin nq nq8k" research/run_sealed.sh smollm2-48t SMOLLM2.gguf research/profiles/smollm2-135m-instruct-q4_1.json --max-new 48
 set -euo pipefail
 [ $# -ge 3 ] || { echo "usage: [PRESET=..] [CELLS=..] $0 NAME MODEL.gguf PROFILE.json [--no-chat]" >&2; exit 2; }
 name=$1 model=$2 prof=$3; shift 3
